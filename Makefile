@@ -1,0 +1,28 @@
+# evomerge: every target does its own setup on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.evomerge-installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/setup_env.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup_env.sh
+	touch $(STAMP)
+
+## The main job: merge the bundled tiny models with a TIES recipe (the search demo arrives with the search issue).
+demo: setup
+	$(PY) -m evomerge.demo
+
+## The test suite (CPU, no network).
+test: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
+
+## Speed against mergekit, same process and machine.
+bench: setup
+	$(PY) benchmarks/merge_speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs/*

@@ -1,0 +1,240 @@
+"""The in-place merge engine: built once for a base and its experts, then applies any number of
+recipes straight into a live ``torch.nn.Module``'s parameters, with no disk I/O and no new
+parameter storage per recipe.
+
+What does not depend on the recipe is computed once and kept: the task vectors, the magnitude
+tables that make a TIES/breadcrumbs density a binary search instead of a sort, the seeded draws
+of DARE/DELLA, DELLA's per-row ranks, and the L1 norms used by rescaling. Where that cache lives
+is chosen from the memory available (``cache="auto"``) or forced:
+
+- ``device``: on the merge device (GPU memory on CUDA, RAM on the CPU);
+- ``pinned``: pinned host memory, copied to the GPU tensor by tensor (CUDA only);
+- ``disk``: nothing kept; tensors are re-read from the model files for each recipe.
+
+Applying a recipe runs the same kernel as ``evomerge merge``, so the parameters equal the tensors
+that ``evomerge merge`` writes for that recipe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from .errors import ModelError, RecipeError
+from .kernel import ExpertTensor, stream_seed, uniform_draws
+from .merge import (TensorParams, expert_states, gather_inputs, merge_one, open_models, output_dtype,
+                    resolve_params, work_dtype)
+from .methods import DELLA, MAGNITUDE, OUTLIERS, RANDOM
+from .plan import build_layout
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+PLACEMENTS = ("auto", "device", "pinned", "disk")
+
+
+def available_host_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+@dataclass
+class _Entry:
+    base: Optional[torch.Tensor]
+    experts: list[ExpertTensor]
+    dtype: torch.dtype  # merge dtype of this tensor
+
+
+class MergeEngine:
+    """Merge any recipe over a fixed set of models, in place.
+
+    ``template`` fixes what every applied recipe shares: its models, base, method, slices and
+    tokenizer source. Recipes differ only in parameter values (and the random seed)."""
+
+    def __init__(self, template: Recipe, *, device: str = "cpu", cache: str = "auto",
+                 allow_pickle: bool = False, trust_remote_code: bool = False,
+                 memory_fraction: float = 0.8):
+        if cache not in PLACEMENTS:
+            raise ValueError(f"cache must be one of {PLACEMENTS}, got {cache!r}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelError(f"device {device}: no CUDA device is available")
+        self.template = template
+        self.method = template.method
+        t0 = time.perf_counter()
+        self.files = open_models(template, allow_pickle)
+        self.layout = build_layout(template, self.files, trust_remote_code)
+        self._seed: Optional[int] = None
+        self.placement = self._choose_placement(cache, memory_fraction)
+        self._entries: list[_Entry] = []
+        if self.placement != "disk":
+            self._build(template.random_seed)
+        self.build_seconds = time.perf_counter() - t0
+        log.info("merge engine: %d tensors, %d experts, cache %s (%.2f GiB), built in %.1f s",
+                 len(self.layout.tensors), len(self.layout.experts), self.placement,
+                 self.cache_bytes / 2**30, self.build_seconds)
+
+    # -- cache ------------------------------------------------------------------------------
+
+    def _estimate_bytes(self) -> int:
+        """Bytes the cache will take: base + per-expert task vectors and trimming state."""
+        sp = self.method.sparsifier
+        per_elem_extra = {MAGNITUDE: 0, OUTLIERS: 0, RANDOM: 2, DELLA: 6, None: 0}[sp]
+        total = 0
+        for ts in self.layout.tensors:
+            metas = [self.files[m].meta(n) for m, n in zip(self.layout.models, ts.inputs)]
+            shape, _ = metas[0]
+            numel = 1
+            for s in shape:
+                numel *= s
+            if ts.vocab:
+                numel = numel // shape[0] * int(self.layout.vocab_perms.shape[1])
+            dt = work_dtype(self.template, [d for _, d in metas])
+            esize = torch.empty((), dtype=dt).element_size()
+            total += numel * esize * (1 + len(self.layout.experts))
+            total += numel * per_elem_extra * len(self.layout.experts)
+            if sp in (MAGNITUDE, OUTLIERS):  # distinct-magnitude table: at most 12 bytes per element
+                total += min(numel, 65536 if esize == 2 else numel) * 12 * len(self.layout.experts)
+        return total
+
+    def _choose_placement(self, cache: str, fraction: float) -> str:
+        need = self._estimate_bytes()
+        cuda = self.device.type == "cuda"
+        if cache != "auto":
+            if cache == "pinned" and not cuda:
+                raise ValueError("cache='pinned' only applies to a CUDA device")
+            log.info("merge engine: cache placement %s (forced; about %.2f GiB)", cache, need / 2**30)
+            return cache
+        host = available_host_bytes()
+        if cuda:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if need < free * fraction:
+                choice, why = "device", f"fits in {free / 2**30:.1f} GiB free GPU memory"
+            elif need < host * fraction:
+                choice, why = "pinned", f"does not fit in {free / 2**30:.1f} GiB free GPU memory; fits in host RAM"
+            else:
+                choice, why = "disk", "fits neither GPU memory nor host RAM"
+        elif need < host * fraction:
+            choice, why = "device", f"fits in {host / 2**30:.1f} GiB available RAM"
+        else:
+            choice, why = "disk", f"does not fit in {host / 2**30:.1f} GiB available RAM"
+        log.info("merge engine: cache placement %s: %.2f GiB %s", choice, need / 2**30, why)
+        return choice
+
+    def _build(self, seed: int) -> None:
+        home = self.device if self.placement == "device" else torch.device("cpu")
+        pin = self.placement == "pinned"
+        entries = []
+        for ts in self.layout.tensors:
+            raw = [self.files[m].get(n) for m, n in zip(self.layout.models, ts.inputs)]
+            dtype = work_dtype(self.template, [t.dtype for t in raw])
+            # build on the merge device (fast sorts on the GPU), then move to the cache's home
+            tensors = gather_inputs(self.layout, ts, raw, dtype, self.device)
+            base, states = expert_states(self.template, self.layout, ts, tensors, table=True)
+            if base is not None:
+                base = base.to(home)
+                base = base.pin_memory() if pin else base
+            entries.append(_Entry(base, [s.to(home, pin=pin) for s in states], dtype))
+        self._entries = entries
+        self._seed = seed
+
+    def _reseed(self, seed: int) -> None:
+        """New DARE/DELLA draws for another random seed (the rest of the cache is kept)."""
+        for ts, entry in zip(self.layout.tensors, self._entries):
+            for i, s in enumerate(entry.experts):
+                home = s.delta.device
+                d = uniform_draws(stream_seed(seed, ts.name, i), s.delta.shape).to(home)
+                s.draws = d.pin_memory() if self.placement == "pinned" else d
+        self._seed = seed
+
+    @property
+    def cache_bytes(self) -> int:
+        total = 0
+        for e in self._entries:
+            if e.base is not None:
+                total += e.base.numel() * e.base.element_size()
+            total += sum(s.nbytes for s in e.experts)
+        return total
+
+    # -- applying -----------------------------------------------------------------------------
+
+    def _check(self, recipe: Recipe) -> None:
+        t = self.template
+        same = (recipe.merge_method == t.merge_method and recipe.model_names() == t.model_names()
+                and recipe.base_model == t.base_model and recipe.tokenizer_source == t.tokenizer_source
+                and recipe.dtype == t.dtype and recipe.out_dtype == t.out_dtype
+                and [s.sources[0].layer_range for s in recipe.slices or []]
+                == [s.sources[0].layer_range for s in t.slices or []])
+        if not same:
+            raise RecipeError("recipe does not match the engine: method, models, base, slices, dtypes and "
+                              "tokenizer_source must be those the engine was built for")
+
+    def merged(self, recipe: Recipe) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each merged tensor (on the merge device, in the output dtype), one at a time."""
+        self._check(recipe)
+        params = resolve_params(recipe, self.layout)
+        if self.placement == "disk":
+            yield from self._merged_from_disk(recipe, params)
+            return
+        if self.method.is_random and recipe.random_seed != self._seed:
+            self._reseed(recipe.random_seed)
+        for ts, entry, p in zip(self.layout.tensors, self._entries, params):
+            base, states = entry.base, entry.experts
+            if self.placement == "pinned":
+                base = base.to(self.device, non_blocking=True) if base is not None else None
+                states = [_on(s, self.device) for s in states]
+            yield ts.name, merge_one(recipe, base, states, p).to(output_dtype(recipe, entry.dtype))
+
+    def _merged_from_disk(self, recipe: Recipe, params: list[TensorParams]) -> Iterator[tuple[str, torch.Tensor]]:
+        for ts, p in zip(self.layout.tensors, params):
+            raw = [self.files[m].get(n) for m, n in zip(self.layout.models, ts.inputs)]
+            dtype = work_dtype(recipe, [t.dtype for t in raw])
+            tensors = gather_inputs(self.layout, ts, raw, dtype, self.device)
+            base, states = expert_states(recipe, self.layout, ts, tensors, table=False)
+            yield ts.name, merge_one(recipe, base, states, p).to(output_dtype(recipe, dtype))
+
+    @torch.no_grad()
+    def apply(self, recipe: Recipe, module: torch.nn.Module) -> float:
+        """Write the recipe's merged weights into ``module``'s parameters in place; returns seconds."""
+        t0 = time.perf_counter()
+        targets = dict(module.named_parameters(remove_duplicate=False))
+        targets.update(dict(module.named_buffers(remove_duplicate=False)))
+        missing = [ts.name for ts in self.layout.tensors if ts.name not in targets]
+        if missing:
+            raise ModelError(f"the live model has no parameter for merged tensors: {', '.join(missing[:5])}"
+                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        if self.layout.lm_head_added:
+            head = targets["lm_head.weight"].data_ptr()
+            if any(targets[ts.name].data_ptr() == head for ts in self.layout.tensors if ts.name != "lm_head.weight"):
+                raise ModelError("the merge has its own lm_head but the live model ties it to the embeddings; "
+                                 "load the model with tie_word_embeddings=False")
+        for name, tensor in self.merged(recipe):
+            target = targets[name]
+            if target.shape != tensor.shape:
+                raise ModelError(f"tensor {name}: merged shape {list(tensor.shape)} but the live model's is "
+                                 f"{list(target.shape)}")
+            target.copy_(tensor)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+
+def _on(s: ExpertTensor, device: torch.device) -> ExpertTensor:
+    return ExpertTensor(
+        delta=s.delta.to(device, non_blocking=True),
+        order=s.order,
+        draws=s.draws.to(device, non_blocking=True) if s.draws is not None else None,
+        ranks=s.ranks.to(device, non_blocking=True) if s.ranks is not None else None,
+        l1=s.l1,
+    )

@@ -1,0 +1,195 @@
+"""Merging recipes: parameter resolution per tensor, and ``evomerge merge`` (streamed to disk)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from .errors import ModelError, RecipeError
+from .kernel import ExpertTensor, merge_linear, merge_slerp, merge_task_arithmetic, prepare_expert
+from .methods import DELLA
+from .model_io import (ModelFiles, ShardedWriter, TensorSpec, atomic_directory, copy_generation_config,
+                       copy_tokenizer, dtype_from_name)
+from .plan import Layout, TensorSource, align_vocab, build_layout
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TensorParams:
+    model_params: list[dict]  # per expert, in Layout.experts order
+    global_params: dict
+
+
+def resolve_params(recipe: Recipe, layout: Layout) -> list[TensorParams]:
+    """Every tensor's parameters, resolved before any work so that a bad value fails early,
+    naming the tensor and model."""
+    method = recipe.method
+    out = []
+    for ts in layout.tensors:
+        per_model = []
+        for m in layout.experts:
+            p = recipe.model_params(m, ts.name, ts.t, ts.slice_index)
+            if method.family != "slerp" and "weight" not in p:
+                raise RecipeError(f"parameter weight of model {m}: no value applies to tensor {ts.name}")
+            if method.sparsifier == DELLA and 0 < p["density"] < 1:
+                d, e = p["density"], p["epsilon"]
+                if not (0 < d - e and d + e < 1):
+                    raise RecipeError(f"della: density {d} +/- epsilon {e} must lie in (0, 1) "
+                                      f"(model {m}, tensor {ts.name})")
+            per_model.append(p)
+        g = recipe.global_params(ts.name, ts.t, ts.slice_index)
+        if method.family == "slerp" and "t" not in g:
+            raise RecipeError(f"parameter t: no value applies to tensor {ts.name}")
+        out.append(TensorParams(per_model, g))
+    return out
+
+
+def work_dtype(recipe: Recipe, input_dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """The merge's compute dtype: the recipe's ``dtype``, else the inputs' promoted dtype."""
+    if recipe.dtype:
+        return dtype_from_name(recipe.dtype)
+    dt = input_dtypes[0]
+    for d in input_dtypes[1:]:
+        dt = torch.promote_types(dt, d)
+    return dt
+
+
+def output_dtype(recipe: Recipe, merged: torch.dtype) -> torch.dtype:
+    return dtype_from_name(recipe.out_dtype) if recipe.out_dtype else merged
+
+
+def gather_inputs(layout: Layout, ts: TensorSource, raw: Sequence[torch.Tensor], dtype: torch.dtype,
+                  device: torch.device) -> list[torch.Tensor]:
+    """Inputs of one tensor on the device, in the merge dtype, vocabularies aligned."""
+    tensors = [t.to(device=device, dtype=dtype) for t in raw]
+    if ts.vocab:
+        base_index = layout.models.index(layout.base) if layout.base else None
+        tensors = align_vocab(tensors, layout.vocab_perms, base_index)
+    return tensors
+
+
+def expert_states(recipe: Recipe, layout: Layout, ts: TensorSource, tensors: list[torch.Tensor],
+                  table: bool) -> tuple[Optional[torch.Tensor], list[ExpertTensor]]:
+    """The base tensor and each expert's recipe-independent state (task vectors for the task
+    arithmetic family, the raw tensors for linear and slerp)."""
+    method = recipe.method
+    by_model = dict(zip(layout.models, tensors))
+    base = by_model[layout.base] if layout.base else None
+    states = []
+    for i, m in enumerate(layout.experts):
+        if method.family == "task_arithmetic":
+            delta = by_model[m] - base
+            states.append(prepare_expert(delta, method, seed=recipe.random_seed, tensor_name=ts.name,
+                                         expert_index=i, table=table))
+        else:
+            states.append(ExpertTensor(delta=by_model[m]))
+    return base, states
+
+
+def merge_one(recipe: Recipe, base: Optional[torch.Tensor], states: Sequence[ExpertTensor],
+              params: TensorParams) -> torch.Tensor:
+    method = recipe.method
+    if method.family == "task_arithmetic":
+        return merge_task_arithmetic(method, base, states, params.model_params, params.global_params)
+    if method.family == "linear":
+        return merge_linear([s.delta for s in states], [p["weight"] for p in params.model_params],
+                            bool(params.global_params.get("normalize", method.normalize)))
+    return merge_slerp(base, states[0].delta, float(params.global_params["t"]))
+
+
+def output_config(recipe: Recipe, layout: Layout, files: dict[str, ModelFiles], out_dtype: torch.dtype) -> dict:
+    ref = layout.base or layout.models[0]
+    config = json.loads(json.dumps(files[ref].config))
+    dtype_name = str(out_dtype).removeprefix("torch.")
+    config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = dtype_name
+    if layout.output_num_layers is not None:
+        config["num_hidden_layers"] = layout.output_num_layers
+    if layout.vocab_perms is not None:
+        config["vocab_size"] = int(layout.vocab_perms.shape[1])
+    if layout.lm_head_added:
+        config["tie_word_embeddings"] = False
+    return config
+
+
+def open_models(recipe: Recipe, allow_pickle: bool = False) -> dict[str, ModelFiles]:
+    return {m: ModelFiles(m, allow_pickle=allow_pickle) for m in recipe.model_names()}
+
+
+def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", allow_pickle: bool = False,
+                  trust_remote_code: bool = False, overwrite: bool = False,
+                  max_shard_bytes: int = 2 << 30) -> Path:
+    """Merge a recipe and write a complete Hugging Face model directory, one tensor at a time."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda: no CUDA device is available")
+    t0 = time.perf_counter()
+    files = open_models(recipe, allow_pickle)
+    layout = build_layout(recipe, files, trust_remote_code)
+    params = resolve_params(recipe, layout)
+
+    def meta(ts: TensorSource) -> tuple[tuple[int, ...], list[torch.dtype]]:
+        metas = [files[m].meta(n) for m, n in zip(layout.models, ts.inputs)]
+        ref = layout.models.index(layout.base) if layout.base else 0
+        shape = metas[ref][0]
+        if ts.vocab:
+            shape = (int(layout.vocab_perms.shape[1]), *shape[1:])
+        return shape, [d for _, d in metas]
+
+    specs = []
+    for ts in layout.tensors:
+        shape, dtypes = meta(ts)
+        specs.append(TensorSpec(ts.name, shape, output_dtype(recipe, work_dtype(recipe, dtypes))))
+    tok_src = layout.base or layout.models[0]
+    if recipe.tokenizer_source and recipe.tokenizer_source != "base":
+        tok_src = recipe.tokenizer_source
+
+    def load(ts: TensorSource) -> list[torch.Tensor]:
+        return [files[m].get(n) for m, n in zip(layout.models, ts.inputs)]
+
+    out = Path(out_dir)
+    with atomic_directory(out, overwrite=overwrite) as tmp, ThreadPoolExecutor(1) as pool:
+        writer = ShardedWriter(tmp, specs, max_shard_bytes)
+        try:
+            pending = pool.submit(load, layout.tensors[0])
+            for i, (ts, p, spec) in enumerate(zip(layout.tensors, params, specs)):
+                raw = pending.result()
+                if i + 1 < len(layout.tensors):
+                    pending = pool.submit(load, layout.tensors[i + 1])
+                dtype = work_dtype(recipe, [t.dtype for t in raw])
+                tensors = gather_inputs(layout, ts, raw, dtype, dev)
+                del raw
+                base, states = expert_states(recipe, layout, ts, tensors, table=False)
+                merged = merge_one(recipe, base, states, p)
+                del base, states, tensors
+                writer.write(ts.name, merged.to(spec.dtype))
+            writer.finish()
+        finally:
+            writer.close()
+        config = output_config(recipe, layout, files, specs[0].dtype if specs else torch.float32)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        copy_tokenizer(files[tok_src], tmp)
+        copy_generation_config(files[layout.base or layout.models[0]], tmp)
+        (tmp / "evomerge_recipe.yaml").write_text(recipe.to_yaml())
+    log.info("merged %d tensors into %s in %.1f s", len(specs), out, time.perf_counter() - t0)
+    return out
+
+
+def merged_tensors(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """The merged tensors one at a time, without writing anything (for inspection and tests)."""
+    files = open_models(recipe, allow_pickle)
+    layout = build_layout(recipe, files)
+    for ts, p in zip(layout.tensors, resolve_params(recipe, layout)):
+        raw = [files[m].get(n) for m, n in zip(layout.models, ts.inputs)]
+        dtype = work_dtype(recipe, [t.dtype for t in raw])
+        tensors = gather_inputs(layout, ts, raw, dtype, torch.device(device))
+        base, states = expert_states(recipe, layout, ts, tensors, table=False)
+        yield ts.name, merge_one(recipe, base, states, p).to(output_dtype(recipe, dtype))

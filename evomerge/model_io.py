@@ -1,0 +1,320 @@
+"""Reading and writing Hugging Face model directories.
+
+Reading is lazy: tensors come one at a time from memory-mapped safetensors files, so a merge
+holds a few tensors per model, never whole models. Writing streams each tensor to its shard as
+soon as it is merged (the shard layout is planned from shapes up front) into a hidden temporary
+directory that is renamed into place only once complete: a crash or a full disk never leaves a
+directory that looks like a finished model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from safetensors import safe_open
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float64": torch.float64}
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "spiece.model")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    from .recipe import DTYPES
+    return TORCH_DTYPES[DTYPES[name]]
+
+
+def resolve_model_path(ref: str, *, allow_download: bool = True) -> Path:
+    """A local directory as is; otherwise a Hugging Face hub id, fetched (weights as safetensors)."""
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise ModelError(f"model {ref}: not a directory")
+    looks_like_hub_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
+    if not looks_like_hub_id or not allow_download:
+        raise ModelError(f"model {ref}: no such directory")
+    try:
+        from huggingface_hub import snapshot_download
+        path = snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", *TOKENIZER_FILES])
+    except Exception as e:  # offline mode, unknown repo, network failure
+        raise ModelError(f"model {ref}: not a local directory, and fetching it from the hub failed: {e}") from None
+    return Path(path)
+
+
+class ModelFiles:
+    """Lazy access to one model directory's tensors and config."""
+
+    def __init__(self, ref: str, *, allow_pickle: bool = False, allow_download: bool = True):
+        self.ref = ref
+        self.path = resolve_model_path(ref, allow_download=allow_download)
+        self.config = self._read_config()
+        self._handles: dict[str, Any] = {}
+        self._pickled: dict[str, dict[str, torch.Tensor]] = {}
+        self.weight_map = self._index(allow_pickle)
+
+    def _read_config(self) -> dict:
+        f = self.path / "config.json"
+        try:
+            return json.loads(f.read_text())
+        except FileNotFoundError:
+            raise ModelError(f"model {self.ref}: {f} is missing") from None
+        except json.JSONDecodeError as e:
+            raise ModelError(f"model {self.ref}: {f} is not valid JSON: {e}") from None
+
+    def _index(self, allow_pickle: bool) -> dict[str, str]:
+        p = self.path
+        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            pickled = single.endswith(".bin")
+            index = p / index_name
+            if index.exists() or (p / single).exists():
+                if pickled and not allow_pickle:
+                    raise ModelError(f"model {self.ref}: only pickle checkpoints ({single}); loading them can run "
+                                     f"arbitrary code: convert to safetensors, or pass --allow-pickle")
+                if index.exists():
+                    try:
+                        weight_map = json.loads(index.read_text())["weight_map"]
+                    except (json.JSONDecodeError, KeyError) as e:
+                        raise ModelError(f"model {self.ref}: {index} is malformed: {e}") from None
+                else:
+                    weight_map = None
+                    files = [single]
+                if weight_map is not None:
+                    files = sorted(set(weight_map.values()))
+                missing = [f for f in files if not (p / f).exists()]
+                if missing:
+                    raise ModelError(f"model {self.ref}: shard files listed in {index_name} are missing: "
+                                     f"{', '.join(missing)}")
+                if weight_map is None:
+                    weight_map = {n: single for n in self._names_in(single, pickled)}
+                return weight_map
+        shards = sorted(x.name for x in p.glob("*.safetensors"))
+        if shards:
+            return {n: f for f in shards for n in self._names_in(f, False)}
+        raise ModelError(f"model {self.ref}: no model.safetensors, index or .safetensors files in {p}")
+
+    def _names_in(self, file: str, pickled: bool) -> list[str]:
+        if pickled:
+            return list(self._pickle(file).keys())
+        return list(self._handle(file).keys())
+
+    def _handle(self, file: str) -> Any:
+        h = self._handles.get(file)
+        if h is None:
+            try:
+                h = safe_open(str(self.path / file), framework="pt", device="cpu")
+            except Exception as e:
+                raise ModelError(f"model {self.ref}: cannot read {self.path / file}: {e}") from None
+            self._handles[file] = h
+        return h
+
+    def _pickle(self, file: str) -> dict[str, torch.Tensor]:
+        sd = self._pickled.get(file)
+        if sd is None:
+            try:
+                sd = torch.load(self.path / file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise ModelError(f"model {self.ref}: cannot read {self.path / file}: {e}") from None
+            self._pickled[file] = sd
+        return sd
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype without reading the data."""
+        file = self.weight_map[name]
+        if file.endswith(".bin"):
+            t = self._pickle(file)[name]
+            return tuple(t.shape), t.dtype
+        sl = self._handle(file).get_slice(name)
+        return tuple(sl.get_shape()), _ST_NAMES[sl.get_dtype()]
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.weight_map.get(name)
+        if file is None:
+            raise ModelError(f"model {self.ref}: has no tensor {name}")
+        if file.endswith(".bin"):
+            return self._pickle(file)[name]
+        try:
+            return self._handle(file).get_tensor(name)
+        except Exception as e:
+            raise ModelError(f"model {self.ref}: tensor {name} in {file} is unreadable: {e}") from None
+
+    @property
+    def tied_embeddings(self) -> bool:
+        cfg = self.config.get("text_config", self.config)
+        return bool(cfg.get("tie_word_embeddings", self.config.get("tie_word_embeddings", True)))
+
+    @property
+    def vocab_size(self) -> int | None:
+        cfg = self.config.get("text_config", self.config)
+        return cfg.get("vocab_size")
+
+    def has_tokenizer(self) -> bool:
+        return any((self.path / f).exists() for f in TOKENIZER_FILES)
+
+    def vocabulary(self, trust_remote_code: bool = False) -> dict[str, int]:
+        from transformers import AutoTokenizer
+        try:
+            tok = AutoTokenizer.from_pretrained(str(self.path), trust_remote_code=trust_remote_code)
+        except Exception as e:
+            raise ModelError(f"model {self.ref}: cannot load its tokenizer: {e}") from None
+        return tok.get_vocab()
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class ShardedWriter:
+    """Streams tensors into sharded safetensors files whose headers are planned from the specs.
+
+    Tensors must be written in the order of ``specs``. Call :meth:`finish` to write the index.
+    """
+
+    def __init__(self, directory: Path, specs: Sequence[TensorSpec], max_shard_bytes: int = 2 << 30):
+        self.dir = directory
+        self.specs = list(specs)
+        shards: list[list[TensorSpec]] = [[]]
+        size = 0
+        for s in self.specs:
+            if shards[-1] and size + s.nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(s)
+            size += s.nbytes
+        n = len(shards)
+        self.shards = [(("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"), sh)
+                       for i, sh in enumerate(shards)]
+        self._position = 0  # index into self.specs
+        self._file = None
+        self._shard = -1
+        self._in_shard = 0
+
+    def _open_next(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._shard += 1
+        self._in_shard = 0
+        fname, specs = self.shards[self._shard]
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for s in specs:
+            header[s.name] = {"dtype": _ST_DTYPES[s.dtype], "shape": list(s.shape),
+                              "data_offsets": [offset, offset + s.nbytes]}
+            offset += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._file = open(self.dir / fname, "wb")
+        self._file.write(struct.pack("<Q", len(raw)))
+        self._file.write(raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self.specs[self._position]
+        if name != spec.name:
+            raise RuntimeError(f"writer: expected tensor {spec.name}, got {name}")
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RuntimeError(f"writer: tensor {name} is {tuple(tensor.shape)} {tensor.dtype}, "
+                               f"planned {spec.shape} {spec.dtype}")
+        if self._file is None or self._in_shard == len(self.shards[self._shard][1]):
+            self._open_next()
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self._position += 1
+        self._in_shard += 1
+
+    def finish(self) -> None:
+        if self._position != len(self.specs):
+            raise RuntimeError(f"writer: {len(self.specs) - self._position} tensors were never written")
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+        if len(self.shards) > 1:
+            index = {"metadata": {"total_size": sum(s.nbytes for s in self.specs)},
+                     "weight_map": {s.name: f for f, sh in self.shards for s in sh}}
+            (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@contextmanager
+def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary directory beside ``out_dir``; rename it to ``out_dir`` on success,
+    delete it on any failure."""
+    out = Path(out_dir).resolve()
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise ModelError(f"output {out}: exists and is not empty (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_tokenizer(src: ModelFiles, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        f = src.path / name
+        if f.exists():
+            shutil.copyfile(f, dst / name)
+
+
+def copy_generation_config(src: ModelFiles, dst: Path) -> None:
+    f = src.path / "generation_config.json"
+    if f.exists():
+        shutil.copyfile(f, dst / "generation_config.json")

@@ -1,0 +1,385 @@
+"""Merge recipes: mergekit's YAML (the subset evomerge reads and writes) and a Python API.
+
+A recipe holds parameters exactly as mergekit spells them: a scalar, a list (a gradient across the
+layers) or a list of ``{filter, value}`` conditions matched by substring against tensor names. The
+search builds recipes through :func:`per_kind` and :func:`gradient` without touching YAML, and
+whatever it builds serializes to YAML that ``mergekit-yaml`` reads the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from .errors import RecipeError
+from .methods import METHODS, MODEL_PARAM_DEFAULTS, MethodSpec, get_method
+
+Scalar = Union[bool, int, float, str]
+ScalarOrGradient = Union[Scalar, list[Scalar]]
+
+
+class Condition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: Optional[str] = None
+    value: ScalarOrGradient
+
+
+ParamValue = Union[Scalar, list[Scalar], Condition, list[Condition]]
+ParamDict = dict[str, ParamValue]
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    parameters: Optional[ParamDict] = None
+
+
+class SliceSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Optional[ParamDict] = None
+
+
+class Slice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource]
+    parameters: Optional[ParamDict] = None
+
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
+BOOL_PARAMS = {"normalize", "rescale", "int8_mask"}
+UNIT_PARAMS = {"density", "gamma", "epsilon", "t"}  # must lie in [0, 1]
+
+
+class Recipe(BaseModel):
+    """A merge recipe. ``random_seed`` is evomerge's (mergekit ignores it): it seeds DARE/DELLA."""
+
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    models: Optional[list[ModelEntry]] = None
+    slices: Optional[list[Slice]] = None
+    base_model: Optional[str] = None
+    parameters: Optional[ParamDict] = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    random_seed: int = 0
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in DTYPES:
+            raise ValueError(f"unknown dtype {v!r}; known: {', '.join(DTYPES)}")
+        return v
+
+    @field_validator("merge_method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; known: {', '.join(sorted(METHODS))}")
+        return v
+
+    @field_validator("tokenizer_source")
+    @classmethod
+    def _tok(cls, v: Optional[str]) -> Optional[str]:
+        if v == "union":
+            raise ValueError("'union' is not supported; use 'base' or a model reference")
+        return v
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "recipe") -> "Recipe":
+        if not isinstance(data, dict):
+            raise RecipeError(f"{source}: a recipe must be a mapping, got {type(data).__name__}")
+        try:
+            recipe = cls.model_validate(data)
+        except ValidationError as e:
+            raise RecipeError(f"{source}: " + _format_validation(e)) from None
+        recipe.validate_semantics(source)
+        return recipe
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise RecipeError(f"{path}: no such recipe file") from None
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=True, exclude_defaults=True) | {
+            "merge_method": self.merge_method}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # -- semantics ---------------------------------------------------------------------------
+
+    @property
+    def method(self) -> MethodSpec:
+        return get_method(self.merge_method)
+
+    def sources(self) -> list[tuple[str, str, Optional[ParamDict]]]:
+        """(key path, model, parameters) of every model entry, for validation and listing."""
+        if self.models is not None:
+            return [(f"models[{i}]", m.model, m.parameters) for i, m in enumerate(self.models)]
+        out = []
+        for si, s in enumerate(self.slices or []):
+            out += [(f"slices[{si}].sources[{j}]", src.model, src.parameters) for j, src in enumerate(s.sources)]
+        return out
+
+    def model_names(self) -> list[str]:
+        """Every model the recipe reads, base first, each once."""
+        names = [self.base_model] if self.base_model else []
+        for _, m, _ in self.sources():
+            if m not in names:
+                names.append(m)
+        return names
+
+    def expert_names(self) -> list[str]:
+        """The models whose task vectors are mixed (every model but the base)."""
+        if self.method.family == "linear":
+            return [m for m in self.model_names() if m in {s[1] for s in self.sources()}]
+        return [m for m in self.model_names() if m != self.base_model]
+
+    def validate_semantics(self, source: str = "recipe") -> None:
+        m = self.method
+        if (self.models is None) == (self.slices is None):
+            raise RecipeError(f"{source}: exactly one of 'models' or 'slices' must be given")
+        if self.slices is not None:
+            if not self.slices or any(not s.sources for s in self.slices):
+                raise RecipeError(f"{source}: slices: every slice needs at least one source")
+            for si, s in enumerate(self.slices):
+                ranges = {src.layer_range for src in s.sources}
+                if len(ranges) != 1:
+                    raise RecipeError(f"{source}: slices[{si}]: every source must have the same layer_range "
+                                      f"(got {sorted(ranges)})")
+                lo, hi = next(iter(ranges))
+                if not 0 <= lo < hi:
+                    raise RecipeError(f"{source}: slices[{si}].layer_range: [{lo}, {hi}] is empty or negative")
+            models = [tuple(src.model for src in s.sources) for s in self.slices]
+            if len(set(models)) != 1:
+                raise RecipeError(f"{source}: slices: every slice must name the same models in the same order")
+        if m.needs_base and not self.base_model:
+            raise RecipeError(f"{source}: base_model: method {m.name!r} needs a base model")
+        if m.family == "linear" and self.base_model and self.base_model not in {s[1] for s in self.sources()}:
+            raise RecipeError(f"{source}: base_model: linear does not use a base model; list "
+                              f"{self.base_model!r} under models with a weight, or remove base_model")
+        experts = self.expert_names()
+        if m.family == "slerp" and len(experts) != 1:
+            raise RecipeError(f"{source}: models: slerp needs the base model and exactly one other "
+                              f"model (got {len(experts)} others)")
+        if not experts:
+            raise RecipeError(f"{source}: models: no model to merge besides the base")
+        allowed_global = m.global_params | m.model_params
+        for key, value in (self.parameters or {}).items():
+            if key not in allowed_global:
+                raise RecipeError(f"{source}: parameters.{key}: not a parameter of {m.name!r} "
+                                  f"(allowed: {', '.join(sorted(allowed_global)) or 'none'})")
+            _check_values(f"{source}: parameters.{key}", key, value)
+        for path, model, params in self.sources():
+            for key, value in (params or {}).items():
+                if key not in m.model_params:
+                    raise RecipeError(f"{source}: {path}.parameters.{key}: not a per-model parameter of "
+                                      f"{m.name!r} (allowed: {', '.join(sorted(m.model_params)) or 'none'})")
+                _check_values(f"{source}: {path}.parameters.{key}", key, value)
+        if m.family == "slerp" and "t" not in (self.parameters or {}):
+            raise RecipeError(f"{source}: parameters.t: slerp needs t (0 = base model, 1 = the other)")
+        if m.family != "slerp":
+            for path, model, params in self.sources():
+                if model == self.base_model and m.family != "linear":
+                    continue
+                if "weight" not in (params or {}) and "weight" not in (self.parameters or {}):
+                    raise RecipeError(f"{source}: {path}.parameters.weight: missing ({model})")
+
+    # -- resolution ------------------------------------------------------------------------------
+
+    def model_params(self, model: str, tensor_name: str, t: float,
+                     slice_index: int = 0) -> dict[str, Any]:
+        """Per-model parameters for one tensor, with mergekit's precedence and defaults."""
+        m = self.method
+        out: dict[str, Any] = {}
+        for key in sorted(m.model_params):
+            for settings in self._param_sources(model, slice_index):
+                if settings and key in settings:
+                    value = evaluate(tensor_name, settings[key], t, _validator(key))
+                    if value is not None:
+                        out[key] = value
+                        break
+            else:
+                if key in MODEL_PARAM_DEFAULTS:
+                    out[key] = MODEL_PARAM_DEFAULTS[key]
+        return out
+
+    def global_params(self, tensor_name: str, t: float, slice_index: int = 0) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in sorted(self.method.global_params):
+            for settings in self._param_sources(None, slice_index):
+                if settings and key in settings:
+                    value = evaluate(tensor_name, settings[key], t, _validator(key))
+                    if value is not None:
+                        out[key] = value
+                        break
+        return out
+
+    def _param_sources(self, model: Optional[str], slice_index: int) -> Iterable[Optional[ParamDict]]:
+        if self.models is not None:
+            if model is not None:
+                for e in self.models:
+                    if e.model == model:
+                        yield e.parameters
+        else:
+            s = self.slices[slice_index]
+            if model is not None:
+                for src in s.sources:
+                    if src.model == model:
+                        yield src.parameters
+            yield s.parameters
+        yield self.parameters
+
+
+def _validator(key: str) -> Callable[[Any], Any]:
+    if key in BOOL_PARAMS:
+        return _to_bool
+    return float
+
+
+def _to_bool(v: Any) -> bool:
+    if isinstance(v, str):
+        if v.lower() in ("true", "yes", "1"):
+            return True
+        if v.lower() in ("false", "no", "0"):
+            return False
+        raise ValueError(f"not a boolean: {v!r}")
+    return bool(v)
+
+
+def _leaves(value: ParamValue) -> Iterable[Any]:
+    if isinstance(value, Condition):
+        value = [value]
+    if isinstance(value, list):
+        for v in value:
+            if isinstance(v, Condition):
+                yield from _leaves(v.value)
+            else:
+                yield v
+    else:
+        yield value
+
+
+def _check_values(where: str, key: str, value: ParamValue) -> None:
+    if isinstance(value, list) and not value:
+        raise RecipeError(f"{where}: an empty list")
+    for leaf in _leaves(value):
+        try:
+            v = _validator(key)(leaf)
+        except (TypeError, ValueError):
+            raise RecipeError(f"{where}: {leaf!r} is not a valid value") from None
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                raise RecipeError(f"{where}: {leaf!r} is not finite")
+            if key in UNIT_PARAMS and not 0 <= v <= 1:
+                raise RecipeError(f"{where}: {v} is out of range [0, 1]")
+
+
+def evaluate(tensor_name: str, setting: ParamValue, t: float, validate: Callable[[Any], Any]) -> Any:
+    """Resolve filters and gradients like mergekit 0.1.5 (same arithmetic, same precedence)."""
+    if isinstance(setting, Condition):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return validate(setting)
+    if not setting:
+        return None
+    if all(isinstance(e, (bool, int, float, str)) for e in setting):
+        values = [validate(e) for e in setting]
+        if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in values):
+            return values[int(t * (len(values) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return validate((1 - frac) * values[i0] + frac * values[i1])
+    for cond in setting:
+        if not isinstance(cond, Condition):
+            cond = Condition(value=cond)
+        if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
+            return evaluate(tensor_name, cond.value, t, validate)
+    return None
+
+
+def _format_validation(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "list[", "union[")))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}")
+    # pydantic reports one error per union branch; keep each distinct message once
+    return "; ".join(dict.fromkeys(parts))
+
+
+# -- Python API for building recipes ------------------------------------------------------------
+
+#: Substring filters of the tensor kinds, in the order they are tried (first match wins).
+KIND_FILTERS: dict[str, str] = {
+    "embed": "embed_tokens",
+    "lm_head": "lm_head",
+    "norm": "norm",
+    "attention": "self_attn",
+    "mlp": "mlp",
+}
+
+
+def gradient(values: Sequence[float]) -> list[float]:
+    """Per-layer values: with one value per layer, layer i gets values[i] exactly."""
+    return [float(v) for v in values]
+
+
+def per_kind(values: dict[str, Any], default: Any = None) -> ParamValue:
+    """A parameter that differs by tensor kind (keys of KIND_FILTERS); each value may be a scalar or
+    a per-layer list. ``default`` covers tensors matching no kind."""
+    unknown = set(values) - set(KIND_FILTERS)
+    if unknown:
+        raise RecipeError(f"per_kind: unknown tensor kinds {sorted(unknown)}; known: {list(KIND_FILTERS)}")
+    conds = [Condition(filter=KIND_FILTERS[k], value=values[k]) for k in KIND_FILTERS if k in values]
+    if default is not None:
+        conds.append(Condition(value=default))
+    return conds
+
+
+def build(method: str, base_model: Optional[str], experts: dict[str, ParamDict], *,
+          parameters: Optional[ParamDict] = None, dtype: Optional[str] = None,
+          out_dtype: Optional[str] = None, tokenizer_source: Optional[str] = None,
+          random_seed: int = 0) -> Recipe:
+    """Build and validate a recipe from Python values."""
+    data: dict[str, Any] = {
+        "merge_method": method,
+        "models": [{"model": name, "parameters": params} for name, params in experts.items()],
+        "random_seed": random_seed,
+    }
+    for key, value in (("base_model", base_model), ("parameters", parameters), ("dtype", dtype),
+                       ("out_dtype", out_dtype), ("tokenizer_source", tokenizer_source)):
+        if value is not None:
+            data[key] = value
+    return Recipe.from_dict(_plain(data), source="recipe")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Condition):
+        return value.model_dump(exclude_none=True)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
