@@ -45,6 +45,14 @@ def _with_layer(name: str, idx: int) -> str:
     return _LAYER_SUB.sub(lambda m: f"{m.group(1)}{idx}{m.group(3)}", name, count=1)
 
 
+def _depth_order(name: str) -> tuple:
+    """Embeddings first, then the layers in numeric order, then everything else."""
+    idx = layer_index(name)
+    if idx is not None:
+        return (1, idx, name)
+    return (0 if is_vocab_tensor(name) and "lm_head" not in name else 2, 0, name)
+
+
 def _embed_name(names: list[str]) -> Optional[str]:
     for n in names:
         if is_vocab_tensor(n) and "lm_head" not in n:
@@ -74,6 +82,7 @@ def build_layout(recipe: Recipe, files: dict[str, ModelFiles], trust_remote_code
     ref_names = ref_files.names()
     if lm_head_added:
         ref_names = ref_names + ["lm_head.weight"]
+    ref_names = sorted(ref_names, key=_depth_order)
 
     def source_name(model: str, name: str) -> str:
         if name == "lm_head.weight" and not lm_heads[model]:

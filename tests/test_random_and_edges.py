@@ -1,0 +1,142 @@
+"""Seeded random methods (DARE, DELLA): determinism and statistics; edge values of every method."""
+
+import math
+
+import pytest
+import torch
+from conftest import load_dir, mergekit_merge
+
+from evomerge.kernel import ExpertTensor, merge_slerp, prepare_expert, sparsify
+from evomerge.merge import merge_to_disk, merged_tensors
+from evomerge.methods import METHODS
+from evomerge.recipe import Recipe
+
+
+def recipe_for(method, fam, weights=(0.5, -0.3, 0.8), seed=0, **params):
+    return {"merge_method": method, "base_model": fam["base"], "random_seed": seed,
+            "models": [{"model": e, "parameters": {"weight": w, **params}} for e, w in zip(fam["experts"], weights)]}
+
+
+def state(method: str, delta: torch.Tensor, seed=0) -> ExpertTensor:
+    return prepare_expert(delta, METHODS[method], seed=seed, tensor_name="t", expert_index=0, table=True)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])
+def test_same_seed_bit_identical_other_seed_differs(method, families):
+    fam = families("bf16")
+    r = Recipe.from_dict(recipe_for(method, fam, density=0.4, seed=3))
+    a = dict(merged_tensors(r))
+    b = dict(merged_tensors(r))
+    c = dict(merged_tensors(Recipe.from_dict(recipe_for(method, fam, density=0.4, seed=4))))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
+def test_dare_kept_fraction_and_l1_rescale(density):
+    g = torch.Generator().manual_seed(0)
+    delta = torch.randn(400, 500, generator=g)
+    s = state("dare_ties", delta)
+    kept = sparsify(s, METHODS["dare_ties"], {"density": density}, rescale=False)
+    frac = (kept != 0).float().mean().item()
+    n = delta.numel()
+    assert abs(frac - density) < 4 * math.sqrt(density * (1 - density) / n)
+    rescaled = sparsify(s, METHODS["dare_ties"], {"density": density}, rescale=True)
+    assert rescaled.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-5)
+    # kept values are scaled, dropped ones are zero: the same mask
+    assert torch.equal(rescaled != 0, kept != 0)
+
+
+def test_della_keep_probability_grows_with_magnitude_rank():
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randn(200, 1000, generator=g)
+    density, eps = 0.5, 0.2
+    kept = sparsify(state("della", delta), METHODS["della"], {"density": density, "epsilon": eps}, rescale=False) != 0
+    ranks = delta.abs().argsort(dim=1).argsort(dim=1).float() / 999
+    n = delta.numel()
+    assert abs(kept.float().mean().item() - density) < 4 * math.sqrt(0.25 / n)
+    low = kept[ranks < 0.1].float().mean().item()
+    high = kept[ranks > 0.9].float().mean().item()
+    # expected keep probability: density - eps + 2*eps*rank -> ~0.32 in the lowest decile, ~0.68 in the highest
+    assert low == pytest.approx(density - 0.9 * eps, abs=0.02)
+    assert high == pytest.approx(density + 0.9 * eps, abs=0.02)
+
+
+def test_della_rejects_epsilon_outside_density_before_writing(families, tmp_path):
+    from evomerge.errors import RecipeError
+
+    fam = families("fp32")
+    r = Recipe.from_dict(recipe_for("della", fam, density=0.1, epsilon=0.2))
+    with pytest.raises(RecipeError, match=r"della: density 0.1 \+/- epsilon 0.2 must lie in \(0, 1\) "
+                                          r"\(model .*expert_0, tensor model.embed_tokens.weight\)"):
+        merge_to_disk(r, tmp_path / "out")
+    assert not list(tmp_path.iterdir())
+
+
+# -- edge values, against mergekit where mergekit is defined ------------------------------------------
+
+EDGES = {
+    "ties_density_0": lambda f: recipe_for("ties", f, density=0.0),
+    "ties_density_1": lambda f: recipe_for("ties", f, density=1.0),
+    "ties_weight_0": lambda f: recipe_for("ties", f, weights=(0.0, 0.0, 0.0), density=0.5),
+    "ta_weights_sum_0_normalized": lambda f: {**recipe_for("task_arithmetic", f, weights=(0.5, -0.5, 0.0)),
+                                              "parameters": {"normalize": True}},
+    "breadcrumbs_gamma_0": lambda f: recipe_for("breadcrumbs", f, density=0.3, gamma=0.0),
+    "breadcrumbs_density_0": lambda f: recipe_for("breadcrumbs", f, density=0.0),
+    "breadcrumbs_density_1": lambda f: recipe_for("breadcrumbs", f, density=1.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EDGES))
+def test_edges_match_mergekit(name, families, tmp_path):
+    fam = families("fp32")
+    recipe = EDGES[name](fam)
+    ref = mergekit_merge(recipe, tmp_path / "mk")
+    ours = load_dir(merge_to_disk(Recipe.from_dict(recipe), tmp_path / "ev"))
+    for k in ref:
+        assert torch.isfinite(ours[k]).all()
+        assert torch.equal(ref[k], ours[k]), k
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "della", "breadcrumbs_ties"])
+def test_density_0_gives_the_base(method, families):
+    fam = families("bf16")
+    base = load_dir(fam["base"])
+    params = {"density": 0.0}
+    for k, v in merged_tensors(Recipe.from_dict(recipe_for(method, fam, **params))):
+        assert torch.equal(v, base[k]), k
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_density_1_of_random_methods_equals_their_deterministic_twin(method, families):
+    fam = families("fp32")
+    twin = {"dare_ties": "ties", "della": "ties"}[method]
+    a = dict(merged_tensors(Recipe.from_dict(recipe_for(method, fam, density=1.0))))
+    b = dict(merged_tensors(Recipe.from_dict(recipe_for(twin, fam, density=1.0))))
+    if method == "dare_ties":  # dare_ties does not normalize, ties does
+        b = dict(merged_tensors(Recipe.from_dict({**recipe_for(twin, fam, density=1.0),
+                                                  "parameters": {"normalize": False}})))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_linear_weights_summing_to_zero_stay_finite(families):
+    fam = families("fp32")
+    r = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": w}}
+                                              for m, w in zip(fam["experts"], (1.0, -1.0, 0.0))]}
+    experts = [load_dir(e) for e in fam["experts"]]
+    for k, v in merged_tensors(Recipe.from_dict(r)):
+        assert torch.isfinite(v).all()
+        assert torch.equal(v, experts[0][k] * 1.0 + experts[1][k] * -1.0 + experts[2][k] * 0.0)
+
+
+def test_slerp_of_parallel_and_nearly_parallel_tensors():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 70, generator=g)
+    for b in (a.clone(), a * 1.0001, a * 3.0, -a):
+        out = merge_slerp(a, b, 0.3)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, 0.7 * a + 0.3 * b)  # falls back to linear interpolation
+    zero = torch.zeros(10)
+    assert torch.equal(merge_slerp(zero, zero, 0.5), zero)
+    orth = merge_slerp(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.5)
+    torch.testing.assert_close(orth, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
