@@ -3,8 +3,9 @@ recipes straight into a live ``torch.nn.Module``'s parameters, with no disk I/O 
 parameter storage per recipe.
 
 What does not depend on the recipe is computed once and kept: the task vectors, the magnitude
-tables that make a TIES/breadcrumbs density a binary search instead of a sort, the seeded draws
-of DARE/DELLA, DELLA's per-row ranks, and the L1 norms used by rescaling. Where that cache lives
+histograms that make a TIES/breadcrumbs density a binary search instead of a sort or selection,
+DELLA's per-row ranks, and the L1 norms used by rescaling (DARE/DELLA draws are hashed from the
+element index inside the fused kernel, so there is nothing to keep for them). Where that cache lives
 is chosen from the memory available (``cache="auto"``) or forced:
 
 - ``device``: on the merge device (GPU memory on CUDA, RAM on the CPU);
@@ -26,7 +27,7 @@ from typing import Iterator, Optional
 import torch
 
 from .errors import ModelError, RecipeError
-from .kernel import ExpertTensor, stream_seed, uniform_draws
+from .kernel import ExpertTensor, prepare_expert, stream_seed
 from .merge import (TensorParams, expert_states, gather_inputs, merge_one, open_models, output_dtype,
                     resolve_params, work_dtype)
 from .methods import DELLA, MAGNITUDE, OUTLIERS, RANDOM
@@ -90,7 +91,9 @@ class MergeEngine:
     def _estimate_bytes(self) -> int:
         """Bytes the cache will take: base + per-expert task vectors and trimming state."""
         sp = self.method.sparsifier
-        per_elem_extra = {MAGNITUDE: 0, OUTLIERS: 0, RANDOM: 2, DELLA: 6, None: 0}[sp]
+        cuda = self.device.type == "cuda"
+        # DELLA: float32 ranks; DARE on the CPU: float16-coded draws
+        per_elem_extra = 4 if sp == DELLA else (2 if sp == RANDOM and not cuda else 0)
         total = 0
         for ts in self.layout.tensors:
             metas = [self.files[m].meta(n) for m, n in zip(self.layout.models, ts.inputs)]
@@ -104,8 +107,8 @@ class MergeEngine:
             esize = torch.empty((), dtype=dt).element_size()
             total += numel * esize * (1 + len(self.layout.experts))
             total += numel * per_elem_extra * len(self.layout.experts)
-            if sp in (MAGNITUDE, OUTLIERS):  # distinct-magnitude table: at most 12 bytes per element
-                total += min(numel, 65536 if esize == 2 else numel) * 12 * len(self.layout.experts)
+            if sp in (MAGNITUDE, OUTLIERS, RANDOM):  # magnitude histograms / L1-by-level tables, on the host
+                total += 65536 * 8 * len(self.layout.experts)
         return total
 
     def _choose_placement(self, cache: str, fraction: float) -> str:
@@ -141,7 +144,7 @@ class MergeEngine:
             dtype = work_dtype(self.template, [t.dtype for t in raw])
             # build on the merge device (fast sorts on the GPU), then move to the cache's home
             tensors = gather_inputs(self.layout, ts, raw, dtype, self.device)
-            base, states = expert_states(self.template, self.layout, ts, tensors, table=True)
+            base, states = expert_states(self.template, self.layout, ts, tensors, reuse=True)
             if base is not None:
                 base = base.to(home)
                 base = base.pin_memory() if pin else base
@@ -150,12 +153,17 @@ class MergeEngine:
         self._seed = seed
 
     def _reseed(self, seed: int) -> None:
-        """New DARE/DELLA draws for another random seed (the rest of the cache is kept)."""
+        """Switch DARE/DELLA to another random seed: new stream seeds, and for DARE the draws and
+        the L1-by-draw-level tables that depend on them."""
         for ts, entry in zip(self.layout.tensors, self._entries):
             for i, s in enumerate(entry.experts):
-                home = s.delta.device
-                d = uniform_draws(stream_seed(seed, ts.name, i), s.delta.shape).to(home)
-                s.draws = d.pin_memory() if self.placement == "pinned" else d
+                if self.method.sparsifier == RANDOM:
+                    fresh = prepare_expert(s.delta.to(self.device), self.method, seed=seed, tensor_name=ts.name,
+                                           expert_index=i, reuse=True, cache_draws=s.draws is not None)
+                    s.kept_l1 = fresh.kept_l1
+                    if fresh.draws is not None:
+                        s.draws = fresh.draws.to(s.delta.device)
+                s.seed = stream_seed(seed, ts.name, i)
         self._seed = seed
 
     @property
@@ -193,7 +201,7 @@ class MergeEngine:
             base, states = entry.base, entry.experts
             if self.placement == "pinned":
                 base = base.to(self.device, non_blocking=True) if base is not None else None
-                states = [_on(s, self.device) for s in states]
+                states = [s.to(self.device) for s in states]
             yield ts.name, merge_one(recipe, base, states, p).to(output_dtype(recipe, entry.dtype))
 
     def _merged_from_disk(self, recipe: Recipe, params: list[TensorParams]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -201,7 +209,7 @@ class MergeEngine:
             raw = [self.files[m].get(n) for m, n in zip(self.layout.models, ts.inputs)]
             dtype = work_dtype(recipe, [t.dtype for t in raw])
             tensors = gather_inputs(self.layout, ts, raw, dtype, self.device)
-            base, states = expert_states(recipe, self.layout, ts, tensors, table=False)
+            base, states = expert_states(recipe, self.layout, ts, tensors)
             yield ts.name, merge_one(recipe, base, states, p).to(output_dtype(recipe, dtype))
 
     @torch.no_grad()
@@ -229,12 +237,3 @@ class MergeEngine:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
 
-
-def _on(s: ExpertTensor, device: torch.device) -> ExpertTensor:
-    return ExpertTensor(
-        delta=s.delta.to(device, non_blocking=True),
-        order=s.order,
-        draws=s.draws.to(device, non_blocking=True) if s.draws is not None else None,
-        ranks=s.ranks.to(device, non_blocking=True) if s.ranks is not None else None,
-        l1=s.l1,
-    )

@@ -1,289 +1,454 @@
 """The merge kernel: one output tensor from a base tensor and the experts' task vectors.
 
 Everything that does not depend on the recipe lives in an :class:`ExpertTensor` (the task vector,
-the magnitude order used by trimming, the seeded random draws of DARE and DELLA, the L1 norm used
-by rescaling). The merge engine builds those once and reuses them for every recipe; ``evomerge
-merge`` builds them per tensor and throws them away. Both then run the same functions here, so
-they give the same tensors.
+its magnitude histogram, the L1 norm used by rescaling, DELLA's per-row ranks). The merge engine
+builds those once and reuses them for every recipe; ``evomerge merge`` builds them per tensor.
+Both then run the same functions here, so they give the same tensors.
+
+The per-recipe work (trim, rescale, weight, elect signs, mix, normalize) is one pointwise
+function, :func:`_mix`, compiled with ``torch.compile`` into a single fused loop (C++ on the CPU,
+Triton on CUDA). Compilation keeps eager PyTorch's rounding (``emulate_precision_casts``), so the
+compiled and eager versions give identical tensors; set ``EVOMERGE_COMPILE=0`` to run eagerly.
 
 Numerics follow mergekit 0.1.5 operation by operation (dtypes, rounding points, defaults), with
-three deliberate differences, all documented in the README:
-- among elements of exactly equal magnitude at the trimming threshold, the lowest flat index is
+deliberate differences, all documented in the README:
+- among elements of exactly equal magnitude at a trimming threshold, the lowest flat index is
   kept first (mergekit's unstable argsort keeps an arbitrary subset);
-- DARE and DELLA draw from a seeded, device-independent stream (mergekit uses the global RNG);
-- for DARE and DELLA, L1 norms for rescaling are accumulated in float64 so that they do not depend
-  on a device's reduction order (deterministic methods sum in the tensor dtype, like mergekit).
+- DARE and DELLA draw from a seeded counter-based hash of the element index (mergekit uses the
+  global RNG), with a resolution of 1/31744, so the same seed gives the same tensors on every run
+  and device;
+- for DARE and DELLA, L1 norms for rescaling are accumulated in 64-bit fixed point (exact and
+  independent of summation order).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
+import os
 from dataclasses import dataclass
-from typing import Sequence
+from functools import lru_cache
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from .methods import DELLA, MAGNITUDE, OUTLIERS, RANDOM, MethodSpec
 
-_Q_LEVELS = 65536  # resolution of the seeded uniform draws (16 bits)
-_Q_OFFSET = 32768
+log = logging.getLogger(__name__)
+
+_LEVELS = 31744  # draws are integers in [0, 0x7C00): as float16 bit patterns they are finite and ordered
+_COMPILE_MIN_NUMEL = 2048  # smaller tensors run eagerly (same results, no compile per tiny shape)
+_BLOCK = 65536
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation
+
+
+def _compile_enabled() -> bool:
+    return os.environ.get("EVOMERGE_COMPILE", "1") != "0"
+
+
+_compile_failed = False
+
+
+def _run(fn: Callable, compiled: Callable, numel: int, *args, **kwargs):
+    """Run the compiled version of ``fn`` for large tensors, the eager one otherwise."""
+    global _compile_failed
+    if numel < _COMPILE_MIN_NUMEL or _compile_failed or not _compile_enabled():
+        return fn(*args, **kwargs)
+    import torch._inductor.config as inductor_config
+
+    try:
+        with inductor_config.patch(emulate_precision_casts=True):
+            return compiled(*args, **kwargs)
+    except Exception as e:  # no C++ compiler, unsupported device...: same results, eagerly
+        _compile_failed = True
+        log.warning("torch.compile failed (%s: %s); the merge kernel runs eagerly from now on",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return fn(*args, **kwargs)
+
+
+@lru_cache(maxsize=None)
+def _compiled(fn: Callable) -> Callable:
+    import torch._dynamo.config as dynamo_config
+
+    # one compiled graph per method variant, dtype and expert count: allow more than the default 8
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), 128))
+    return torch.compile(fn, dynamic=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Magnitude order (TIES, breadcrumbs)
+
+
+def _sort_keys(a: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Integer keys ordered like the non-negative floats in ``a``: the 16-bit pattern for 16-bit
+    floats, the top 16 bits of the magnitude for 32/64-bit floats (a bucket, refined on query)."""
+    if a.element_size() == 2:
+        return a.view(torch.int16).to(torch.int32), 0
+    if a.dtype == torch.float32:
+        return a.view(torch.int32) >> 15, 15
+    return (a.view(torch.int64) >> 47).to(torch.int32), 47
+
+
+class MagnitudeOrder:
+    """The k-th largest / smallest magnitude of a tensor, from a 16-bit histogram built in one
+    pass. For 16-bit floats the histogram is exact; for wider floats a query refines its bucket
+    with one selection pass. Every answer is exact."""
+
+    def __init__(self, magnitudes: torch.Tensor):
+        keys, self._shift = _sort_keys(magnitudes.reshape(-1))
+        counts = torch.bincount(keys, minlength=32768 if self._shift == 0 else 65536)
+        self._cum = torch.cumsum(counts, 0).cpu()
+        self.numel = magnitudes.numel()
+        self.dtype = magnitudes.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self._cum.numel() * 8
+
+    def kth(self, a: torch.Tensor, k: int, descending: bool) -> tuple[torch.Tensor, int, int]:
+        """(v, n_before, n_at) for 1 <= k <= numel: the k-th value of ``a`` (its magnitudes) in
+        the given order, how many elements come strictly before it in that order, and how many
+        equal it."""
+        n = self.numel
+        pos = n - k + 1 if descending else k  # ascending position, 1-based
+        cum = self._cum
+        j = int(torch.searchsorted(cum, torch.tensor([pos])).item())
+        n_lt = int(cum[j - 1]) if j > 0 else 0
+        if self._shift == 0:
+            v = torch.tensor(j, dtype=torch.int16).view(self.dtype).to(a.device)
+            n_at = int(cum[j]) - n_lt
+        else:
+            flat = a.reshape(-1)
+            keys, _ = _sort_keys(flat)
+            bucket = torch.sort(flat[keys == j]).values
+            v = bucket[pos - n_lt - 1]
+            n_at = int((bucket == v).sum())
+            n_lt += int((bucket < v).sum())
+        n_before = n - n_lt - n_at if descending else n_lt
+        return v, n_before, n_at
+
+
+def _block_ties(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (a == v).sum(1, dtype=torch.int64)
+
+
+def nth_equal_index(a: torch.Tensor, v: torch.Tensor, nth: int) -> int:
+    """Flat index of the ``nth`` (1-based) element of ``a`` equal to ``v``."""
+    flat = a.reshape(-1)
+    m = flat.numel() // _BLOCK
+    base = 0
+    if m:
+        counts = _run(_block_ties, _compiled(_block_ties), m * _BLOCK, flat[:m * _BLOCK].view(m, _BLOCK), v)
+        cum = torch.cumsum(counts, 0).cpu()
+        b = int(torch.searchsorted(cum, torch.tensor([nth])).item())
+        if b < m:
+            before = int(cum[b - 1]) if b > 0 else 0
+            hits = torch.nonzero(flat[b * _BLOCK:(b + 1) * _BLOCK] == v).reshape(-1)
+            return b * _BLOCK + int(hits[nth - before - 1])
+        base, nth = m * _BLOCK, nth - int(cum[-1])
+    hits = torch.nonzero(flat[base:] == v).reshape(-1)
+    return base + int(hits[nth - 1])
+
+
+def first_k_rule(a: torch.Tensor, order: MagnitudeOrder, k: int, descending: bool) -> tuple[torch.Tensor, int]:
+    """(v, J) such that the first k elements in the order (ties broken by lowest index) are those
+    strictly beyond v plus those equal to v with index <= J."""
+    if k <= 0:  # nothing: no element is beyond +inf, none equals it at index <= -1
+        return torch.tensor(float("inf") if descending else -1.0, dtype=a.dtype, device=a.device), -1
+    if k >= a.numel():  # everything: every magnitude is beyond -1 (descending) / below +inf
+        return torch.tensor(-1.0 if descending else float("inf"), dtype=a.dtype, device=a.device), -1
+    v, n_before, n_at = order.kth(a, k, descending)
+    need = k - n_before
+    return v, (a.numel() if need >= n_at else nth_equal_index(a, v, need))
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeded draws (DARE, DELLA)
+
+
+def stream_seed(seed: int, tensor_name: str, expert_index: int) -> int:
+    """A 32-bit seed for one expert's draws on one tensor, stable across runs and platforms."""
+    h = hashlib.blake2b(f"{seed}\x00{tensor_name}\x00{expert_index}".encode(), digest_size=4)
+    return int.from_bytes(h.digest(), "little")
+
+
+_M32 = 0xFFFFFFFF
+
+
+def uniform16(index: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """16-bit uniform integers from a counter-based hash of (index, seed). int64 arithmetic on
+    values below 2**32 with multipliers below 2**31 never overflows, so every device computes
+    the same bits (no reliance on wrapping, which compilers may assume away)."""
+    x = (index * 0x61C88647 + seed) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x5BD1E995) & _M32
+    x = x ^ (x >> 16)
+    return x & 0xFFFF
+
+
+def draws15(index: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """Seeded uniform integers in [0, 31744) (int64)."""
+    return (uniform16(index, seed) * _LEVELS) >> 16
+
+
+def draws_as_half(draws: torch.Tensor) -> torch.Tensor:
+    """Draws stored as float16 bit patterns: 2 bytes each, compared as floats (fast everywhere)."""
+    return draws.to(torch.int16).view(torch.float16)
+
+
+def half_threshold(level: int, device: torch.device) -> torch.Tensor:
+    """The float16 whose bit pattern is ``level``: draws below it are the draws below ``level``
+    (level 31744 is +inf: every draw)."""
+    return torch.tensor(level, dtype=torch.int16).view(torch.float16).to(device)
+
+
+def fixed_shift(delta: torch.Tensor) -> int:
+    """Binary scale of the 64-bit fixed-point L1 sums: the whole tensor's sum stays below 2**62."""
+    top = float(delta.abs().max()) if delta.numel() else 0.0
+    if top == 0.0 or not math.isfinite(top):
+        return 0
+    return 62 - max(1, delta.numel().bit_length()) - math.frexp(top)[1]
+
+
+def to_fixed(magnitudes: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    """Magnitudes in fixed point (``factor`` = 2**shift, so the scaling itself is exact)."""
+    return torch.round(magnitudes.to(torch.float64) * factor).to(torch.int64)
+
+
+def row_rank_norm(delta: torch.Tensor) -> torch.Tensor:
+    """DELLA's per-row magnitude rank scaled to [0, 1] (1-D tensors form one row), float32."""
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    cols = rows.shape[1]
+    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    ranks = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+    ranks.scatter_(1, order, torch.arange(cols, dtype=torch.float32, device=rows.device).expand_as(order).contiguous())
+    if cols > 1:
+        ranks /= cols - 1
+    return ranks.reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------
 # Recipe-independent state
 
 
-class MagnitudeOrder:
-    """Finds the k-th largest / smallest magnitude of a tensor and how many lie strictly beyond it.
-
-    Built either as a table of distinct magnitudes with cumulative counts (one sort, then every
-    density is a binary search: the engine's choice) or lazily by selection (``kthvalue`` per
-    query: ``evomerge merge``'s choice, as each tensor is used once). Both are exact.
-    """
-
-    def __init__(self, magnitudes: torch.Tensor, table: bool):
-        self.numel = magnitudes.numel()
-        self._a = None if table else magnitudes
-        self._values = self._cum_le = None
-        if table:
-            values, counts = torch.unique(magnitudes.reshape(-1), sorted=True, return_counts=True)
-            self._values = values
-            self._cum_le = torch.cumsum(counts, 0)
-
-    @property
-    def nbytes(self) -> int:
-        if self._values is None:
-            return 0
-        return self._values.numel() * self._values.element_size() + self._cum_le.numel() * 8
-
-    def to(self, device: torch.device | str) -> "MagnitudeOrder":
-        if self._values is not None:
-            self._values = self._values.to(device)
-            self._cum_le = self._cum_le.to(device)
-        return self
-
-    def kth(self, k: int, descending: bool) -> tuple[torch.Tensor, int, int]:
-        """(v, n_beyond, n_at): the k-th value (1-based) in the given order, the count of elements
-        strictly before it in that order, and the count equal to it."""
-        n = self.numel
-        if self._values is None:
-            a = self._a.reshape(-1)
-            pos = n - k + 1 if descending else k
-            v = torch.kthvalue(a, pos).values
-            n_lt = int((a < v).sum())
-            n_at = int((a == v).sum())
-            n_beyond = n - n_lt - n_at if descending else n_lt
-            return v, n_beyond, n_at
-        cum = self._cum_le
-        # ascending position (1-based) of the wanted element
-        pos = n - k + 1 if descending else k
-        j = int(torch.searchsorted(cum, torch.tensor([pos], device=cum.device)).item())
-        n_le = int(cum[j])
-        n_lt = int(cum[j - 1]) if j > 0 else 0
-        v = self._values[j]
-        n_at = n_le - n_lt
-        return v, (n - n_le if descending else n_lt), n_at
-
-
-def rank_mask(a: torch.Tensor, order: MagnitudeOrder, k: int, descending: bool) -> torch.Tensor:
-    """Boolean mask of the k first elements of ``a`` ordered by value (ties: lowest index first)."""
-    if k <= 0:
-        return torch.zeros_like(a, dtype=torch.bool)
-    if k >= a.numel():
-        return torch.ones_like(a, dtype=torch.bool)
-    v, n_beyond, n_at = order.kth(k, descending)
-    mask = a > v if descending else a < v
-    need = k - n_beyond
-    tie = a == v
-    if need >= n_at:
-        return mask.logical_or_(tie)
-    first = torch.cumsum(tie.reshape(-1), 0, dtype=torch.int32).reshape(a.shape) <= need
-    return mask.logical_or_(tie.logical_and_(first))
-
-
-def stream_seed(seed: int, tensor_name: str, expert_index: int) -> int:
-    """A 63-bit seed for one expert's draws on one tensor, stable across runs and platforms."""
-    h = hashlib.blake2b(f"{seed}\x00{tensor_name}\x00{expert_index}".encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little") >> 1
-
-
-def uniform_draws(seed: int, shape: torch.Size) -> torch.Tensor:
-    """Seeded 16-bit uniform integers (stored as int16, offset by -32768), drawn on the CPU so
-    every device sees the same values."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randint(-_Q_OFFSET, _Q_OFFSET, tuple(shape), dtype=torch.int16, generator=g)
-
-
-def row_ranks(delta: torch.Tensor) -> torch.Tensor:
-    """Per-row ascending magnitude rank (0-based) for DELLA; 1-D tensors form one row."""
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    order = torch.argsort(rows.abs(), dim=1, stable=True)
-    ranks = torch.empty_like(order, dtype=torch.int32)
-    ranks.scatter_(1, order, torch.arange(rows.shape[1], device=rows.device, dtype=torch.int32)
-                   .expand_as(order).contiguous())
-    return ranks
-
-
-def l1_norm(t: torch.Tensor, device_exact: bool) -> torch.Tensor:
-    """||t||_1 as a 0-dim tensor: summed in t's dtype (mergekit's numerics), or in float64 where
-    the result must not depend on the device's reduction order."""
-    if device_exact:
-        return t.abs().sum(dtype=torch.float64)
-    return t.abs().sum()
-
-
 @dataclass
 class ExpertTensor:
     """One expert's recipe-independent state for one tensor."""
 
-    delta: torch.Tensor  # theta_expert - theta_base, in the merge dtype (or the expert tensor for linear/slerp)
-    order: MagnitudeOrder | None = None
-    draws: torch.Tensor | None = None  # int16 uniform draws (DARE, DELLA)
-    ranks: torch.Tensor | None = None  # int32 per-row magnitude ranks (DELLA)
-    l1: torch.Tensor | None = None  # ||delta||_1 (see l1_norm)
+    delta: torch.Tensor  # theta_expert - theta_base in the merge dtype (the expert tensor for linear/slerp)
+    order: Optional[MagnitudeOrder] = None
+    rank_norm: Optional[torch.Tensor] = None  # DELLA
+    l1: Optional[torch.Tensor] = None  # ||delta||_1 in the merge dtype (deterministic methods, like mergekit)
+    seed: int = 0  # DARE/DELLA stream seed
+    shift: int = 0  # DARE/DELLA: fixed-point scale of the L1 sums
+    l1_fixed: int = 0  # DARE/DELLA: ||delta||_1 in fixed point
+    kept_l1: Optional[torch.Tensor] = None  # DARE: fixed-point L1 of the elements whose draw is < level, per level
+    draws: Optional[torch.Tensor] = None  # DARE: cached draws (float16 patterns); None: hashed in the kernel
 
     @property
     def nbytes(self) -> int:
         n = self.delta.numel() * self.delta.element_size()
-        for t in (self.draws, self.ranks):
+        for t in (self.rank_norm, self.draws, self.kept_l1):
             if t is not None:
                 n += t.numel() * t.element_size()
-        if self.order is not None:
-            n += self.order.nbytes
-        return n
+        return n + (self.order.nbytes if self.order is not None else 0)
 
     def to(self, device: torch.device | str, pin: bool = False) -> "ExpertTensor":
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             if t is None:
                 return None
             t = t.to(device)
             return t.pin_memory() if pin else t
 
-        self.delta, self.draws, self.ranks = move(self.delta), move(self.draws), move(self.ranks)
-        if self.order is not None:
-            self.order.to(device if not pin else "cpu")
-        return self
+        return ExpertTensor(move(self.delta), self.order, move(self.rank_norm),
+                            self.l1.to(device) if self.l1 is not None else None, self.seed, self.shift,
+                            self.l1_fixed, self.kept_l1, move(self.draws))
 
 
 def prepare_expert(delta: torch.Tensor, method: MethodSpec, *, seed: int, tensor_name: str,
-                   expert_index: int, table: bool) -> ExpertTensor:
-    """Compute what trimming needs, once. ``table`` selects the reusable magnitude table."""
-    state = ExpertTensor(delta=delta)
+                   expert_index: int, reuse: bool = False, cache_draws: bool = False) -> ExpertTensor:
+    """Compute what trimming needs. ``reuse``: the state serves many recipes, so DARE also gets
+    its L1-by-draw-level table (rescaling becomes a lookup). ``cache_draws`` keeps DARE's draws
+    (2 bytes per element) instead of hashing them per recipe: faster on CPUs without fast 64-bit
+    multiplication."""
+    state = ExpertTensor(delta=delta, seed=stream_seed(seed, tensor_name, expert_index))
     sp = method.sparsifier
     if sp in (MAGNITUDE, OUTLIERS):
-        mags = delta.abs()
-        if mags.device.type == "cpu" and mags.dtype in (torch.float16, torch.bfloat16):
-            mags = mags.float()  # CPU sort/select on half types is slow; the order is the same
-        state.order = MagnitudeOrder(mags, table=table)
+        state.order = MagnitudeOrder(delta.abs())
+        state.l1 = delta.abs().sum()
     if sp in (RANDOM, DELLA):
-        state.draws = uniform_draws(stream_seed(seed, tensor_name, expert_index), delta.shape).to(delta.device)
+        flat = delta.reshape(-1)
+        state.shift = fixed_shift(flat)
+        fixed = to_fixed(flat.abs(), 2.0 ** state.shift)
+        state.l1_fixed = int(fixed.sum())
+    if sp == RANDOM and reuse:
+        draws = draws15(torch.arange(flat.numel(), device=flat.device), torch.tensor(state.seed, device=flat.device))
+        kept = torch.zeros(_LEVELS, dtype=torch.int64, device=flat.device).scatter_add_(0, draws, fixed)
+        state.kept_l1 = torch.cumsum(kept, 0).cpu()
+        if cache_draws:
+            state.draws = draws_as_half(draws)
     if sp == DELLA:
-        state.ranks = row_ranks(delta)
-    if sp is not None:
-        state.l1 = l1_norm(delta, method.is_random)
+        state.rank_norm = row_rank_norm(delta)
     return state
 
 
 # ---------------------------------------------------------------------------------------------
-# Sparsifiers (per recipe)
+# Per-recipe trimming rules
 
 
-def _rescaled(state: ExpertTensor, masked: torch.Tensor, rescale: bool, device_exact: bool) -> torch.Tensor:
-    """Scale the kept values so that the tensor's L1 norm is unchanged."""
-    if not rescale:
-        return masked
-    before = state.l1 if state.l1 is not None else l1_norm(state.delta, device_exact)
-    after = l1_norm(masked, device_exact)
-    if before < 1e-7 or after < 1e-7:
-        return masked
-    if device_exact:
-        return masked * float(before / after)
-    return masked * (before / after)
+@dataclass
+class KeepRules:
+    """Per-expert parameters of the keep mask, stacked as tensors (inputs of the fused kernel)."""
+
+    v: Optional[torch.Tensor] = None  # magnitude thresholds
+    j: Optional[torch.Tensor] = None  # tie index bounds
+    v2: Optional[torch.Tensor] = None  # breadcrumbs: lower boundary
+    j2: Optional[torch.Tensor] = None
+    seed: Optional[torch.Tensor] = None  # DARE/DELLA stream seeds (int64 holding 32 bits)
+    lo: Optional[torch.Tensor] = None  # DARE: draw level; DELLA: keep probability at rank 0
+    span: Optional[torch.Tensor] = None  # DELLA: keep probability range across ranks
 
 
-def _magnitude(state: ExpertTensor, density: float, rescale: bool) -> torch.Tensor:
-    d = state.delta
-    if density >= 1:
-        return d
-    if density <= 0 or d.numel() == 0:
-        return torch.zeros_like(d)
-    k = max(1, int(density * d.numel()))
-    mask = rank_mask(_magnitudes(state), state.order, k, descending=True)
-    return _rescaled(state, d * mask, rescale, False)
-
-
-def _outliers(state: ExpertTensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
-    d = state.delta
-    if density >= 1:
-        return d
-    n = d.numel()
-    target = int(density * n)
-    n_top = int(gamma * n)
-    n_bot = max(0, n - target - n_top)
-    a = _magnitudes(state)
-    keep = rank_mask(a, state.order, n_bot + target, descending=False)
-    if n_bot > 0:
-        keep.logical_and_(rank_mask(a, state.order, n_bot, descending=False).logical_not_())
-    return _rescaled(state, d * keep, rescale, False)
-
-
-def _magnitudes(state: ExpertTensor) -> torch.Tensor:
-    a = state.delta.abs()
-    if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16):
-        a = a.float()
-    return a
-
-
-def _random(state: ExpertTensor, density: float, rescale: bool) -> torch.Tensor:
-    d = state.delta
-    if density >= 1:
-        return d
-    threshold = min(max(round(density * _Q_LEVELS), 0), _Q_LEVELS) - _Q_OFFSET
-    return _rescaled(state, d * (state.draws < threshold), rescale, True)
-
-
-def _della(state: ExpertTensor, density: float, epsilon: float, rescale: bool) -> torch.Tensor:
-    d = state.delta
-    if density >= 1:
-        return d
-    if density <= 0:
-        return torch.zeros_like(d)
-    ranks = state.ranks
-    cols = ranks.shape[1]
-    rank_norm = ranks.float() / (cols - 1) if cols > 1 else torch.zeros_like(ranks, dtype=torch.float32)
-    p = (density - epsilon) + rank_norm * (2 * epsilon)
-    keep = (state.draws.reshape(ranks.shape).float() + _Q_OFFSET) < p * _Q_LEVELS
-    return _rescaled(state, d * keep.reshape(d.shape), rescale, True)
-
-
-def sparsify(state: ExpertTensor, method: MethodSpec, params: dict, rescale: bool) -> torch.Tensor:
+def keep_rules(method: MethodSpec, experts: Sequence[ExpertTensor], params: Sequence[dict]) -> KeepRules:
     sp = method.sparsifier
-    density = params.get("density", 1.0)
-    if sp is None:
-        return state.delta
+    dev = experts[0].delta.device
+    dtype = experts[0].delta.dtype
     if sp == MAGNITUDE:
-        return _magnitude(state, density, rescale)
-    if sp == RANDOM:
-        return _random(state, density, rescale)
+        vs, js = [], []
+        for s, p in zip(experts, params):
+            d, n = p["density"], s.delta.numel()
+            k = n if d >= 1 else (0 if d <= 0 else max(1, int(d * n)))
+            v, j = first_k_rule(s.delta.abs(), s.order, k, descending=True)
+            vs.append(v)
+            js.append(j)
+        return KeepRules(v=torch.stack(vs).to(dtype), j=torch.tensor(js, device=dev))
     if sp == OUTLIERS:
-        return _outliers(state, density, params.get("gamma", 0.01), rescale)
+        v_hi, j_hi, v_lo, j_lo = [], [], [], []
+        for s, p in zip(experts, params):
+            d, n = p["density"], s.delta.numel()
+            if d >= 1:
+                bot, top = 0, n
+            else:
+                target = int(d * n)
+                bot = max(0, n - target - int(p["gamma"] * n))
+                top = bot + target
+            a = s.delta.abs()
+            v, j = first_k_rule(a, s.order, top, descending=False)
+            v_hi.append(v)
+            j_hi.append(j)
+            v, j = first_k_rule(a, s.order, bot, descending=False)
+            v_lo.append(v)
+            j_lo.append(j)
+        return KeepRules(v=torch.stack(v_hi).to(dtype), j=torch.tensor(j_hi, device=dev),
+                         v2=torch.stack(v_lo).to(dtype), j2=torch.tensor(j_lo, device=dev))
+    seeds = torch.tensor([s.seed for s in experts], dtype=torch.int64, device=dev)
+    if sp == RANDOM:
+        levels = dare_levels(params)
+        return KeepRules(seed=seeds, lo=torch.tensor(levels, dtype=torch.int64, device=dev),
+                         v=torch.stack([half_threshold(x, dev) for x in levels]))
     if sp == DELLA:
-        return _della(state, density, params.get("epsilon", 0.15), rescale)
-    raise AssertionError(sp)
+        lo, span = [], []
+        for p in params:
+            d, e = p["density"], p["epsilon"]
+            if d >= 1:
+                lo.append(2.0), span.append(0.0)  # every draw is below 2 * 31744
+            elif d <= 0:
+                lo.append(0.0), span.append(0.0)  # no draw is below 0
+            else:
+                lo.append(d - e), span.append(2 * e)
+        return KeepRules(seed=seeds, lo=torch.tensor(lo, dtype=torch.float32, device=dev),
+                         span=torch.tensor(span, dtype=torch.float32, device=dev))
+    return KeepRules()
+
+
+def dare_levels(params: Sequence[dict]) -> list[int]:
+    """DARE keeps an element when its draw is below round(density * 31744)."""
+    return [min(max(round(p["density"] * _LEVELS), 0), _LEVELS) for p in params]
+
+
+def _keep(sp: Optional[str], i: int, d: torch.Tensor, idx: torch.Tensor, r: KeepRules,
+          rank_norm: Optional[torch.Tensor], draws: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    if sp == MAGNITUDE:
+        a = d.abs()
+        return (a > r.v[i]) | ((a == r.v[i]) & (idx <= r.j[i]))
+    if sp == OUTLIERS:
+        a = d.abs()
+        below_hi = (a < r.v[i]) | ((a == r.v[i]) & (idx <= r.j[i]))
+        below_lo = (a < r.v2[i]) | ((a == r.v2[i]) & (idx <= r.j2[i]))
+        return below_hi & ~below_lo
+    if sp == RANDOM:
+        return draws < r.v[i] if draws is not None else draws15(idx, r.seed[i]) < r.lo[i]
+    if sp == DELLA:
+        return draws15(idx, r.seed[i]).float() < (r.lo[i] + rank_norm * r.span[i]) * _LEVELS
+    return None
+
+
+def _kept_l1(d: torch.Tensor, rank_norm: Optional[torch.Tensor], r: KeepRules, factor: torch.Tensor,
+             sp: str) -> torch.Tensor:
+    """Fixed-point L1 norm of one trimmed task vector (an exact integer sum, so any summation
+    order gives the same value). ``r`` holds this expert's rule only."""
+    idx = torch.arange(d.numel(), device=d.device)
+    keep = _keep(sp, 0, d, idx, r, rank_norm)
+    return torch.where(keep, to_fixed(d.abs(), factor), 0).sum()
+
+
+def _one(r: KeepRules, i: int) -> KeepRules:
+    return KeepRules(*(None if t is None else t[i:i + 1] for t in
+                       (r.v, r.j, r.v2, r.j2, r.seed, r.lo, r.span)))
+
+
+def _mix(base: torch.Tensor, deltas: list[torch.Tensor], rank_norms: list[Optional[torch.Tensor]],
+         draws: list[Optional[torch.Tensor]], w: torch.Tensor, scale: Optional[torch.Tensor], lam: torch.Tensor, r: KeepRules,
+         sp: Optional[str], consensus: bool, normalize: bool, use_lambda: bool) -> torch.Tensor:
+    """base + lambda * mix(trim(deltas) * w): every step rounded to the merge dtype where mergekit
+    materializes a tensor of that dtype."""
+    dt = base.dtype
+    acc_dt = torch.float64 if dt == torch.float64 else torch.float32
+    idx = torch.arange(base.numel(), device=base.device)
+    xs = []
+    for i, d in enumerate(deltas):
+        keep = _keep(sp, i, d, idx, r, rank_norms[i], draws[i])
+        t = d if scale is None else (d.to(acc_dt) * scale[i]).to(dt)
+        x = (t * w[i]).to(dt)
+        xs.append(x if keep is None else torch.where(keep, x, 0))
+    total = xs[0].to(acc_dt)
+    for x in xs[1:]:
+        total = total + x
+    if consensus:
+        positive = total >= 0
+        masks = [torch.where(positive, x > 0, x < 0) for x in xs]
+        mixed = torch.where(masks[0], xs[0], 0).to(acc_dt)
+        divisor = torch.where(masks[0], w[0], 0).to(acc_dt)
+        for i in range(1, len(xs)):
+            mixed = mixed + torch.where(masks[i], xs[i], 0)
+            divisor = divisor + torch.where(masks[i], w[i], 0)
+        mixed = mixed.to(dt)
+        divisor = divisor.to(dt)
+        divisor = torch.where(divisor == 0, 1, divisor).to(dt)
+    else:
+        mixed = total.to(dt)
+        divisor = w[0].to(acc_dt)
+        for i in range(1, len(xs)):
+            divisor = divisor + w[i]
+        divisor = divisor.to(dt)
+        divisor = torch.where(divisor.abs() < 1e-8, 1, divisor).to(dt)
+    if normalize:
+        mixed = (mixed / divisor).to(dt)
+    if use_lambda:  # in the accumulation dtype: eager PyTorch does not round the factor to dt
+        mixed = (mixed.to(acc_dt) * lam).to(dt)
+    return (base + mixed).to(dt)
 
 
 # ---------------------------------------------------------------------------------------------
 # Methods
-
-
-def _accumulate(parts: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """Sum in a fixed order with float32 (float64) accumulation, like torch's CPU sum over dim 0,
-    but identical on every device."""
-    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    acc = parts[0].to(acc_dtype, copy=True)
-    for p in parts[1:]:
-        acc.add_(p)
-    return acc.to(dtype)
 
 
 def merge_task_arithmetic(method: MethodSpec, base: torch.Tensor, experts: Sequence[ExpertTensor],
@@ -291,30 +456,44 @@ def merge_task_arithmetic(method: MethodSpec, base: torch.Tensor, experts: Seque
     """task_arithmetic, ties, dare_*, breadcrumbs*, della*: base + lambda * mix(trimmed deltas)."""
     if not experts:
         return base
-    dtype = base.dtype
-    rescale = bool(global_params.get("rescale", method.rescale))
+    dtype, shape, n = base.dtype, base.shape, base.numel()
+    sp = method.sparsifier
+    rescale = bool(global_params.get("rescale", method.rescale)) and sp is not None
     normalize = bool(global_params.get("normalize", method.normalize))
     lam = float(global_params.get("lambda", 1.0))
-    trimmed = [sparsify(s, method, p, rescale) for s, p in zip(experts, model_params)]
+    deltas = [s.delta.reshape(-1) for s in experts]
+    ranks = [s.rank_norm for s in experts]
+    rules = keep_rules(method, experts, model_params)
+    scale = None
+    if rescale:
+        if method.is_random:
+            ratios = []
+            for i, (s, p) in enumerate(zip(experts, model_params)):
+                if s.kept_l1 is not None:
+                    level = dare_levels([p])[0]
+                    after = int(s.kept_l1[level - 1]) if level > 0 else 0
+                else:
+                    factor = torch.tensor(2.0 ** s.shift, dtype=torch.float64, device=base.device)
+                    after = int(_run(_kept_l1, _compiled(_kept_l1), n, deltas[i], ranks[i], _one(rules, i),
+                                     factor, sp))
+                tiny = 1e-7 * 2.0 ** s.shift
+                ratios.append(1.0 if (s.l1_fixed < tiny or after < tiny) else s.l1_fixed / after)
+        else:  # mergekit's numerics: norms and their ratio in the merge dtype
+            idx = torch.arange(n, device=base.device)
+            ratios = []
+            for i, s in enumerate(experts):
+                masked = deltas[i] * _keep(sp, i, deltas[i], idx, rules, ranks[i])
+                before, after = s.l1, masked.abs().sum()
+                ratios.append(1.0 if (before < 1e-7 or after < 1e-7) else float(before / after))
+        scale = torch.tensor(ratios, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                             device=base.device)
     # weights round to the merge dtype, as in mergekit
     w = torch.tensor([float(p["weight"]) for p in model_params], dtype=dtype, device=base.device)
-    weighted = [t * w[i] for i, t in enumerate(trimmed)]
-    if method.consensus:
-        majority = _accumulate(weighted, dtype) >= 0
-        majority_sign = majority.to(dtype) * 2 - 1
-        masks = [torch.sign(t) == majority_sign for t in weighted]
-        mixed = _accumulate([t * m for t, m in zip(weighted, masks)], dtype)
-        divisor = _accumulate([m * w[i] for i, m in enumerate(masks)], dtype)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = _accumulate(weighted, dtype)
-        divisor = _accumulate([w[i:i + 1] for i in range(len(trimmed))], dtype)
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed /= divisor
-    if lam != 1:
-        mixed *= lam
-    return (base + mixed).to(dtype)
+    lam_t = torch.tensor(lam, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=base.device)
+    draws = [s.draws for s in experts]
+    out = _run(_mix, _compiled(_mix), n, base.reshape(-1), deltas, ranks, draws, w, scale, lam_t, rules,
+               sp, method.consensus, normalize, lam != 1)
+    return out.reshape(shape)
 
 
 def merge_linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:

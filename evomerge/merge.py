@@ -78,9 +78,9 @@ def gather_inputs(layout: Layout, ts: TensorSource, raw: Sequence[torch.Tensor],
 
 
 def expert_states(recipe: Recipe, layout: Layout, ts: TensorSource, tensors: list[torch.Tensor],
-                  table: bool) -> tuple[Optional[torch.Tensor], list[ExpertTensor]]:
+                  reuse: bool = False) -> tuple[Optional[torch.Tensor], list[ExpertTensor]]:
     """The base tensor and each expert's recipe-independent state (task vectors for the task
-    arithmetic family, the raw tensors for linear and slerp)."""
+    arithmetic family, the raw tensors for linear and slerp). ``reuse``: kept for many recipes."""
     method = recipe.method
     by_model = dict(zip(layout.models, tensors))
     base = by_model[layout.base] if layout.base else None
@@ -89,7 +89,8 @@ def expert_states(recipe: Recipe, layout: Layout, ts: TensorSource, tensors: lis
         if method.family == "task_arithmetic":
             delta = by_model[m] - base
             states.append(prepare_expert(delta, method, seed=recipe.random_seed, tensor_name=ts.name,
-                                         expert_index=i, table=table))
+                                         expert_index=i, reuse=reuse,
+                                         cache_draws=reuse and delta.device.type == "cpu"))
         else:
             states.append(ExpertTensor(delta=by_model[m]))
     return base, states
@@ -167,7 +168,7 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", a
                 dtype = work_dtype(recipe, [t.dtype for t in raw])
                 tensors = gather_inputs(layout, ts, raw, dtype, dev)
                 del raw
-                base, states = expert_states(recipe, layout, ts, tensors, table=False)
+                base, states = expert_states(recipe, layout, ts, tensors)
                 merged = merge_one(recipe, base, states, p)
                 del base, states, tensors
                 writer.write(ts.name, merged.to(spec.dtype))
@@ -191,5 +192,5 @@ def merged_tensors(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = 
         raw = [files[m].get(n) for m, n in zip(layout.models, ts.inputs)]
         dtype = work_dtype(recipe, [t.dtype for t in raw])
         tensors = gather_inputs(layout, ts, raw, dtype, torch.device(device))
-        base, states = expert_states(recipe, layout, ts, tensors, table=False)
+        base, states = expert_states(recipe, layout, ts, tensors)
         yield ts.name, merge_one(recipe, base, states, p).to(output_dtype(recipe, dtype))

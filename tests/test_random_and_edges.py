@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import load_dir, mergekit_merge
 
-from evomerge.kernel import ExpertTensor, merge_slerp, prepare_expert, sparsify
+from evomerge.kernel import merge_slerp, merge_task_arithmetic, prepare_expert
 from evomerge.merge import merge_to_disk, merged_tensors
 from evomerge.methods import METHODS
 from evomerge.recipe import Recipe
@@ -17,8 +17,12 @@ def recipe_for(method, fam, weights=(0.5, -0.3, 0.8), seed=0, **params):
             "models": [{"model": e, "parameters": {"weight": w, **params}} for e, w in zip(fam["experts"], weights)]}
 
 
-def state(method: str, delta: torch.Tensor, seed=0) -> ExpertTensor:
-    return prepare_expert(delta, METHODS[method], seed=seed, tensor_name="t", expert_index=0, table=True)
+def single_expert_delta(method: str, delta: torch.Tensor, seed=0, **params) -> torch.Tensor:
+    """What one expert's task vector becomes after trimming (weight 1, no consensus partner)."""
+    base = torch.zeros_like(delta)
+    st = prepare_expert(delta, METHODS[method], seed=seed, tensor_name="t", expert_index=0)
+    glob = {"normalize": False, "rescale": params.pop("rescale", False)}
+    return merge_task_arithmetic(METHODS[method], base, [st], [{"weight": 1.0, **params}], glob)
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della", "della_linear"])
@@ -36,22 +40,26 @@ def test_same_seed_bit_identical_other_seed_differs(method, families):
 def test_dare_kept_fraction_and_l1_rescale(density):
     g = torch.Generator().manual_seed(0)
     delta = torch.randn(400, 500, generator=g)
-    s = state("dare_ties", delta)
-    kept = sparsify(s, METHODS["dare_ties"], {"density": density}, rescale=False)
+    kept = single_expert_delta("dare_linear", delta, density=density)
     frac = (kept != 0).float().mean().item()
     n = delta.numel()
     assert abs(frac - density) < 4 * math.sqrt(density * (1 - density) / n)
-    rescaled = sparsify(s, METHODS["dare_ties"], {"density": density}, rescale=True)
+    assert torch.equal(kept[kept != 0], delta[kept != 0])
+    rescaled = single_expert_delta("dare_linear", delta, density=density, rescale=True)
     assert rescaled.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-5)
     # kept values are scaled, dropped ones are zero: the same mask
     assert torch.equal(rescaled != 0, kept != 0)
+    # draws of different experts and seeds are independent: overlap of two masks ~ density^2
+    other = single_expert_delta("dare_linear", delta, seed=1, density=density) != 0
+    both = ((kept != 0) & other).float().mean().item()
+    assert abs(both - density**2) < 4 * math.sqrt(density**2 * (1 - density**2) / n)
 
 
 def test_della_keep_probability_grows_with_magnitude_rank():
     g = torch.Generator().manual_seed(1)
     delta = torch.randn(200, 1000, generator=g)
     density, eps = 0.5, 0.2
-    kept = sparsify(state("della", delta), METHODS["della"], {"density": density, "epsilon": eps}, rescale=False) != 0
+    kept = single_expert_delta("della_linear", delta, density=density, epsilon=eps) != 0
     ranks = delta.abs().argsort(dim=1).argsort(dim=1).float() / 999
     n = delta.numel()
     assert abs(kept.float().mean().item() - density) < 4 * math.sqrt(0.25 / n)

@@ -92,7 +92,7 @@ def tie_positions(recipe: dict, fam: dict) -> dict[str, torch.Tensor]:
             layer = layer_index(name)
             p = r.model_params(e, name, 0.0 if layer is None else layer / 3)
             n = d.numel()
-            order = MagnitudeOrder(d, table=True)
+            order = MagnitudeOrder(d)
             if recipe["merge_method"] == "ties":
                 ks = [(max(1, int(p["density"] * n)), True)]
             else:
@@ -100,7 +100,7 @@ def tie_positions(recipe: dict, fam: dict) -> dict[str, torch.Tensor]:
                 bot = max(0, n - target - top)
                 ks = [(k, False) for k in (bot, bot + target) if 0 < k < n]
             for k, desc in ks:
-                v, _, _ = order.kth(k, desc)
+                v, _, _ = order.kth(d, k, desc)
                 ties |= d == v
         out[name] = ties
     return out

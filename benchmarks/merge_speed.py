@@ -1,0 +1,146 @@
+"""Merge speed: mergekit 0.1.5 vs evomerge, same recipes, same models, same machine, same run.
+
+Builds (once, cached) a bf16 Llama of ~230M parameters (hidden 1024, 12 layers, vocab 32000) and
+3 experts, then times for TIES and DARE-TIES:
+  - mergekit's merge to disk (mergekit-yaml, its CLI) and evomerge's (evomerge merge), each in its
+    own process, with the process's peak memory;
+  - evomerge's in-place apply of a new recipe into a live model, after the engine is built.
+Prints the ratios. With --device cuda it also reports the in-place apply's effective memory
+bandwidth against a device-to-device copy on the same GPU.
+
+    python benchmarks/merge_speed.py [--device cuda] [--skip-mergekit] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from evomerge.tiny import TinySpec, build_family  # noqa: E402
+
+SPEC = TinySpec(vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=16, num_key_value_heads=16, dtype=torch.bfloat16)
+
+
+def family(cache: Path) -> dict:
+    marker = cache / "family.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    t = time.perf_counter()
+    fam = build_family(cache, SPEC, n_experts=3, seed=0, scale=0.02)
+    print(f"built the model family in {time.perf_counter() - t:.0f} s ({cache})", flush=True)
+    return fam
+
+
+def recipe(method: str, fam: dict, density: float = 0.5, weights=(0.5, 0.3, 0.2), seed: int = 0) -> dict:
+    return {"merge_method": method, "base_model": fam["base"], "dtype": "bfloat16", "random_seed": seed,
+            "models": [{"model": e, "parameters": {"weight": w, "density": density}}
+                       for e, w in zip(fam["experts"], weights)]}
+
+
+def timed_process(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak resident memory (bytes) of a child process."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def params_of(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cache", default=str(ROOT / "runs" / "bench_models"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--methods", default="ties,dare_ties")
+    ap.add_argument("--repeats", type=int, default=5, help="in-place applies timed per method")
+    args = ap.parse_args()
+    cache = Path(args.cache)
+    fam = family(cache)
+    work = cache / "work"
+    work.mkdir(exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.engine import MergeEngine
+    from evomerge.recipe import Recipe
+
+    model = AutoModelForCausalLM.from_pretrained(fam["base"], dtype=torch.bfloat16).to(args.device)
+    print(f"model: {params_of(model) / 1e6:.0f}M parameters, bf16, 3 experts; device {args.device}; "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+    rows = []
+    for method in args.methods.split(","):
+        r = recipe(method, fam)
+        f = work / f"{method}.yaml"
+        f.write_text(yaml.safe_dump(r))
+        mk = None
+        if not args.skip_mergekit:
+            mk = timed_process([str(bin_dir / "mergekit-yaml"), str(f), str(work / f"mk_{method}"),
+                                *(["--cuda"] if args.device.startswith("cuda") else []), "--quiet"])
+            print(f"{method}: mergekit-yaml {mk[0]:.1f} s, peak RSS {mk[1] / 2**30:.2f} GiB", flush=True)
+        ev = timed_process([sys.executable, "-m", "evomerge.cli", "merge", str(f), str(work / f"ev_{method}"),
+                            "--overwrite", "--device", args.device])
+        print(f"{method}: evomerge merge {ev[0]:.1f} s, peak RSS {ev[1] / 2**30:.2f} GiB", flush=True)
+
+        t = time.perf_counter()
+        engine = MergeEngine(Recipe.from_dict(r), device=args.device)
+        build = time.perf_counter() - t
+        times = []
+        for i in range(args.repeats):
+            ri = Recipe.from_dict(recipe(method, fam, density=0.3 + 0.1 * i, weights=(0.4 + 0.05 * i, 0.3, 0.2)))
+            times.append(engine.apply(ri, model))
+        apply_s = statistics.median(times)
+        print(f"{method}: engine built in {build:.1f} s ({engine.placement}, {engine.cache_bytes / 2**30:.2f} GiB); "
+              f"in-place apply median {apply_s:.3f} s over {args.repeats} recipes", flush=True)
+        rows.append((method, mk, ev, apply_s, engine))
+        del engine
+
+    print("\nresults (ratios: mergekit time / evomerge time; memory: evomerge peak / mergekit peak)")
+    for method, mk, ev, apply_s, _ in rows:
+        if mk:
+            print(f"  {method:10s} merge to disk: {mk[0] / ev[0]:5.1f}x faster (goal >= 10x), "
+                  f"peak memory {ev[1] / mk[1]:.2f}x mergekit's (goal <= 1)")
+            print(f"  {method:10s} in-place apply: {mk[0] / apply_s:5.1f}x faster than mergekit's merge to disk "
+                  f"(goal >= 50x)")
+        else:
+            print(f"  {method:10s} merge to disk {ev[0]:.1f} s; in-place apply {apply_s:.3f} s")
+    if args.device.startswith("cuda"):
+        x = torch.empty(512 * 2**20, dtype=torch.uint8, device=args.device)
+        y = torch.empty_like(x)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(20):
+            y.copy_(x)
+        torch.cuda.synchronize()
+        copy_bw = 2 * x.numel() * 20 / (time.perf_counter() - t)
+        name = torch.cuda.get_device_name()
+        print(f"\nGPU {name}: device-to-device copy {copy_bw / 1e12:.2f} TB/s (read + write)")
+        for method, _, _, apply_s, _ in rows:
+            n = params_of(model)
+            # minimum traffic of one apply: base + 3 task vectors read, the result written (bf16),
+            # plus the int16 draws of DARE
+            moved = n * 2 * (1 + 3 + 1) + (n * 2 * 3 if method.startswith("dare") else 0)
+            print(f"  {method}: in-place apply moves >= {moved / 2**30:.2f} GiB in {apply_s * 1e3:.1f} ms: "
+                  f"{moved / apply_s / 1e12:.2f} TB/s effective, {moved / apply_s / copy_bw:.0%} of copy bandwidth")
+
+
+if __name__ == "__main__":
+    main()
