@@ -28,8 +28,8 @@ import torch
 
 from .errors import ModelError, RecipeError
 from .kernel import ExpertTensor, prepare_expert, stream_seed
-from .merge import (TensorParams, expert_states, gather_inputs, merge_one, open_models, output_dtype,
-                    resolve_params, work_dtype)
+from .merge import (expert_states, gather_inputs, merge_one, open_models, output_dtype, resolve_params,
+                    tensor_meta, work_dtype)
 from .methods import DELLA, MAGNITUDE, OUTLIERS, RANDOM
 from .plan import build_layout
 from .recipe import Recipe
@@ -76,6 +76,7 @@ class MergeEngine:
         t0 = time.perf_counter()
         self.files = open_models(template, allow_pickle)
         self.layout = build_layout(template, self.files, trust_remote_code)
+        self.shapes = {ts.name: tensor_meta(self.layout, self.files, ts) for ts in self.layout.tensors}
         self._seed: Optional[int] = None
         self.placement = self._choose_placement(cache, memory_fraction)
         self._entries: list[_Entry] = []
@@ -96,14 +97,11 @@ class MergeEngine:
         per_elem_extra = 4 if sp == DELLA else (2 if sp == RANDOM and not cuda else 0)
         total = 0
         for ts in self.layout.tensors:
-            metas = [self.files[m].meta(n) for m, n in zip(self.layout.models, ts.inputs)]
-            shape, _ = metas[0]
+            shape, dtypes = self.shapes[ts.name]
             numel = 1
             for s in shape:
                 numel *= s
-            if ts.vocab:
-                numel = numel // shape[0] * int(self.layout.vocab_perms.shape[1])
-            dt = work_dtype(self.template, [d for _, d in metas])
+            dt = work_dtype(self.template, dtypes)
             esize = torch.empty((), dtype=dt).element_size()
             total += numel * esize * (1 + len(self.layout.experts))
             total += numel * per_elem_extra * len(self.layout.experts)
@@ -188,29 +186,30 @@ class MergeEngine:
             raise RecipeError("recipe does not match the engine: method, models, base, slices, dtypes and "
                               "tokenizer_source must be those the engine was built for")
 
-    def merged(self, recipe: Recipe) -> Iterator[tuple[str, torch.Tensor]]:
-        """Each merged tensor (on the merge device, in the output dtype), one at a time."""
+    def merged(self, recipe: Recipe, into: Optional[dict[str, torch.Tensor]] = None
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each merged tensor, one at a time: written into ``into[name]`` when given (in place),
+        else into a new tensor on the merge device in the output dtype."""
         self._check(recipe)
         params = resolve_params(recipe, self.layout)
-        if self.placement == "disk":
-            yield from self._merged_from_disk(recipe, params)
-            return
-        if self.method.is_random and recipe.random_seed != self._seed:
+        if self.method.is_random and recipe.random_seed != self._seed and self.placement != "disk":
             self._reseed(recipe.random_seed)
-        for ts, entry, p in zip(self.layout.tensors, self._entries, params):
-            base, states = entry.base, entry.experts
-            if self.placement == "pinned":
-                base = base.to(self.device, non_blocking=True) if base is not None else None
-                states = [s.to(self.device) for s in states]
-            yield ts.name, merge_one(recipe, base, states, p).to(output_dtype(recipe, entry.dtype))
-
-    def _merged_from_disk(self, recipe: Recipe, params: list[TensorParams]) -> Iterator[tuple[str, torch.Tensor]]:
-        for ts, p in zip(self.layout.tensors, params):
-            raw = [self.files[m].get(n) for m, n in zip(self.layout.models, ts.inputs)]
-            dtype = work_dtype(recipe, [t.dtype for t in raw])
-            tensors = gather_inputs(self.layout, ts, raw, dtype, self.device)
-            base, states = expert_states(recipe, self.layout, ts, tensors)
-            yield ts.name, merge_one(recipe, base, states, p).to(output_dtype(recipe, dtype))
+        for i, (ts, p) in enumerate(zip(self.layout.tensors, params)):
+            if self.placement == "disk":
+                raw = [self.files[m].get(n) for m, n in zip(self.layout.models, ts.inputs)]
+                dtype = work_dtype(recipe, [t.dtype for t in raw])
+                tensors = gather_inputs(self.layout, ts, raw, dtype, self.device)
+                base, states = expert_states(recipe, self.layout, ts, tensors)
+            else:
+                entry = self._entries[i]
+                base, states, dtype = entry.base, entry.experts, entry.dtype
+                if self.placement == "pinned":
+                    base = base.to(self.device, non_blocking=True) if base is not None else None
+                    states = [s.to(self.device) for s in states]
+            ref = base if base is not None else states[0].delta
+            out = into[ts.name] if into is not None else torch.empty(
+                ref.shape, dtype=output_dtype(recipe, dtype), device=self.device)
+            yield ts.name, merge_one(recipe, base, states, p, out)
 
     @torch.no_grad()
     def apply(self, recipe: Recipe, module: torch.nn.Module) -> float:
@@ -227,12 +226,16 @@ class MergeEngine:
             if any(targets[ts.name].data_ptr() == head for ts in self.layout.tensors if ts.name != "lm_head.weight"):
                 raise ModelError("the merge has its own lm_head but the live model ties it to the embeddings; "
                                  "load the model with tie_word_embeddings=False")
-        for name, tensor in self.merged(recipe):
-            target = targets[name]
-            if target.shape != tensor.shape:
-                raise ModelError(f"tensor {name}: merged shape {list(tensor.shape)} but the live model's is "
+        for ts in self.layout.tensors:
+            target, shape = targets[ts.name], self.shapes[ts.name][0]
+            if tuple(target.shape) != shape:
+                raise ModelError(f"tensor {ts.name}: merged shape {list(shape)} but the live model's is "
                                  f"{list(target.shape)}")
-            target.copy_(tensor)
+            if target.device != self.device:
+                raise ModelError(f"tensor {ts.name}: the live model is on {target.device}, the engine on {self.device}")
+        into = {ts.name: targets[ts.name].data for ts in self.layout.tensors}
+        for _ in self.merged(recipe, into=into):
+            pass
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0

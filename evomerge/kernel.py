@@ -374,29 +374,34 @@ def dare_levels(params: Sequence[dict]) -> list[int]:
     return [min(max(round(p["density"] * _LEVELS), 0), _LEVELS) for p in params]
 
 
-def _keep(sp: Optional[str], i: int, d: torch.Tensor, idx: torch.Tensor, r: KeepRules,
-          rank_norm: Optional[torch.Tensor], draws: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+def _keep(sp: Optional[str], i: int, d: torch.Tensor, r: KeepRules, offset: torch.Tensor,
+          rank_norm: Optional[torch.Tensor], draws: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Expert i's keep mask on a segment starting at flat index ``offset``. For TIES and
+    breadcrumbs, ``r.j``/``r.j2`` say whether elements equal to the threshold are kept in this
+    segment (segments are cut at the tie indices, so no per-element index test is needed)."""
     if sp == MAGNITUDE:
         a = d.abs()
-        return (a > r.v[i]) | ((a == r.v[i]) & (idx <= r.j[i]))
+        return (a > r.v[i]) | ((a == r.v[i]) & r.j[i])
     if sp == OUTLIERS:
         a = d.abs()
-        below_hi = (a < r.v[i]) | ((a == r.v[i]) & (idx <= r.j[i]))
-        below_lo = (a < r.v2[i]) | ((a == r.v2[i]) & (idx <= r.j2[i]))
+        below_hi = (a < r.v[i]) | ((a == r.v[i]) & r.j[i])
+        below_lo = (a < r.v2[i]) | ((a == r.v2[i]) & r.j2[i])
         return below_hi & ~below_lo
-    if sp == RANDOM:
-        return draws < r.v[i] if draws is not None else draws15(idx, r.seed[i]) < r.lo[i]
-    if sp == DELLA:
-        return draws15(idx, r.seed[i]).float() < (r.lo[i] + rank_norm * r.span[i]) * _LEVELS
+    if sp == RANDOM and draws is not None:
+        return draws < r.v[i]
+    if sp in (RANDOM, DELLA):
+        u = draws15(torch.arange(d.numel(), device=d.device) + offset, r.seed[i])
+        if sp == RANDOM:
+            return u < r.lo[i]
+        return u.float() < (r.lo[i] + rank_norm * r.span[i]) * _LEVELS
     return None
 
 
 def _kept_l1(d: torch.Tensor, rank_norm: Optional[torch.Tensor], r: KeepRules, factor: torch.Tensor,
-             sp: str) -> torch.Tensor:
+             offset: torch.Tensor, sp: str) -> torch.Tensor:
     """Fixed-point L1 norm of one trimmed task vector (an exact integer sum, so any summation
     order gives the same value). ``r`` holds this expert's rule only."""
-    idx = torch.arange(d.numel(), device=d.device)
-    keep = _keep(sp, 0, d, idx, r, rank_norm)
+    keep = _keep(sp, 0, d, r, offset, rank_norm, None)
     return torch.where(keep, to_fixed(d.abs(), factor), 0).sum()
 
 
@@ -405,19 +410,23 @@ def _one(r: KeepRules, i: int) -> KeepRules:
                        (r.v, r.j, r.v2, r.j2, r.seed, r.lo, r.span)))
 
 
-def _mix(base: torch.Tensor, deltas: list[torch.Tensor], rank_norms: list[Optional[torch.Tensor]],
-         draws: list[Optional[torch.Tensor]], w: torch.Tensor, scale: Optional[torch.Tensor], lam: torch.Tensor, r: KeepRules,
-         sp: Optional[str], consensus: bool, normalize: bool, use_lambda: bool) -> torch.Tensor:
-    """base + lambda * mix(trim(deltas) * w): every step rounded to the merge dtype where mergekit
-    materializes a tensor of that dtype."""
+def _mix(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor],
+         rank_norms: list[Optional[torch.Tensor]], draws: list[Optional[torch.Tensor]], w: torch.Tensor,
+         scale: Optional[torch.Tensor], lam: torch.Tensor, r: KeepRules, offset: torch.Tensor,
+         sp: Optional[str], fused_scale: bool, consensus: bool, normalize: bool, use_lambda: bool) -> None:
+    """out = base + lambda * mix(trim(deltas) * w), every step rounded to the merge dtype where
+    mergekit materializes a tensor of that dtype. ``fused_scale`` (DARE, DELLA): ``scale`` already
+    includes the weight and is applied with one rounding."""
     dt = base.dtype
     acc_dt = torch.float64 if dt == torch.float64 else torch.float32
-    idx = torch.arange(base.numel(), device=base.device)
     xs = []
     for i, d in enumerate(deltas):
-        keep = _keep(sp, i, d, idx, r, rank_norms[i], draws[i])
-        t = d if scale is None else (d.to(acc_dt) * scale[i]).to(dt)
-        x = (t * w[i]).to(dt)
+        keep = _keep(sp, i, d, r, offset, rank_norms[i], draws[i])
+        if fused_scale:
+            x = (d.to(acc_dt) * scale[i]).to(dt)
+        else:
+            t = d if scale is None else (d.to(acc_dt) * scale[i]).to(dt)
+            x = (t * w[i]).to(dt)
         xs.append(x if keep is None else torch.where(keep, x, 0))
     total = xs[0].to(acc_dt)
     for x in xs[1:]:
@@ -444,56 +453,86 @@ def _mix(base: torch.Tensor, deltas: list[torch.Tensor], rank_norms: list[Option
         mixed = (mixed / divisor).to(dt)
     if use_lambda:  # in the accumulation dtype: eager PyTorch does not round the factor to dt
         mixed = (mixed.to(acc_dt) * lam).to(dt)
-    return (base + mixed).to(dt)
+    out.copy_((base + mixed).to(dt))
 
 
 # ---------------------------------------------------------------------------------------------
 # Methods
 
 
+def _tie_segments(n: int, rules: KeepRules) -> list[tuple[int, int, KeepRules]]:
+    """Cut [0, n) at every tie index so that within a segment each expert either keeps or drops
+    all elements equal to its threshold; the rules' ``j``/``j2`` become those per-segment flags."""
+    cuts = {0, n}
+    lists = [rules.j.tolist()] + ([rules.j2.tolist()] if rules.j2 is not None else [])
+    for js in lists:
+        cuts.update(j + 1 for j in js if 0 < j + 1 < n)
+    bounds = sorted(cuts)
+    out = []
+    for s, e in zip(bounds, bounds[1:]):
+        flags = [torch.tensor([s <= j for j in js], device=rules.v.device) for js in lists]
+        out.append((s, e, KeepRules(v=rules.v, j=flags[0], v2=rules.v2, j2=flags[1] if len(flags) > 1 else None)))
+    return out
+
+
 def merge_task_arithmetic(method: MethodSpec, base: torch.Tensor, experts: Sequence[ExpertTensor],
-                          model_params: Sequence[dict], global_params: dict) -> torch.Tensor:
-    """task_arithmetic, ties, dare_*, breadcrumbs*, della*: base + lambda * mix(trimmed deltas)."""
+                          model_params: Sequence[dict], global_params: dict,
+                          out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """task_arithmetic, ties, dare_*, breadcrumbs*, della*: base + lambda * mix(trimmed deltas).
+    Written into ``out`` (any dtype, e.g. a live parameter) when given."""
+    if out is None:
+        out = torch.empty_like(base)
     if not experts:
-        return base
-    dtype, shape, n = base.dtype, base.shape, base.numel()
+        out.copy_(base)
+        return out
+    dtype, n, dev = base.dtype, base.numel(), base.device
+    acc_dt = torch.float64 if dtype == torch.float64 else torch.float32
     sp = method.sparsifier
     rescale = bool(global_params.get("rescale", method.rescale)) and sp is not None
     normalize = bool(global_params.get("normalize", method.normalize))
     lam = float(global_params.get("lambda", 1.0))
     deltas = [s.delta.reshape(-1) for s in experts]
     ranks = [s.rank_norm for s in experts]
+    draws = [s.draws for s in experts]
     rules = keep_rules(method, experts, model_params)
+    zero = torch.zeros((), dtype=torch.int64, device=dev)
+    # weights round to the merge dtype, as in mergekit
+    w = torch.tensor([float(p["weight"]) for p in model_params], dtype=dtype, device=dev)
     scale = None
+    fused = False
     if rescale:
-        if method.is_random:
-            ratios = []
-            for i, (s, p) in enumerate(zip(experts, model_params)):
+        ratios = []
+        for i, (s, p) in enumerate(zip(experts, model_params)):
+            if method.is_random:
                 if s.kept_l1 is not None:
                     level = dare_levels([p])[0]
                     after = int(s.kept_l1[level - 1]) if level > 0 else 0
                 else:
-                    factor = torch.tensor(2.0 ** s.shift, dtype=torch.float64, device=base.device)
+                    factor = torch.tensor(2.0 ** s.shift, dtype=torch.float64, device=dev)
                     after = int(_run(_kept_l1, _compiled(_kept_l1), n, deltas[i], ranks[i], _one(rules, i),
-                                     factor, sp))
+                                     factor, zero, sp))
                 tiny = 1e-7 * 2.0 ** s.shift
                 ratios.append(1.0 if (s.l1_fixed < tiny or after < tiny) else s.l1_fixed / after)
-        else:  # mergekit's numerics: norms and their ratio in the merge dtype
-            idx = torch.arange(n, device=base.device)
-            ratios = []
-            for i, s in enumerate(experts):
-                masked = deltas[i] * _keep(sp, i, deltas[i], idx, rules, ranks[i])
-                before, after = s.l1, masked.abs().sum()
-                ratios.append(1.0 if (before < 1e-7 or after < 1e-7) else float(before / after))
-        scale = torch.tensor(ratios, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-                             device=base.device)
-    # weights round to the merge dtype, as in mergekit
-    w = torch.tensor([float(p["weight"]) for p in model_params], dtype=dtype, device=base.device)
-    lam_t = torch.tensor(lam, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=base.device)
-    draws = [s.draws for s in experts]
-    out = _run(_mix, _compiled(_mix), n, base.reshape(-1), deltas, ranks, draws, w, scale, lam_t, rules,
-               sp, method.consensus, normalize, lam != 1)
-    return out.reshape(shape)
+            else:  # mergekit's numerics: norms and their ratio in the merge dtype
+                mask = torch.cat([_keep(sp, i, deltas[i][a:b], r, zero, None, None)
+                                  for a, b, r in _tie_segments(n, rules)])
+                after = (deltas[i] * mask).abs().sum()
+                ratios.append(1.0 if (s.l1 < 1e-7 or after < 1e-7) else float(s.l1 / after))
+        if method.is_random:  # one factor, one rounding
+            ratios = [r * float(wi) for r, wi in zip(ratios, w.tolist())]
+            fused = True
+        scale = torch.tensor(ratios, dtype=acc_dt, device=dev)
+    lam_t = torch.tensor(lam, dtype=acc_dt, device=dev)
+    flat_out, flat_base = out.reshape(-1), base.reshape(-1)
+    statics = (sp, fused, method.consensus, normalize, lam != 1)
+    if sp in (MAGNITUDE, OUTLIERS):
+        for a, b, r in _tie_segments(n, rules):
+            _run(_mix, _compiled(_mix), b - a, flat_out[a:b], flat_base[a:b], [d[a:b] for d in deltas],
+                 ranks, draws, w, scale, lam_t, r, zero, *statics)
+    else:
+        _run(_mix, _compiled(_mix), n, flat_out, flat_base, deltas, ranks, draws, w, scale, lam_t, rules,
+             zero, *statics)
+    return out
 
 
 def merge_linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:

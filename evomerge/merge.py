@@ -97,14 +97,17 @@ def expert_states(recipe: Recipe, layout: Layout, ts: TensorSource, tensors: lis
 
 
 def merge_one(recipe: Recipe, base: Optional[torch.Tensor], states: Sequence[ExpertTensor],
-              params: TensorParams) -> torch.Tensor:
+              params: TensorParams, out: torch.Tensor) -> torch.Tensor:
+    """Merge one tensor into ``out`` (its dtype is the output dtype)."""
     method = recipe.method
     if method.family == "task_arithmetic":
-        return merge_task_arithmetic(method, base, states, params.model_params, params.global_params)
+        return merge_task_arithmetic(method, base, states, params.model_params, params.global_params, out=out)
     if method.family == "linear":
-        return merge_linear([s.delta for s in states], [p["weight"] for p in params.model_params],
-                            bool(params.global_params.get("normalize", method.normalize)))
-    return merge_slerp(base, states[0].delta, float(params.global_params["t"]))
+        merged = merge_linear([s.delta for s in states], [p["weight"] for p in params.model_params],
+                              bool(params.global_params.get("normalize", method.normalize)))
+    else:
+        merged = merge_slerp(base, states[0].delta, float(params.global_params["t"]))
+    return out.copy_(merged)
 
 
 def output_config(recipe: Recipe, layout: Layout, files: dict[str, ModelFiles], out_dtype: torch.dtype) -> dict:
@@ -119,6 +122,17 @@ def output_config(recipe: Recipe, layout: Layout, files: dict[str, ModelFiles], 
     if layout.lm_head_added:
         config["tie_word_embeddings"] = False
     return config
+
+
+def tensor_meta(layout: Layout, files: dict[str, ModelFiles], ts: TensorSource
+                ) -> tuple[tuple[int, ...], list[torch.dtype]]:
+    """An output tensor's shape and its inputs' dtypes, without reading data."""
+    metas = [files[m].meta(n) for m, n in zip(layout.models, ts.inputs)]
+    ref = layout.models.index(layout.base) if layout.base else 0
+    shape = metas[ref][0]
+    if ts.vocab:
+        shape = (int(layout.vocab_perms.shape[1]), *shape[1:])
+    return shape, [d for _, d in metas]
 
 
 def open_models(recipe: Recipe, allow_pickle: bool = False) -> dict[str, ModelFiles]:
@@ -137,17 +151,9 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", a
     layout = build_layout(recipe, files, trust_remote_code)
     params = resolve_params(recipe, layout)
 
-    def meta(ts: TensorSource) -> tuple[tuple[int, ...], list[torch.dtype]]:
-        metas = [files[m].meta(n) for m, n in zip(layout.models, ts.inputs)]
-        ref = layout.models.index(layout.base) if layout.base else 0
-        shape = metas[ref][0]
-        if ts.vocab:
-            shape = (int(layout.vocab_perms.shape[1]), *shape[1:])
-        return shape, [d for _, d in metas]
-
     specs = []
     for ts in layout.tensors:
-        shape, dtypes = meta(ts)
+        shape, dtypes = tensor_meta(layout, files, ts)
         specs.append(TensorSpec(ts.name, shape, output_dtype(recipe, work_dtype(recipe, dtypes))))
     tok_src = layout.base or layout.models[0]
     if recipe.tokenizer_source and recipe.tokenizer_source != "base":
@@ -169,9 +175,10 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", a
                 tensors = gather_inputs(layout, ts, raw, dtype, dev)
                 del raw
                 base, states = expert_states(recipe, layout, ts, tensors)
-                merged = merge_one(recipe, base, states, p)
+                merged = merge_one(recipe, base, states, p,
+                                   torch.empty(spec.shape, dtype=spec.dtype, device=dev))
                 del base, states, tensors
-                writer.write(ts.name, merged.to(spec.dtype))
+                writer.write(ts.name, merged)
             writer.finish()
         finally:
             writer.close()
@@ -193,4 +200,5 @@ def merged_tensors(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = 
         dtype = work_dtype(recipe, [t.dtype for t in raw])
         tensors = gather_inputs(layout, ts, raw, dtype, torch.device(device))
         base, states = expert_states(recipe, layout, ts, tensors)
-        yield ts.name, merge_one(recipe, base, states, p).to(output_dtype(recipe, dtype))
+        out = torch.empty(tensors[0].shape, dtype=output_dtype(recipe, dtype), device=device)
+        yield ts.name, merge_one(recipe, base, states, p, out)
