@@ -17,8 +17,8 @@ deliberate differences, all documented in the README:
 - DARE and DELLA draw from a seeded counter-based hash of the element index (mergekit uses the
   global RNG), with a resolution of 1/31744, so the same seed gives the same tensors on every run
   and device;
-- for DARE and DELLA, L1 norms for rescaling are accumulated in 64-bit fixed point (exact and
-  independent of summation order).
+- for DARE and DELLA, L1 norms for rescaling are sums of fixed-point integers held exactly in
+  float64 (independent of summation order).
 """
 
 from __future__ import annotations
@@ -111,20 +111,19 @@ class MagnitudeOrder:
     def nbytes(self) -> int:
         return self._cum.numel() * 8
 
-    def kth(self, a: torch.Tensor, k: int, descending: bool) -> tuple[torch.Tensor, int, int]:
-        """(v, n_before, n_at) for 1 <= k <= numel: the k-th value of ``a`` (its magnitudes) in
-        the given order, how many elements come strictly before it in that order, and how many
-        equal it."""
+    def kth(self, d: torch.Tensor, k: int, descending: bool) -> tuple[torch.Tensor, int, int]:
+        """(v, n_before, n_at) for 1 <= k <= numel: the k-th magnitude of ``d`` in the given
+        order, how many elements come strictly before it in that order, and how many equal it."""
         n = self.numel
         pos = n - k + 1 if descending else k  # ascending position, 1-based
         cum = self._cum
         j = int(torch.searchsorted(cum, torch.tensor([pos])).item())
         n_lt = int(cum[j - 1]) if j > 0 else 0
         if self._shift == 0:
-            v = torch.tensor(j, dtype=torch.int16).view(self.dtype).to(a.device)
+            v = torch.tensor(j, dtype=torch.int16).view(self.dtype).to(d.device)
             n_at = int(cum[j]) - n_lt
         else:
-            flat = a.reshape(-1)
+            flat = d.reshape(-1).abs()
             keys, _ = _sort_keys(flat)
             bucket = torch.sort(flat[keys == j]).values
             v = bucket[pos - n_lt - 1]
@@ -134,13 +133,13 @@ class MagnitudeOrder:
         return v, n_before, n_at
 
 
-def _block_ties(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return (a == v).sum(1, dtype=torch.int64)
+def _block_ties(d: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (d.abs() == v).sum(1, dtype=torch.int64)
 
 
-def nth_equal_index(a: torch.Tensor, v: torch.Tensor, nth: int) -> int:
-    """Flat index of the ``nth`` (1-based) element of ``a`` equal to ``v``."""
-    flat = a.reshape(-1)
+def nth_equal_index(d: torch.Tensor, v: torch.Tensor, nth: int) -> int:
+    """Flat index of the ``nth`` (1-based) element of ``d`` whose magnitude equals ``v``."""
+    flat = d.reshape(-1)
     m = flat.numel() // _BLOCK
     base = 0
     if m:
@@ -149,23 +148,23 @@ def nth_equal_index(a: torch.Tensor, v: torch.Tensor, nth: int) -> int:
         b = int(torch.searchsorted(cum, torch.tensor([nth])).item())
         if b < m:
             before = int(cum[b - 1]) if b > 0 else 0
-            hits = torch.nonzero(flat[b * _BLOCK:(b + 1) * _BLOCK] == v).reshape(-1)
+            hits = torch.nonzero(flat[b * _BLOCK:(b + 1) * _BLOCK].abs() == v).reshape(-1)
             return b * _BLOCK + int(hits[nth - before - 1])
         base, nth = m * _BLOCK, nth - int(cum[-1])
-    hits = torch.nonzero(flat[base:] == v).reshape(-1)
+    hits = torch.nonzero(flat[base:].abs() == v).reshape(-1)
     return base + int(hits[nth - 1])
 
 
-def first_k_rule(a: torch.Tensor, order: MagnitudeOrder, k: int, descending: bool) -> tuple[torch.Tensor, int]:
-    """(v, J) such that the first k elements in the order (ties broken by lowest index) are those
-    strictly beyond v plus those equal to v with index <= J."""
+def first_k_rule(d: torch.Tensor, order: MagnitudeOrder, k: int, descending: bool) -> tuple[torch.Tensor, int]:
+    """(v, J) such that the first k elements of ``d`` by magnitude in the order (ties broken by
+    lowest index) are those strictly beyond v plus those equal to v with index <= J."""
     if k <= 0:  # nothing: no element is beyond +inf, none equals it at index <= -1
-        return torch.tensor(float("inf") if descending else -1.0, dtype=a.dtype, device=a.device), -1
-    if k >= a.numel():  # everything: every magnitude is beyond -1 (descending) / below +inf
-        return torch.tensor(-1.0 if descending else float("inf"), dtype=a.dtype, device=a.device), -1
-    v, n_before, n_at = order.kth(a, k, descending)
+        return torch.tensor(float("inf") if descending else -1.0, dtype=d.dtype, device=d.device), -1
+    if k >= d.numel():  # everything: every magnitude is beyond -1 (descending) / below +inf
+        return torch.tensor(-1.0 if descending else float("inf"), dtype=d.dtype, device=d.device), -1
+    v, n_before, n_at = order.kth(d, k, descending)
     need = k - n_before
-    return v, (a.numel() if need >= n_at else nth_equal_index(a, v, need))
+    return v, (d.numel() if need >= n_at else nth_equal_index(d, v, need))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,16 +210,21 @@ def half_threshold(level: int, device: torch.device) -> torch.Tensor:
 
 
 def fixed_shift(delta: torch.Tensor) -> int:
-    """Binary scale of the 64-bit fixed-point L1 sums: the whole tensor's sum stays below 2**62."""
-    top = float(delta.abs().max()) if delta.numel() else 0.0
+    """Binary scale of the fixed-point L1 sums: every partial sum is an integer below 2**53, so
+    float64 holds it exactly and any summation order gives the same value."""
+    top = float(torch.linalg.vector_norm(delta, ord=float("inf"))) if delta.numel() else 0.0
     if top == 0.0 or not math.isfinite(top):
         return 0
-    return 62 - max(1, delta.numel().bit_length()) - math.frexp(top)[1]
+    return 52 - max(1, delta.numel().bit_length()) - math.frexp(top)[1]
 
 
 def to_fixed(magnitudes: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
-    """Magnitudes in fixed point (``factor`` = 2**shift, so the scaling itself is exact)."""
-    return torch.round(magnitudes.to(torch.float64) * factor).to(torch.int64)
+    """Magnitudes as integer-valued float64 (``factor`` = 2**shift, so the scaling is exact)."""
+    return torch.round(magnitudes.to(torch.float64) * factor)
+
+
+def _fixed_and_draws(d: torch.Tensor, factor: torch.Tensor, seed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return to_fixed(d.abs(), factor), draws15(torch.arange(d.numel(), device=d.device), seed)
 
 
 def row_rank_norm(delta: torch.Tensor) -> torch.Tensor:
@@ -249,7 +253,7 @@ class ExpertTensor:
     l1: Optional[torch.Tensor] = None  # ||delta||_1 in the merge dtype (deterministic methods, like mergekit)
     seed: int = 0  # DARE/DELLA stream seed
     shift: int = 0  # DARE/DELLA: fixed-point scale of the L1 sums
-    l1_fixed: int = 0  # DARE/DELLA: ||delta||_1 in fixed point
+    l1_fixed: float = 0.0  # DARE/DELLA: ||delta||_1 in fixed point (an integer)
     kept_l1: Optional[torch.Tensor] = None  # DARE: fixed-point L1 of the elements whose draw is < level, per level
     draws: Optional[torch.Tensor] = None  # DARE: cached draws (float16 patterns); None: hashed in the kernel
 
@@ -287,14 +291,16 @@ def prepare_expert(delta: torch.Tensor, method: MethodSpec, *, seed: int, tensor
     if sp in (RANDOM, DELLA):
         flat = delta.reshape(-1)
         state.shift = fixed_shift(flat)
-        fixed = to_fixed(flat.abs(), 2.0 ** state.shift)
-        state.l1_fixed = int(fixed.sum())
-    if sp == RANDOM and reuse:
-        draws = draws15(torch.arange(flat.numel(), device=flat.device), torch.tensor(state.seed, device=flat.device))
-        kept = torch.zeros(_LEVELS, dtype=torch.int64, device=flat.device).scatter_add_(0, draws, fixed)
-        state.kept_l1 = torch.cumsum(kept, 0).cpu()
-        if cache_draws:
-            state.draws = draws_as_half(draws)
+        factor = torch.tensor(2.0 ** state.shift, dtype=torch.float64, device=flat.device)
+        if sp == RANDOM and reuse:
+            fixed, draws = _run(_fixed_and_draws, _compiled(_fixed_and_draws), flat.numel(), flat, factor,
+                                torch.tensor(state.seed, device=flat.device))
+            state.kept_l1 = torch.cumsum(torch.bincount(draws, weights=fixed, minlength=_LEVELS), 0).cpu()
+            state.l1_fixed = float(state.kept_l1[-1])
+            if cache_draws:
+                state.draws = draws_as_half(draws)
+        else:
+            state.l1_fixed = float(_run(_fixed_l1, _compiled(_fixed_l1), flat.numel(), flat, factor))
     if sp == DELLA:
         state.rank_norm = row_rank_norm(delta)
     return state
@@ -326,7 +332,7 @@ def keep_rules(method: MethodSpec, experts: Sequence[ExpertTensor], params: Sequ
         for s, p in zip(experts, params):
             d, n = p["density"], s.delta.numel()
             k = n if d >= 1 else (0 if d <= 0 else max(1, int(d * n)))
-            v, j = first_k_rule(s.delta.abs(), s.order, k, descending=True)
+            v, j = first_k_rule(s.delta, s.order, k, descending=True)
             vs.append(v)
             js.append(j)
         return KeepRules(v=torch.stack(vs).to(dtype), j=torch.tensor(js, device=dev))
@@ -340,11 +346,10 @@ def keep_rules(method: MethodSpec, experts: Sequence[ExpertTensor], params: Sequ
                 target = int(d * n)
                 bot = max(0, n - target - int(p["gamma"] * n))
                 top = bot + target
-            a = s.delta.abs()
-            v, j = first_k_rule(a, s.order, top, descending=False)
+            v, j = first_k_rule(s.delta, s.order, top, descending=False)
             v_hi.append(v)
             j_hi.append(j)
-            v, j = first_k_rule(a, s.order, bot, descending=False)
+            v, j = first_k_rule(s.delta, s.order, bot, descending=False)
             v_lo.append(v)
             j_lo.append(j)
         return KeepRules(v=torch.stack(v_hi).to(dtype), j=torch.tensor(j_hi, device=dev),
@@ -395,6 +400,10 @@ def _keep(sp: Optional[str], i: int, d: torch.Tensor, r: KeepRules, offset: torc
             return u < r.lo[i]
         return u.float() < (r.lo[i] + rank_norm * r.span[i]) * _LEVELS
     return None
+
+
+def _fixed_l1(d: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return to_fixed(d.abs(), factor).sum()
 
 
 def _kept_l1(d: torch.Tensor, rank_norm: Optional[torch.Tensor], r: KeepRules, factor: torch.Tensor,
@@ -506,11 +515,11 @@ def merge_task_arithmetic(method: MethodSpec, base: torch.Tensor, experts: Seque
             if method.is_random:
                 if s.kept_l1 is not None:
                     level = dare_levels([p])[0]
-                    after = int(s.kept_l1[level - 1]) if level > 0 else 0
+                    after = float(s.kept_l1[level - 1]) if level > 0 else 0.0
                 else:
                     factor = torch.tensor(2.0 ** s.shift, dtype=torch.float64, device=dev)
-                    after = int(_run(_kept_l1, _compiled(_kept_l1), n, deltas[i], ranks[i], _one(rules, i),
-                                     factor, zero, sp))
+                    after = float(_run(_kept_l1, _compiled(_kept_l1), n, deltas[i], ranks[i], _one(rules, i),
+                                       factor, zero, sp))
                 tiny = 1e-7 * 2.0 ** s.shift
                 ratios.append(1.0 if (s.l1_fixed < tiny or after < tiny) else s.l1_fixed / after)
             else:  # mergekit's numerics: norms and their ratio in the merge dtype

@@ -100,7 +100,7 @@ def tie_positions(recipe: dict, fam: dict) -> dict[str, torch.Tensor]:
                 bot = max(0, n - target - top)
                 ks = [(k, False) for k in (bot, bot + target) if 0 < k < n]
             for k, desc in ks:
-                v, _, _ = order.kth(d, k, desc)
+                v, _, _ = order.kth(d, k, desc)  # d holds magnitudes: |d| = d
                 ties |= d == v
         out[name] = ties
     return out
