@@ -209,10 +209,14 @@ def half_threshold(level: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(level, dtype=torch.int16).view(torch.float16).to(device)
 
 
+def _max_abs(d: torch.Tensor) -> torch.Tensor:
+    return d.abs().amax()
+
+
 def fixed_shift(delta: torch.Tensor) -> int:
     """Binary scale of the fixed-point L1 sums: every partial sum is an integer below 2**53, so
     float64 holds it exactly and any summation order gives the same value."""
-    top = float(torch.linalg.vector_norm(delta, ord=float("inf"))) if delta.numel() else 0.0
+    top = float(_run(_max_abs, _compiled(_max_abs), delta.numel(), delta)) if delta.numel() else 0.0
     if top == 0.0 or not math.isfinite(top):
         return 0
     return 52 - max(1, delta.numel().bit_length()) - math.frexp(top)[1]
