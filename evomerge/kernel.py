@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 _LEVELS = 31744  # draws are integers in [0, 0x7C00): as float16 bit patterns they are finite and ordered
 _COMPILE_MIN_NUMEL = 2048  # smaller tensors run eagerly (same results, no compile per tiny shape)
 _BLOCK = 65536
+_SAMPLE = 64  # stride of the sampled magnitude order kept by the engine
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,16 +101,46 @@ class MagnitudeOrder:
     pass. For 16-bit floats the histogram is exact; for wider floats a query refines its bucket
     with one selection pass. Every answer is exact."""
 
-    def __init__(self, magnitudes: torch.Tensor):
+    def __init__(self, magnitudes: torch.Tensor, positions: bool = False):
         keys, self._shift = _sort_keys(magnitudes.reshape(-1))
         counts = torch.bincount(keys, minlength=32768 if self._shift == 0 else 65536)
         self._cum = torch.cumsum(counts, 0).cpu()
         self.numel = magnitudes.numel()
         self.dtype = magnitudes.dtype
+        self._sampled = self._first = None
+        if positions and self._shift == 0:
+            # every _SAMPLE-th flat index in (magnitude, index) order, and each magnitude's first
+            order = torch.sort(keys, stable=True).indices
+            self._sampled = order[::_SAMPLE].to(torch.int32).cpu()
+            starts = (self._cum.to(keys.device) - counts).clamp(max=self.numel - 1)
+            self._first = order[starts].to(torch.int32).cpu()
 
     @property
     def nbytes(self) -> int:
-        return self._cum.numel() * 8
+        extra = sum(t.numel() * 4 for t in (self._sampled, self._first) if t is not None)
+        return self._cum.numel() * 8 + extra
+
+    def nth_equal(self, d: torch.Tensor, v: torch.Tensor, nth: int) -> int:
+        """Flat index of the ``nth`` (1-based) element of ``d`` whose magnitude is ``v``."""
+        if self._sampled is None:
+            return nth_equal_index(d, v, nth)
+        j = int(v.view(torch.int16))
+        group = int(self._cum[j - 1]) if j > 0 else 0  # position of v's first element in the order
+        pos = group + nth - 1
+        sample = pos - pos % _SAMPLE
+        if sample >= group:
+            start, rest = int(self._sampled[pos // _SAMPLE]), pos - sample
+        else:
+            start, rest = int(self._first[j]), pos - group
+        if rest == 0:
+            return start
+        flat = d.reshape(-1)
+        window = 4096
+        while True:  # the next `rest` elements equal to v after `start`
+            hits = torch.nonzero(flat[start + 1:start + 1 + window].abs() == v).reshape(-1)
+            if hits.numel() >= rest or start + 1 + window >= flat.numel():
+                return start + 1 + int(hits[rest - 1])
+            window *= 8
 
     def kth(self, d: torch.Tensor, k: int, descending: bool) -> tuple[torch.Tensor, int, int]:
         """(v, n_before, n_at) for 1 <= k <= numel: the k-th magnitude of ``d`` in the given
@@ -164,7 +195,7 @@ def first_k_rule(d: torch.Tensor, order: MagnitudeOrder, k: int, descending: boo
         return torch.tensor(-1.0 if descending else float("inf"), dtype=d.dtype, device=d.device), -1
     v, n_before, n_at = order.kth(d, k, descending)
     need = k - n_before
-    return v, (d.numel() if need >= n_at else nth_equal_index(d, v, need))
+    return v, (d.numel() if need >= n_at else order.nth_equal(d, v, need))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +321,7 @@ def prepare_expert(delta: torch.Tensor, method: MethodSpec, *, seed: int, tensor
     state = ExpertTensor(delta=delta, seed=stream_seed(seed, tensor_name, expert_index))
     sp = method.sparsifier
     if sp in (MAGNITUDE, OUTLIERS):
-        state.order = MagnitudeOrder(delta.abs())
+        state.order = MagnitudeOrder(delta.abs(), positions=reuse)
         state.l1 = delta.abs().sum()
     if sp in (RANDOM, DELLA):
         flat = delta.reshape(-1)

@@ -207,24 +207,21 @@ class Recipe(BaseModel):
     def model_params(self, model: str, tensor_name: str, t: float,
                      slice_index: int = 0) -> dict[str, Any]:
         """Per-model parameters for one tensor, with mergekit's precedence and defaults."""
-        m = self.method
-        out: dict[str, Any] = {}
-        for key in sorted(m.model_params):
-            for settings in self._param_sources(model, slice_index):
-                if settings and key in settings:
-                    value = evaluate(tensor_name, settings[key], t, _validator(key))
-                    if value is not None:
-                        out[key] = value
-                        break
-            else:
-                if key in MODEL_PARAM_DEFAULTS:
-                    out[key] = MODEL_PARAM_DEFAULTS[key]
+        out = self._resolve(self.method.model_params, model, tensor_name, t, slice_index)
+        for key in self.method.model_params:
+            if key not in out and key in MODEL_PARAM_DEFAULTS:
+                out[key] = MODEL_PARAM_DEFAULTS[key]
         return out
 
     def global_params(self, tensor_name: str, t: float, slice_index: int = 0) -> dict[str, Any]:
+        return self._resolve(self.method.global_params, None, tensor_name, t, slice_index)
+
+    def _resolve(self, keys: Iterable[str], model: Optional[str], tensor_name: str, t: float,
+                 slice_index: int) -> dict[str, Any]:
+        """The first setting of each key that applies to the tensor, most specific source first."""
         out: dict[str, Any] = {}
-        for key in sorted(self.method.global_params):
-            for settings in self._param_sources(None, slice_index):
+        for key in sorted(keys):
+            for settings in self._param_sources(model, slice_index):
                 if settings and key in settings:
                     value = evaluate(tensor_name, settings[key], t, _validator(key))
                     if value is not None:
