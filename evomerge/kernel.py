@@ -314,10 +314,10 @@ class ExpertTensor:
 
 def prepare_expert(delta: torch.Tensor, method: MethodSpec, *, seed: int, tensor_name: str,
                    expert_index: int, reuse: bool = False, cache_draws: bool = False) -> ExpertTensor:
-    """Compute what trimming needs. ``reuse``: the state serves many recipes, so DARE also gets
-    its L1-by-draw-level table (rescaling becomes a lookup). ``cache_draws`` keeps DARE's draws
-    (2 bytes per element) instead of hashing them per recipe: faster on CPUs without fast 64-bit
-    multiplication."""
+    """Compute what trimming needs. ``reuse``: the state serves many recipes, so TIES/breadcrumbs
+    keep a sampled magnitude order (a tie cut becomes a lookup) and DARE a table of L1 norm by
+    draw level (rescaling becomes a lookup). ``cache_draws`` keeps DARE's draws, hashed once
+    (2 bytes per element), with that table: faster on CPUs without fast 64-bit multiplication."""
     state = ExpertTensor(delta=delta, seed=stream_seed(seed, tensor_name, expert_index))
     sp = method.sparsifier
     if sp in (MAGNITUDE, OUTLIERS):
@@ -327,7 +327,7 @@ def prepare_expert(delta: torch.Tensor, method: MethodSpec, *, seed: int, tensor
         flat = delta.reshape(-1)
         state.shift = fixed_shift(flat)
         factor = torch.tensor(2.0 ** state.shift, dtype=torch.float64, device=flat.device)
-        if sp == RANDOM and reuse:
+        if sp == RANDOM and (reuse or cache_draws):
             fixed, draws = _run(_fixed_and_draws, _compiled(_fixed_and_draws), flat.numel(), flat, factor,
                                 torch.tensor(state.seed, device=flat.device))
             state.kept_l1 = torch.cumsum(torch.bincount(draws, weights=fixed, minlength=_LEVELS), 0).cpu()

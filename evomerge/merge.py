@@ -91,8 +91,7 @@ def expert_states(recipe: Recipe, layout: Layout, ts: TensorSource, tensors: lis
         if method.family == "task_arithmetic":
             delta = by_model[m] - base
             states.append(prepare_expert(delta, method, seed=recipe.random_seed, tensor_name=ts.name,
-                                         expert_index=i, reuse=reuse or delta.device.type == "cpu",
-                                         cache_draws=delta.device.type == "cpu"))
+                                         expert_index=i, reuse=reuse, cache_draws=delta.device.type == "cpu"))
         else:
             states.append(ExpertTensor(delta=by_model[m]))
     return base, states
