@@ -35,13 +35,14 @@ SPEC = TinySpec(vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_
 
 
 def family(cache: Path) -> dict:
+    """The model family, built in a child process so that this process stays small (see
+    timed_process)."""
     marker = cache / "family.json"
-    if marker.exists():
-        return json.loads(marker.read_text())
-    t = time.perf_counter()
-    fam = build_family(cache, SPEC, n_experts=3, seed=0, scale=0.02)
-    print(f"built the model family in {time.perf_counter() - t:.0f} s ({cache})", flush=True)
-    return fam
+    if not marker.exists():
+        t = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--build-family", str(cache)], check=True)
+        print(f"built the model family in {time.perf_counter() - t:.0f} s ({cache})", flush=True)
+    return json.loads(marker.read_text())
 
 
 def recipe(method: str, fam: dict, density: float = 0.5, weights=(0.5, 0.3, 0.2), seed: int = 0) -> dict:
@@ -51,7 +52,10 @@ def recipe(method: str, fam: dict, density: float = 0.5, weights=(0.5, 0.3, 0.2)
 
 
 def timed_process(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak resident memory (bytes) of a child process."""
+    """Wall seconds and peak resident memory (bytes) of a child process. Linux keeps a process's
+    peak across exec, so a child's figure includes this process's resident memory at fork time:
+    every child is therefore started before this process loads any model (the same small
+    baseline for both tools)."""
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -72,25 +76,23 @@ def main() -> None:
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--methods", default="ties,dare_ties")
     ap.add_argument("--repeats", type=int, default=5, help="in-place applies timed per method")
+    ap.add_argument("--build-family", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.build_family:
+        build_family(Path(args.build_family), SPEC, n_experts=3, seed=0, scale=0.02)
+        return
     cache = Path(args.cache)
     fam = family(cache)
     work = cache / "work"
     work.mkdir(exist_ok=True)
     bin_dir = Path(sys.executable).parent
-    from transformers import AutoModelForCausalLM
-
-    from evomerge.engine import MergeEngine
-    from evomerge.recipe import Recipe
-
-    model = AutoModelForCausalLM.from_pretrained(fam["base"], dtype=torch.bfloat16).to(args.device)
-    print(f"model: {params_of(model) / 1e6:.0f}M parameters, bf16, 3 experts; device {args.device}; "
-          f"torch threads {torch.get_num_threads()}", flush=True)
-    rows = []
-    for method in args.methods.split(","):
-        r = recipe(method, fam)
+    methods = args.methods.split(",")
+    print(f"model: ~229M parameters, bf16, 3 experts; device {args.device}; torch threads {torch.get_num_threads()}",
+          flush=True)
+    disk = {}
+    for method in methods:  # merges to disk first, while this process is small
         f = work / f"{method}.yaml"
-        f.write_text(yaml.safe_dump(r))
+        f.write_text(yaml.safe_dump(recipe(method, fam)))
         mk = None
         if not args.skip_mergekit:
             mk = timed_process([str(bin_dir / "mergekit-yaml"), str(f), str(work / f"mk_{method}"),
@@ -99,9 +101,18 @@ def main() -> None:
         ev = timed_process([sys.executable, "-m", "evomerge.cli", "merge", str(f), str(work / f"ev_{method}"),
                             "--overwrite", "--device", args.device])
         print(f"{method}: evomerge merge {ev[0]:.1f} s, peak RSS {ev[1] / 2**30:.2f} GiB", flush=True)
+        disk[method] = (mk, ev)
 
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.engine import MergeEngine
+    from evomerge.recipe import Recipe
+
+    model = AutoModelForCausalLM.from_pretrained(fam["base"], dtype=torch.bfloat16).to(args.device)
+    rows = []
+    for method in methods:
         t = time.perf_counter()
-        engine = MergeEngine(Recipe.from_dict(r), device=args.device)
+        engine = MergeEngine(Recipe.from_dict(recipe(method, fam)), device=args.device)
         build = time.perf_counter() - t
         times = []
         for i in range(args.repeats):
@@ -110,11 +121,11 @@ def main() -> None:
         apply_s = statistics.median(times)
         print(f"{method}: engine built in {build:.1f} s ({engine.placement}, {engine.cache_bytes / 2**30:.2f} GiB); "
               f"in-place apply median {apply_s:.3f} s over {args.repeats} recipes", flush=True)
-        rows.append((method, mk, ev, apply_s, engine))
+        rows.append((method, *disk[method], apply_s))
         del engine
 
     print("\nresults (ratios: mergekit time / evomerge time; memory: evomerge peak / mergekit peak)")
-    for method, mk, ev, apply_s, _ in rows:
+    for method, mk, ev, apply_s in rows:
         if mk:
             print(f"  {method:10s} merge to disk: {mk[0] / ev[0]:5.1f}x faster (goal >= 10x), "
                   f"peak memory {ev[1] / mk[1]:.2f}x mergekit's (goal <= 1)")
@@ -133,7 +144,7 @@ def main() -> None:
         copy_bw = 2 * x.numel() * 20 / (time.perf_counter() - t)
         name = torch.cuda.get_device_name()
         print(f"\nGPU {name}: device-to-device copy {copy_bw / 1e12:.2f} TB/s (read + write)")
-        for method, _, _, apply_s, _ in rows:
+        for method, _, _, apply_s in rows:
             n = params_of(model)
             # minimum traffic of one apply: base + 3 task vectors read, the result written (bf16),
             # plus the int16 draws of DARE
