@@ -6,7 +6,7 @@ slices, tokenizer source), never on parameter values, so the engine builds it on
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -35,7 +35,6 @@ class Layout:
     output_num_layers: Optional[int] = None
     vocab_perms: Optional[torch.Tensor] = None  # (n_models, out_vocab) row of each token, -1 if absent
     lm_head_added: bool = False  # base ties embeddings, but an expert has its own lm_head
-    notes: list[str] = field(default_factory=list)
 
 
 _LAYER_SUB = re.compile(r"((?:^|\.)(?:layers|h|blocks|block|layer)\.)(\d+)(\.)")
