@@ -3,9 +3,9 @@ recipes straight into a live ``torch.nn.Module``'s parameters, with no disk I/O 
 parameter storage per recipe.
 
 What does not depend on the recipe is computed once and kept: the task vectors, the magnitude
-histograms that make a TIES/breadcrumbs density a binary search instead of a sort or selection,
-DELLA's per-row ranks, and the L1 norms used by rescaling (DARE/DELLA draws are hashed from the
-element index inside the fused kernel, so there is nothing to keep for them). Where that cache lives
+histograms and sampled magnitude order that make a TIES/breadcrumbs density a lookup instead of a
+sort, DELLA's per-row ranks, DARE's L1-norm-by-draw-level tables (rescaling becomes a lookup) and,
+on the CPU, DARE's hashed draws (on a GPU they are re-hashed inside the fused kernel). Where that cache lives
 is chosen from the memory available (``cache="auto"``) or forced:
 
 - ``device``: on the merge device (GPU memory on CUDA, RAM on the CPU);
@@ -28,7 +28,7 @@ import torch
 
 from .errors import ModelError, RecipeError
 from .kernel import ExpertTensor, prepare_expert, stream_seed
-from .merge import (expert_states, gather_inputs, merge_one, open_models, output_dtype, resolve_params,
+from .merge import (merge_one, open_models, output_dtype, prepare_inputs, read_inputs, resolve_params,
                     tensor_meta, work_dtype)
 from .methods import DELLA, MAGNITUDE, OUTLIERS, RANDOM
 from .plan import build_layout
@@ -138,11 +138,9 @@ class MergeEngine:
         pin = self.placement == "pinned"
         entries = []
         for ts in self.layout.tensors:
-            raw = [self.files[m].get(n) for m, n in zip(self.layout.models, ts.inputs)]
-            dtype = work_dtype(self.template, [t.dtype for t in raw])
             # build on the merge device (fast sorts on the GPU), then move to the cache's home
-            tensors = gather_inputs(self.layout, ts, raw, dtype, self.device)
-            base, states = expert_states(self.template, self.layout, ts, tensors, reuse=True)
+            base, states, dtype = prepare_inputs(self.template, self.layout, ts,
+                                                 read_inputs(self.files, self.layout, ts), self.device, reuse=True)
             if base is not None:
                 base = base.to(home)
                 base = base.pin_memory() if pin else base
@@ -196,19 +194,16 @@ class MergeEngine:
             self._reseed(recipe.random_seed)
         for i, (ts, p) in enumerate(zip(self.layout.tensors, params)):
             if self.placement == "disk":
-                raw = [self.files[m].get(n) for m, n in zip(self.layout.models, ts.inputs)]
-                dtype = work_dtype(recipe, [t.dtype for t in raw])
-                tensors = gather_inputs(self.layout, ts, raw, dtype, self.device)
-                base, states = expert_states(recipe, self.layout, ts, tensors)
+                base, states, dtype = prepare_inputs(recipe, self.layout, ts,
+                                                     read_inputs(self.files, self.layout, ts), self.device)
             else:
                 entry = self._entries[i]
                 base, states, dtype = entry.base, entry.experts, entry.dtype
                 if self.placement == "pinned":
                     base = base.to(self.device, non_blocking=True) if base is not None else None
                     states = [s.to(self.device) for s in states]
-            ref = base if base is not None else states[0].delta
             out = into[ts.name] if into is not None else torch.empty(
-                ref.shape, dtype=output_dtype(recipe, dtype), device=self.device)
+                self.shapes[ts.name][0], dtype=output_dtype(recipe, dtype), device=self.device)
             yield ts.name, merge_one(recipe, base, states, p, out)
 
     @torch.no_grad()

@@ -97,6 +97,21 @@ def expert_states(recipe: Recipe, layout: Layout, ts: TensorSource, tensors: lis
     return base, states
 
 
+def read_inputs(files: dict[str, ModelFiles], layout: Layout, ts: TensorSource) -> list[torch.Tensor]:
+    """One output tensor's input tensors as stored, one per model."""
+    return [files[m].get(n) for m, n in zip(layout.models, ts.inputs)]
+
+
+def prepare_inputs(recipe: Recipe, layout: Layout, ts: TensorSource, raw: Sequence[torch.Tensor],
+                   device: torch.device, reuse: bool = False
+                   ) -> tuple[Optional[torch.Tensor], list[ExpertTensor], torch.dtype]:
+    """The base tensor, each expert's state and the merge dtype of one output tensor."""
+    dtype = work_dtype(recipe, [t.dtype for t in raw])
+    tensors = gather_inputs(layout, ts, raw, dtype, device)
+    base, states = expert_states(recipe, layout, ts, tensors, reuse)
+    return base, states, dtype
+
+
 def merge_one(recipe: Recipe, base: Optional[torch.Tensor], states: Sequence[ExpertTensor],
               params: TensorParams, out: torch.Tensor) -> torch.Tensor:
     """Merge one tensor into ``out`` (its dtype is the output dtype)."""
@@ -160,25 +175,20 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", a
     if recipe.tokenizer_source and recipe.tokenizer_source != "base":
         tok_src = recipe.tokenizer_source
 
-    def load(ts: TensorSource) -> list[torch.Tensor]:
-        return [files[m].get(n) for m, n in zip(layout.models, ts.inputs)]
-
     out = Path(out_dir)
     with atomic_directory(out, overwrite=overwrite) as tmp, ThreadPoolExecutor(1) as pool:
         writer = ShardedWriter(tmp, specs, max_shard_bytes)
         try:
-            pending = pool.submit(load, layout.tensors[0])
+            pending = pool.submit(read_inputs, files, layout, layout.tensors[0])
             for i, (ts, p, spec) in enumerate(zip(layout.tensors, params, specs)):
                 raw = pending.result()
                 if i + 1 < len(layout.tensors):
-                    pending = pool.submit(load, layout.tensors[i + 1])
-                dtype = work_dtype(recipe, [t.dtype for t in raw])
-                tensors = gather_inputs(layout, ts, raw, dtype, dev)
+                    pending = pool.submit(read_inputs, files, layout, layout.tensors[i + 1])
+                base, states, _ = prepare_inputs(recipe, layout, ts, raw, dev)
                 del raw
-                base, states = expert_states(recipe, layout, ts, tensors)
                 merged = merge_one(recipe, base, states, p,
                                    torch.empty(spec.shape, dtype=spec.dtype, device=dev))
-                del base, states, tensors
+                del base, states
                 writer.write(ts.name, merged)
             writer.finish()
         finally:
@@ -197,9 +207,6 @@ def merged_tensors(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = 
     files = open_models(recipe, allow_pickle)
     layout = build_layout(recipe, files)
     for ts, p in zip(layout.tensors, resolve_params(recipe, layout)):
-        raw = [files[m].get(n) for m, n in zip(layout.models, ts.inputs)]
-        dtype = work_dtype(recipe, [t.dtype for t in raw])
-        tensors = gather_inputs(layout, ts, raw, dtype, torch.device(device))
-        base, states = expert_states(recipe, layout, ts, tensors)
-        out = torch.empty(tensors[0].shape, dtype=output_dtype(recipe, dtype), device=device)
+        base, states, dtype = prepare_inputs(recipe, layout, ts, read_inputs(files, layout, ts), torch.device(device))
+        out = torch.empty(tensor_meta(layout, files, ts)[0], dtype=output_dtype(recipe, dtype), device=device)
         yield ts.name, merge_one(recipe, base, states, p, out)

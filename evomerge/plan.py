@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .architecture import is_vocab_tensor, layer_index, num_layers
+from .architecture import is_vocab_tensor, layer_index, layer_t, num_layers
 from .errors import ModelError, RecipeError
 from .model_io import ModelFiles
 from .recipe import Recipe
@@ -98,8 +98,7 @@ def build_layout(recipe: Recipe, files: dict[str, ModelFiles], trust_remote_code
         except KeyError:
             n_layers = 1 + max((layer_index(n) or 0) for n in ref_names)
         for name in ref_names:
-            idx = layer_index(name)
-            t = 0.0 if idx is None else (idx / (n_layers - 1) if n_layers > 1 else 1.0)
+            t = layer_t(name, n_layers)
             tensors.append(TensorSource(name, tuple(source_name(m, name) for m in models), t, 0,
                                         vocab and is_vocab_tensor(name)))
     else:
