@@ -27,7 +27,7 @@ import hashlib
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable, Optional, Sequence
 
@@ -307,9 +307,8 @@ class ExpertTensor:
             t = t.to(device)
             return t.pin_memory() if pin else t
 
-        return ExpertTensor(move(self.delta), self.order, move(self.rank_norm),
-                            self.l1.to(device) if self.l1 is not None else None, self.seed, self.shift,
-                            self.l1_fixed, self.kept_l1, move(self.draws))
+        return replace(self, delta=move(self.delta), rank_norm=move(self.rank_norm), draws=move(self.draws),
+                       l1=self.l1.to(device) if self.l1 is not None else None)
 
 
 def prepare_expert(delta: torch.Tensor, method: MethodSpec, *, seed: int, tensor_name: str,
