@@ -71,6 +71,8 @@ class MergeEngine:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ModelError(f"device {device}: no CUDA device is available")
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" means the current one
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.template = template
         self.method = template.method
         t0 = time.perf_counter()

@@ -7,8 +7,10 @@ Both then run the same functions here, so they give the same tensors.
 
 The per-recipe work (trim, rescale, weight, elect signs, mix, normalize) is one pointwise
 function, :func:`_mix`, compiled with ``torch.compile`` into a single fused loop (C++ on the CPU,
-Triton on CUDA). Compilation keeps eager PyTorch's rounding (``emulate_precision_casts``), so the
-compiled and eager versions give identical tensors; set ``EVOMERGE_COMPILE=0`` to run eagerly.
+Triton on CUDA). Compilation keeps eager PyTorch's rounding (``emulate_precision_casts``); the
+first call of every compiled variant is checked bit for bit against eager PyTorch, and a variant
+that differs (older compilers, FMA contraction) runs eagerly. Set ``EVOMERGE_COMPILE=0`` to run
+eagerly throughout.
 
 Numerics follow mergekit 0.1.5 operation by operation (dtypes, rounding points, defaults), with
 deliberate differences, all documented in the README:
@@ -52,23 +54,74 @@ def _compile_enabled() -> bool:
 
 
 _compile_failed = False
+# per compiled variant (function, argument dtypes, flags): whether its first result equalled eager's
+_verified: dict[tuple, bool] = {}
 
 
-def _run(fn: Callable, compiled: Callable, numel: int, *args, **kwargs):
-    """Run the compiled version of ``fn`` for large tensors, the eager one otherwise."""
+def _signature(fn: Callable, args: tuple) -> tuple:
+    def sig(a):
+        if isinstance(a, torch.Tensor):
+            return ("T", a.dtype, a.device.type, a.dim())
+        if isinstance(a, (list, tuple)):
+            return tuple(sig(x) for x in a)
+        if a is None or isinstance(a, (bool, int, str)):
+            return a
+        if isinstance(a, KeepRules):
+            return tuple(sig(t) for t in (a.v, a.j, a.v2, a.j2, a.seed, a.lo, a.span))
+        return type(a).__name__
+    return (fn.__qualname__, *(sig(a) for a in args))
+
+
+def _bits_equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        if not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.dtype.is_floating_point:  # NaNs compare by bit pattern
+            ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+            return torch.equal(a.view(ints), b.view(ints))
+        return torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_bits_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _run(fn: Callable, compiled: Callable, numel: int, *args, writes_first: bool = False):
+    """Run the compiled version of ``fn`` for large tensors, the eager one otherwise.
+
+    The first call of each variant also runs eagerly and compares bit patterns: a compiler that
+    does not keep eager rounding (an older inductor, FMA contraction) is caught there, logged, and
+    that variant runs eagerly from then on. ``writes_first``: ``fn`` returns nothing and writes
+    its result into ``args[0]``."""
     global _compile_failed
     if numel < _COMPILE_MIN_NUMEL or _compile_failed or not _compile_enabled():
-        return fn(*args, **kwargs)
+        return fn(*args)
+    key = _signature(fn, args)
+    if _verified.get(key) is False:
+        return fn(*args)
     import torch._inductor.config as inductor_config
 
     try:
         with inductor_config.patch(emulate_precision_casts=True):
-            return compiled(*args, **kwargs)
+            result = compiled(*args)
     except Exception as e:  # no C++ compiler, unsupported device...: same results, eagerly
         _compile_failed = True
         log.warning("torch.compile failed (%s: %s); the merge kernel runs eagerly from now on",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        return fn(*args, **kwargs)
+        return fn(*args)
+    if key not in _verified:
+        if writes_first:
+            got, ref = args[0], torch.empty_like(args[0])
+            fn(ref, *args[1:])
+        else:
+            got, ref = result, fn(*args)
+        _verified[key] = _bits_equal(got, ref)
+        if not _verified[key]:
+            log.warning("the compiled %s rounds differently from eager PyTorch on %s (torch %s); "
+                        "this variant runs eagerly from now on", fn.__name__, key[1:], torch.__version__)
+            if writes_first:
+                args[0].copy_(ref)
+            return ref if not writes_first else None
+    return result
 
 
 @lru_cache(maxsize=None)
@@ -571,10 +624,10 @@ def merge_task_arithmetic(method: MethodSpec, base: torch.Tensor, experts: Seque
     if sp in (MAGNITUDE, OUTLIERS):
         for a, b, r in _tie_segments(n, rules):
             _run(_mix, _compiled(_mix), b - a, flat_out[a:b], flat_base[a:b], [d[a:b] for d in deltas],
-                 ranks, draws, w, scale, lam_t, r, zero, *statics)
+                 ranks, draws, w, scale, lam_t, r, zero, *statics, writes_first=True)
     else:
         _run(_mix, _compiled(_mix), n, flat_out, flat_base, deltas, ranks, draws, w, scale, lam_t, rules,
-             zero, *statics)
+             zero, *statics, writes_first=True)
     return out
 
 
