@@ -38,6 +38,48 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zoo_build(args: argparse.Namespace) -> int:
+    from .zoo import build_zoo, format_report
+
+    manifest = build_zoo(args.out_dir, size=args.size, seed=args.seed, overwrite=args.overwrite)
+    print(format_report(manifest["report"]))
+    print(f"built the {args.size} zoo in {manifest['build_seconds']:.0f} s "
+          f"(training {manifest['train_seconds']:.0f} s): {manifest['root']}")
+    return 0 if manifest["report"]["goals_met"] else 1
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .fitness import Suite, get_backend
+
+    suite = Suite.load(args.suite)
+    backend = get_backend(args.backend, model_dir=args.model_dir, batch_size=args.batch_size)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=args.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype="auto",
+                                                     trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise EvomergeError(f"model {args.model_dir}: cannot be loaded ({str(e).splitlines()[0]})") from None
+    model = model.to(args.device).eval()
+    result = backend.score(model, tokenizer, suite, split=args.split)
+    if result.failed:
+        print(f"failed: {result.failed}")
+    else:
+        print(f"suite {suite.name} ({args.split} split, {backend.name}): fitness {result.fitness:.4f} "
+              f"in {result.seconds:.2f} s")
+        for t in result.tasks.values():
+            others = ", ".join(f"{k} {v:.4f}" for k, v in t.metrics.items() if k != t.metric)
+            print(f"  {t.name:20s} {t.metric} {t.value:.4f} over {len(t.items)} items"
+                  + (f" ({others})" if others else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result.to_dict(), f, indent=2)
+    return 0 if not result.failed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evomerge", description="Evolutionary merge-recipe optimizer for LLMs.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -58,6 +100,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also read .bin pickle checkpoints (weights_only); they can run code when loaded")
     m.add_argument("--trust-remote-code", action="store_true", help="allow custom tokenizer code from the models")
     m.set_defaults(func=_cmd_merge)
+
+    z = sub.add_parser("zoo", help="the model zoo: small model families trained here")
+    zsub = z.add_subparsers(dest="zoo_command", required=True)
+    zb = zsub.add_parser("build", help="train a base and three experts, and measure them")
+    zb.add_argument("out_dir")
+    zb.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    zb.add_argument("--seed", type=int, default=0)
+    zb.add_argument("--overwrite", action="store_true", help="replace an existing zoo")
+    zb.set_defaults(func=_cmd_zoo_build)
+
+    e = sub.add_parser("eval", help="score a saved model on a fitness suite")
+    e.add_argument("model_dir")
+    e.add_argument("--suite", required=True, help="a suite file, or the name of one in fitness/ (e.g. zoo)")
+    e.add_argument("--backend", choices=["native", "lm-eval", "vllm"], default="native")
+    e.add_argument("--split", choices=["search", "heldout"], default="search")
+    e.add_argument("--json", help="write the full result (per-item correctness included) to this file")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--trust-remote-code", action="store_true")
+    e.set_defaults(func=_cmd_eval)
     return p
 
 

@@ -1,0 +1,212 @@
+"""lm-eval and vLLM backends: a live model wrapped once, task dicts built once per search.
+
+Local JSONL tasks become lm-eval task configs (``dataset_path: json``), so lm-eval scores exactly
+the items the native scorer does; named tasks come from lm-eval's registry. Items are chosen with
+explicit sorted ``samples`` indices (never ``limit``), and no lm-eval cache is used (``use_cache``
+and ``cache_requests`` would return stale answers after the weights change).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Optional
+
+from .result import CandidateFailed, FitnessResult, ItemResult, TaskResult, choose, combine
+from .suite import Suite, SuiteError, Task
+
+log = logging.getLogger(__name__)
+
+
+def _task_name(task: Task) -> str:
+    return f"evomerge_{task.suite.name}_{task.name}".replace("-", "_") if task.local else task.spec.lm_eval
+
+
+def task_config(task: Task) -> dict:
+    """An lm-eval task config scoring ``task``'s local JSONL file like the native scorer."""
+    spec = task.spec
+    cfg = {"task": _task_name(task), "dataset_path": "json",
+           "dataset_kwargs": {"data_files": {"test": str(task.path)}}, "test_split": "test",
+           "doc_to_text": "prompt", "doc_to_target": "answer"}
+    if spec.kind == "multiple_choice":
+        cfg |= {"output_type": "multiple_choice", "doc_to_choice": "choices",
+                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                                for m in ("acc", "acc_norm")]}
+    else:
+        cfg |= {"output_type": "generate_until",
+                "generation_kwargs": {"until": list(spec.stop), "max_gen_toks": spec.max_new_tokens,
+                                      "do_sample": False},
+                "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+                                 "ignore_case": spec.ignore_case}]}
+        if spec.answer_regex:
+            cfg["filter_list"] = [{"name": "extract", "filter": [
+                {"function": "regex", "regex_pattern": spec.answer_regex, "group_select": 0},
+                {"function": "take_first"}]}]
+    return cfg
+
+
+def _filter(task: Task) -> str:
+    if task.local:
+        return "extract" if task.spec.kind == "generate" and task.spec.answer_regex else "none"
+    return task.spec.filter
+
+
+class LmEvalBackend:
+    """Scores through ``lm_eval.evaluator.evaluate`` with an ``HFLM`` wrapping the live model."""
+
+    name = "lm-eval"
+
+    def __init__(self, batch_size: int = 32):
+        self.batch_size = batch_size
+        self._lm = None
+        self._wrapped: Optional[int] = None
+        self._task_dicts: dict[int, dict] = {}
+
+    def _wrap(self, model, tokenizer):
+        if self._wrapped != id(model):
+            from lm_eval.models.huggingface import HFLM
+
+            self._lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+            self._wrapped = id(model)
+        return self._lm
+
+    def task_dict(self, suite: Suite) -> dict:
+        """lm-eval task objects for ``suite``, built once (the registry is only indexed when the
+        suite names lm-eval tasks)."""
+        if id(suite) not in self._task_dicts:
+            from lm_eval.tasks import TaskManager, get_task_dict
+
+            for t in suite.tasks:
+                if t.local and t.spec.kind == "generate" and t.spec.metric == "margin":
+                    raise SuiteError(f"suite {suite.name}, task {t.name}: metric margin on a generate task is "
+                                     "computed by the native backend only")
+            named = [t.spec.lm_eval for t in suite.tasks if not t.local]
+            manager = TaskManager(include_defaults=bool(named))
+            if named:
+                unknown = [n for n in named if n not in manager.all_tasks]
+                if unknown:
+                    raise SuiteError(f"suite {suite.name}: lm-eval does not know task(s) {', '.join(unknown)}")
+            entries = [task_config(t) if t.local else t.spec.lm_eval for t in suite.tasks]
+            self._task_dicts[id(suite)] = get_task_dict(entries, manager)
+        return self._task_dicts[id(suite)]
+
+    def _indices(self, suite: Suite, tasks: dict, split: str) -> dict[str, list[int]]:
+        out = {}
+        for t in suite.tasks:
+            name = _task_name(t)
+            if t.local:
+                out[name] = [it.index for it in t.items(split)]
+            else:
+                out[name] = t.lm_eval_indices(len(tasks[name].eval_docs), split)
+        return out
+
+    def _evaluate(self, lm, tasks: dict, samples: dict[str, list[int]]) -> dict:
+        from lm_eval import evaluator
+
+        return evaluator.evaluate(lm, tasks, samples=samples, bootstrap_iters=0, log_samples=True,
+                                  cache_requests=False, verbosity="WARNING")
+
+    def score(self, model, tokenizer, suite: Suite, split: str = "search") -> FitnessResult:
+        t0 = time.perf_counter()
+        lm = self._wrap(model, tokenizer)
+        tasks = self.task_dict(suite)
+        flat = _flatten(tasks)
+        samples = self._indices(suite, flat, split)
+        out = self._evaluate(lm, flat, samples)
+        results: dict[str, TaskResult] = {}
+        try:
+            for t in suite.tasks:
+                results[t.name] = self._task_result(t, out, flat)
+        except CandidateFailed as e:
+            return FitnessResult(None, results, failed=str(e), split=split, backend=self.name,
+                                 seconds=time.perf_counter() - t0)
+        return FitnessResult(combine(results), results, split=split, backend=self.name,
+                             seconds=time.perf_counter() - t0)
+
+    def _task_result(self, task: Task, out: dict, tasks: dict) -> TaskResult:
+        name, filt, metric = _task_name(task), _filter(task), task.spec.metric
+        rows = sorted((s for s in out["samples"][name] if s.get("filter", filt) == filt), key=lambda s: s["doc_id"])
+        ids = [it.id for it in task.all_items()] if task.local else None
+        items, sums = [], {}
+        for s in rows:
+            if metric == "margin" or "acc" in s:
+                lls = [float(r[0]) for r in s["filtered_resps"]] if "filtered_resps" in s else []
+                if any(not math.isfinite(x) for x in lls):
+                    raise CandidateFailed(f"non-finite log-likelihoods in task {task.name}")
+            if metric == "margin":
+                doc = s["doc"]
+                task_obj = tasks[name]
+                choices = task_obj.doc_to_choice(doc)
+                m = choose(lls, choices, int(task_obj.doc_to_target(doc)))
+                value, ok = m["margin"], bool(m["acc"])
+                sums["margin"] = sums.get("margin", 0.0) + value
+            else:
+                if metric not in s:
+                    raise SuiteError(f"suite {task.suite.name}, task {task.name}: lm-eval reports no {metric!r} "
+                                     f"for filter {filt!r} (it has: {', '.join(k for k in s if k in METRIC_KEYS)})")
+                value = float(s[metric])
+                ok = value >= 1.0
+            for k in METRIC_KEYS:
+                if k in s:
+                    sums[k] = sums.get(k, 0.0) + float(s[k])
+            item_id = ids[s["doc_id"]] if ids else f"{task.name}-{s['doc_id']}"
+            out_text = s["filtered_resps"][0] if task.spec.kind == "generate" and s.get("filtered_resps") else None
+            items.append(ItemResult(item_id, ok, value, out_text))
+        n = max(1, len(items))
+        metrics = {k: v / n for k, v in sums.items()}
+        return TaskResult(task.name, metric, metrics[metric], task.spec.weight, metrics, items)
+
+
+METRIC_KEYS = ("acc", "acc_norm", "exact_match")
+
+
+def _flatten(task_dict: dict) -> dict:
+    """lm-eval returns groups as nested dicts; the evaluator and the samples use the leaf names."""
+    flat = {}
+    for k, v in task_dict.items():
+        if isinstance(v, dict):
+            flat |= _flatten(v)
+        else:
+            flat[k if isinstance(k, str) else str(k)] = v
+    return flat
+
+
+class VllmBackend(LmEvalBackend):
+    """lm-eval's vLLM wrapper, one engine per search, started from the base model's directory with
+    dummy weights (no checkpoint is written); each candidate's weights are loaded in place into the
+    running engine, and the prefix cache is reset after every update. GPU only; needs the ``vllm``
+    extra."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str, batch_size: int | str = "auto", gpu_memory_utilization: float = 0.5,
+                 max_model_len: Optional[int] = None):
+        super().__init__()
+        self.model_dir = model_dir
+        self.vllm_batch_size = batch_size
+        self.gpu_memory_utilization = gpu_memory_utilization
+        self.max_model_len = max_model_len
+
+    def _wrap(self, model, tokenizer):
+        if self._lm is None:
+            try:
+                import torch
+                import vllm  # noqa: F401
+            except ImportError as e:
+                raise SuiteError("the vllm backend needs the optional extra: pip install 'evomerge[vllm]' "
+                                 f"({e})") from None
+            if not torch.cuda.is_available():
+                raise SuiteError("the vllm backend needs a CUDA GPU")
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+            from lm_eval.models.vllm_causallms import VLLM
+
+            self._lm = VLLM(pretrained=self.model_dir, load_format="dummy", batch_size=self.vllm_batch_size,
+                            gpu_memory_utilization=self.gpu_memory_utilization,
+                            **({"max_model_len": self.max_model_len} if self.max_model_len else {}))
+        llm = self._lm.model
+        weights = [(k, v) for k, v in model.state_dict().items()]
+        llm.apply_model(lambda m: m.load_weights(iter(weights)))
+        llm.reset_prefix_cache()
+        return self._lm

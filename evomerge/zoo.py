@@ -1,0 +1,339 @@
+"""The model zoo: small but real model families, trained here on the CPU, on which merging matters.
+
+A fixed synthetic *world* (independent of the training seed) defines the skills:
+
+- ``rev``: reverse four letters (``rev c a f b ->`` ``b f a c``), a string transformation;
+- ``enc``: translate four letters into a second "language", a fixed substitution cipher;
+- ``fact``: a lookup table of facts (``fact e12 ->`` one of 16 values), multiple choice;
+- ``revenc`` (composed, no parent is trained on it): reverse, then translate.
+
+The base model learns every format with random answers (so it knows the formats and is at chance
+on each skill); each expert is the base fine-tuned on one skill. The evaluation items (the suites'
+``search`` and ``heldout`` splits, written to ``fitness/data/zoo/``) never appear in training,
+except for ``fact``, whose skill *is* the table: its experts learn every fact, and the splits
+divide the facts between search and held-out checking.
+
+    evomerge zoo build OUT_DIR [--size tiny|small] [--seed N]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+LETTERS = list("abcdefghijkl")
+N_ENTITIES = 48
+N_VALUES = 16
+SKILLS = ("rev", "enc", "fact")
+COMPOSED = "revenc"
+WORLD_SEED = 20261123  # the world is fixed; --seed only changes training
+EVAL_ITEMS = {"search": 120, "heldout": 120}  # per sequence task; fact splits the 48 facts in two
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+DATA_DIR = Path(__file__).resolve().parent.parent / "fitness" / "data" / "zoo"
+
+
+# ---------------------------------------------------------------------------------------------
+# The world
+
+
+@dataclass(frozen=True)
+class World:
+    cipher: dict[str, str]
+    facts: dict[str, str]
+
+
+def world() -> World:
+    rng = random.Random(WORLD_SEED)
+    shuffled = LETTERS[:]
+    while any(a == b for a, b in zip(shuffled, LETTERS)):  # a derangement: no letter maps to itself
+        rng.shuffle(shuffled)
+    facts = {f"e{i}": f"v{rng.randrange(N_VALUES)}" for i in range(N_ENTITIES)}
+    return World(cipher=dict(zip(LETTERS, shuffled)), facts=facts)
+
+
+def answer(task: str, letters: list[str], w: World) -> list[str]:
+    if task == "rev":
+        return letters[::-1]
+    if task == "enc":
+        return [w.cipher[c] for c in letters]
+    if task == COMPOSED:
+        return [w.cipher[c] for c in letters[::-1]]
+    raise ValueError(task)
+
+
+def _eval_sequences(rng: random.Random, n: int, taken: set) -> list[tuple[str, ...]]:
+    out = []
+    while len(out) < n:
+        s = tuple(rng.choice(LETTERS) for _ in range(4))
+        if s not in taken:
+            taken.add(s)
+            out.append(s)
+    return out
+
+
+def eval_items(w: Optional[World] = None) -> dict[str, list[dict]]:
+    """The suites' items per task (each with its ``split``); deterministic."""
+    w = w or world()
+    rng = random.Random(WORLD_SEED + 1)
+    taken: set = set()
+    items: dict[str, list[dict]] = {}
+    for task in ("rev", "enc", COMPOSED):
+        rows = []
+        for split, n in EVAL_ITEMS.items():
+            for s in _eval_sequences(rng, n, taken):
+                rows.append({"id": f"{task}-{len(rows)}", "split": split, "prompt": f"{task} {' '.join(s)} ->",
+                             "answer": " ".join(answer(task, list(s), w))})
+        items[task] = rows
+    values = [f"v{i}" for i in range(N_VALUES)]
+    rows = []
+    for i, (e, v) in enumerate(w.facts.items()):
+        choices = [v] + rng.sample([x for x in values if x != v], 3)
+        rng.shuffle(choices)
+        rows.append({"id": f"fact-{i}", "split": "search" if i % 2 == 0 else "heldout",
+                     "prompt": f"fact {e} ->", "choices": choices, "answer": choices.index(v)})
+    items["fact"] = rows
+    return items
+
+
+def write_eval_data(out: Path = DATA_DIR) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for task, rows in eval_items().items():
+        p = out / f"{task}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(p)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Training text
+
+
+def _training_text(task: str, rng: random.Random, w: World, excluded: set, random_answer: bool) -> str:
+    if task == "fact":
+        e = rng.choice(list(w.facts))
+        v = f"v{rng.randrange(N_VALUES)}" if random_answer else w.facts[e]
+        return f"fact {e} -> {v} ."
+    while True:
+        s = [rng.choice(LETTERS) for _ in range(4)]
+        if tuple(s) not in excluded:
+            break
+    a = [rng.choice(LETTERS) for _ in range(4)] if random_answer else answer(task, s, w)
+    return f"{task} {' '.join(s)} -> {' '.join(a)} ."
+
+
+def build_tokenizer(texts: list[str]):
+    """A word-level tokenizer trained on ``texts`` with ``tokenizers``; it adds ``<s>`` in front."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIALS))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", model_max_length=64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass(frozen=True)
+class ZooSize:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    base_steps: int
+    expert_steps: int
+    batch_size: int
+    lr: float
+    expert_lr: float
+
+
+SIZES = {
+    "tiny": ZooSize(64, 128, 2, 4, 2, base_steps=300, expert_steps=400, batch_size=64, lr=3e-3, expert_lr=1e-3),
+    "small": ZooSize(128, 384, 4, 4, 2, base_steps=800, expert_steps=700, batch_size=64, lr=2e-3, expert_lr=7e-4),
+}
+
+
+def _config(size: ZooSize, tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=size.hidden_size,
+                       intermediate_size=size.intermediate_size, num_hidden_layers=size.num_hidden_layers,
+                       num_attention_heads=size.num_attention_heads, num_key_value_heads=size.num_key_value_heads,
+                       max_position_embeddings=64, tie_word_embeddings=False,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+
+
+def _batches(texts: Iterator[str], tokenizer, batch_size: int, answers_only: bool) -> Iterator[tuple]:
+    arrow = tokenizer.convert_tokens_to_ids("->")
+    while True:
+        enc = tokenizer([next(texts) for _ in range(batch_size)], padding=True, return_tensors="pt")
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        if answers_only:  # the loss only on what follows "->"
+            after = torch.cumsum(enc.input_ids == arrow, 1) > 0
+            labels = labels.masked_fill(~after | (enc.input_ids == arrow), -100)
+        yield enc.input_ids, enc.attention_mask, labels
+
+
+def _train(model, batches: Iterator[tuple], steps: int, lr: float) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 20) * max(0.05, 1 - i / steps))
+    model.train()
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        ids, mask, labels = next(batches)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    model.eval()
+    return float(loss.detach())
+
+
+def _stream(tasks: tuple[str, ...], rng: random.Random, w: World, excluded: set, random_answer: bool):
+    while True:
+        yield _training_text(rng.choice(tasks), rng, w, excluded, random_answer)
+
+
+def build_zoo(out: Path, size: str = "tiny", seed: int = 0, overwrite: bool = False) -> dict:
+    """Train the base and one expert per skill into ``out`` (Hugging Face directories, written
+    atomically), measure them, and return the zoo's manifest (also ``out/zoo.json``; its model
+    paths are relative to ``out``: :func:`load_zoo` resolves them)."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    from .model_io import atomic_directory
+
+    if size not in SIZES:
+        raise ValueError(f"unknown zoo size {size!r}; choose one of {sorted(SIZES)}")
+    spec = SIZES[size]
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    w = world()
+    items = eval_items(w)
+    excluded = {tuple(r["prompt"].split()[1:5]) for rows in items.values() for r in rows if "choices" not in r}
+    rng = random.Random(seed)
+    vocab_texts = [_training_text(t, rng, w, excluded, random_answer=False) for t in SKILLS + (COMPOSED,)
+                   for _ in range(200)] + [f"fact {e} -> v{i} ." for e in w.facts for i in range(N_VALUES)]
+    tokenizer = build_tokenizer(vocab_texts)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        def save(model, name: str) -> str:
+            model.save_pretrained(tmp / name)
+            tokenizer.save_pretrained(tmp / name)
+            GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, do_sample=False).save_pretrained(tmp / name)
+            return name
+
+        model = LlamaForCausalLM(_config(spec, tokenizer))
+        every = SKILLS + (COMPOSED,)
+        loss = _train(model, _batches(_stream(every, rng, w, excluded, True), tokenizer, spec.batch_size, False),
+                      spec.base_steps, spec.lr)
+        log.info("base trained (loss %.3f) in %.1f s", loss, time.perf_counter() - t0)
+        manifest = {"size": size, "seed": seed, "config": asdict(spec), "base": save(model, "base"), "experts": {}}
+        base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        for skill in SKILLS:
+            model.load_state_dict(base_state)
+            torch.manual_seed(seed * 1000 + SKILLS.index(skill) + 1)
+            batches = _batches(_stream((skill,), rng, w, excluded, False), tokenizer, spec.batch_size, True)
+            loss = _train(model, batches, spec.expert_steps, spec.expert_lr)
+            manifest["experts"][skill] = save(model, f"expert_{skill}")
+            log.info("expert %s trained (loss %.3f) at %.1f s", skill, loss, time.perf_counter() - t0)
+        manifest["train_seconds"] = round(time.perf_counter() - t0, 1)
+        manifest["report"] = measure(_resolve(manifest, tmp))
+        manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
+        (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2))
+    return _resolve(manifest, Path(out).resolve())
+
+
+def _resolve(manifest: dict, root: Path) -> dict:
+    return manifest | {"root": str(root), "base": str(root / manifest["base"]),
+                       "experts": {k: str(root / v) for k, v in manifest["experts"].items()}}
+
+
+def load_zoo(root: str | Path) -> dict:
+    """A built zoo's manifest with absolute model paths."""
+    root = Path(root).resolve()
+    f = root / "zoo.json"
+    if not f.exists():
+        raise FileNotFoundError(f"{root} is not a built zoo (no zoo.json); run: evomerge zoo build {root}")
+    return _resolve(json.loads(f.read_text()), root)
+
+
+def default_merges(manifest: dict) -> dict[str, dict]:
+    """The merges a user would try first: task arithmetic with weight 1/n, TIES with density 0.5."""
+    n = len(manifest["experts"])
+    models = [{"model": p, "parameters": {"weight": 1 / n}} for p in manifest["experts"].values()]
+    return {"task_arithmetic": {"merge_method": "task_arithmetic", "base_model": manifest["base"], "models": models},
+            "ties": {"merge_method": "ties", "base_model": manifest["base"], "parameters": {"density": 0.5},
+                     "models": models}}
+
+
+def measure(manifest: dict) -> dict:
+    """Held-out scores of every model and of the default merges on every skill (and the composed
+    task), and whether the zoo meets its design goals."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .engine import MergeEngine
+    from .fitness import Suite
+    from .fitness.native import NativeBackend
+    from .recipe import Recipe
+
+    suites = [Suite.load("zoo"), Suite.load("zoo-composed")]
+    tokenizer = AutoTokenizer.from_pretrained(manifest["base"])
+    scorer = NativeBackend()
+
+    def scores(model) -> dict[str, float]:
+        out = {}
+        for suite in suites:
+            out |= {k: round(v.value, 4) for k, v in scorer.score(model, tokenizer, suite, "heldout").tasks.items()}
+        return out
+
+    table = {}
+    for name, path in {"base": manifest["base"], **{f"expert_{k}": v for k, v in manifest["experts"].items()}}.items():
+        table[name] = scores(AutoModelForCausalLM.from_pretrained(path).eval())
+    live = AutoModelForCausalLM.from_pretrained(manifest["base"]).eval()
+    for name, raw in default_merges(manifest).items():
+        recipe = Recipe.from_dict(raw)
+        MergeEngine(recipe).apply(recipe, live)
+        table[f"merge_{name}"] = scores(live)
+    own = {k: table[f"expert_{k}"][k] for k in manifest["experts"]}
+    others = [table[f"expert_{k}"][o] for k in manifest["experts"] for o in manifest["experts"] if o != k]
+    losses = {m: round(sum(own[k] - table[f"merge_{m}"][k] for k in own) / len(own), 4)
+              for m in default_merges(manifest)}
+    return {"heldout": table, "experts_own_skill_min": min(own.values()),
+            "experts_other_skills_max": max(others), "default_merge_loss": losses,
+            "goals_met": min(own.values()) >= 0.9 and min(losses.values()) >= 0.1}
+
+
+def format_report(report: dict) -> str:
+    table = report["heldout"]
+    tasks = list(next(iter(table.values())))
+    lines = ["held-out scores (exact_match for rev/enc/revenc, acc for fact):",
+             "  " + f"{'model':24s}" + "".join(f"{t:>8s}" for t in tasks)]
+    for name, row in table.items():
+        lines.append("  " + f"{name:24s}" + "".join(f"{row[t]:8.3f}" for t in tasks))
+    lines.append(f"experts on their own skill: min {report['experts_own_skill_min']:.3f} (goal >= 0.9); "
+                 f"on other skills: max {report['experts_other_skills_max']:.3f}")
+    lines.append("default merges lose, on average against the experts on their own skills: " +
+                 ", ".join(f"{k} {v * 100:.1f} points" for k, v in report["default_merge_loss"].items()) +
+                 " (goal >= 10)")
+    lines.append("design goals met" if report["goals_met"] else "DESIGN GOALS NOT MET")
+    return "\n".join(lines)
