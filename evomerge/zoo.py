@@ -166,7 +166,7 @@ class ZooSize:
 
 SIZES = {
     "tiny": ZooSize(64, 128, 2, 4, 2, base_steps=300, expert_steps=400, batch_size=64, lr=3e-3, expert_lr=1e-3),
-    "small": ZooSize(128, 384, 4, 4, 2, base_steps=800, expert_steps=700, batch_size=64, lr=2e-3, expert_lr=7e-4),
+    "small": ZooSize(128, 384, 4, 4, 2, base_steps=600, expert_steps=500, batch_size=64, lr=2e-3, expert_lr=7e-4),
 }
 
 

@@ -51,3 +51,23 @@ def families(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """The tiny trained model zoo, built (and measured) once per test session."""
+    from evomerge.zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo") / "tiny", size="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def zoo_model(zoo):
+    """Load one of the zoo's models (and its tokenizer) by name: base, rev, enc or fact."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def load(name: str):
+        path = zoo["base"] if name == "base" else zoo["experts"][name]
+        return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+    return load

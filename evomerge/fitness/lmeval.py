@@ -76,7 +76,7 @@ class LmEvalBackend:
         """lm-eval task objects for ``suite``, built once (the registry is only indexed when the
         suite names lm-eval tasks)."""
         if id(suite) not in self._task_dicts:
-            from lm_eval.tasks import TaskManager, get_task_dict
+            from lm_eval.tasks import TaskManager
 
             for t in suite.tasks:
                 if t.local and t.spec.kind == "generate" and t.spec.metric == "margin":
@@ -89,7 +89,7 @@ class LmEvalBackend:
                 if unknown:
                     raise SuiteError(f"suite {suite.name}: lm-eval does not know task(s) {', '.join(unknown)}")
             entries = [task_config(t) if t.local else t.spec.lm_eval for t in suite.tasks]
-            self._task_dicts[id(suite)] = get_task_dict(entries, manager)
+            self._task_dicts[id(suite)] = manager.load(entries)["tasks"]  # leaf tasks by name
         return self._task_dicts[id(suite)]
 
     def _indices(self, suite: Suite, tasks: dict, split: str) -> dict[str, list[int]]:
@@ -111,8 +111,7 @@ class LmEvalBackend:
     def score(self, model, tokenizer, suite: Suite, split: str = "search") -> FitnessResult:
         t0 = time.perf_counter()
         lm = self._wrap(model, tokenizer)
-        tasks = self.task_dict(suite)
-        flat = _flatten(tasks)
+        flat = self.task_dict(suite)
         samples = self._indices(suite, flat, split)
         out = self._evaluate(lm, flat, samples)
         results: dict[str, TaskResult] = {}
@@ -160,17 +159,6 @@ class LmEvalBackend:
 
 
 METRIC_KEYS = ("acc", "acc_norm", "exact_match")
-
-
-def _flatten(task_dict: dict) -> dict:
-    """lm-eval returns groups as nested dicts; the evaluator and the samples use the leaf names."""
-    flat = {}
-    for k, v in task_dict.items():
-        if isinstance(v, dict):
-            flat |= _flatten(v)
-        else:
-            flat[k if isinstance(k, str) else str(k)] = v
-    return flat
 
 
 class VllmBackend(LmEvalBackend):
