@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.evomerge-installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-fitness clean
 
 setup: $(STAMP)
 
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup_env.sh
 	touch $(STAMP)
 
-## The main job: merge the bundled tiny models with a TIES recipe (the search demo arrives with the search issue).
+## The main job: train (once) the tiny model zoo, merge it and score the merges (the search demo arrives with the search issue).
 demo: setup
 	$(PY) -m evomerge.demo
 
@@ -23,6 +23,10 @@ test: setup
 ## Speed against mergekit, same process and machine.
 bench: setup
 	$(PY) benchmarks/merge_speed.py
+
+## Fitness backends per candidate: native vs lm-eval's simple_evaluate and our lm-eval backend.
+bench-fitness: setup
+	$(PY) benchmarks/fitness_speed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs/*

@@ -1,8 +1,10 @@
-"""The README's main command (until the search arrives): merge the bundled tiny model family.
+"""The README's main command (until the search arrives): merge the trained tiny zoo and score it.
 
-Builds (once, cached under runs/demo/) a tiny Llama base and three experts, merges them with a
-TIES recipe through ``evomerge merge``, then applies several recipes in place into a live model
-with the merge engine, checking that the one equal to the disk recipe gives the same tensors.
+Builds (once, cached under runs/demo/zoo) the tiny model zoo: a base and three experts trained
+here on the CPU, and prints how each model and the default merges score. Then it writes a merge
+to disk, scores it with ``evomerge eval``'s native backend, and scores a few recipes applied in
+place into one live model, checking that the in-place recipe equal to the disk one gives the
+same weights and the same fitness.
 
     python -m evomerge.demo [--out runs/demo]
 """
@@ -10,7 +12,6 @@ with the merge engine, checking that the one equal to the disk recipe gives the 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -19,56 +20,62 @@ from pathlib import Path
 
 import torch
 
-from .engine import MergeEngine
-from .merge import merge_to_disk
-from .recipe import Recipe, build, gradient, per_kind
-from .tiny import TinySpec, build_family
-
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    out = Path(args.out)
-    zoo = out / "zoo"
-    if (zoo / "family.json").exists():
-        fam = json.loads((zoo / "family.json").read_text())
-        print(f"model family: {zoo} (cached)")
-    else:
-        t = time.perf_counter()
-        fam = build_family(zoo, TinySpec(dtype=torch.bfloat16), n_experts=3, seed=0)
-        print(f"model family: built {zoo} in {time.perf_counter() - t:.1f} s")
-
-    # a recipe as the search builds it: per layer for attention, per kind for the rest
-    weight = per_kind({"attention": gradient([0.2, 0.4, 0.6, 0.8]), "mlp": 0.5, "embed": 0.3}, default=0.4)
-    recipe = build("ties", fam["base"], {e: {"weight": weight, "density": 0.5} for e in fam["experts"]},
-                   dtype="bfloat16")
-    (out / "recipe.yaml").write_text(recipe.to_yaml())
-    t = time.perf_counter()
-    merged = merge_to_disk(Recipe.from_yaml(out / "recipe.yaml"), out / "merged", overwrite=True)
-    print(f"evomerge merge {out / 'recipe.yaml'} -> {merged} in {time.perf_counter() - t:.2f} s")
-
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(merged)
+    from .engine import MergeEngine
+    from .fitness import Suite
+    from .fitness.native import NativeBackend
+    from .merge import merge_to_disk
+    from .recipe import Recipe, build, per_kind
+    from .zoo import build_zoo, format_report, load_zoo
+
+    out = Path(args.out)
+    try:
+        zoo = load_zoo(out / "zoo")
+        print(f"model zoo: {zoo['root']} (cached)")
+    except FileNotFoundError:
+        zoo = build_zoo(out / "zoo", size="tiny", seed=0)
+        print(f"model zoo: trained {zoo['root']} in {zoo['build_seconds']:.0f} s")
+    print(format_report(zoo["report"]))
+
+    suite, scorer = Suite.load("zoo"), NativeBackend()
+    experts = list(zoo["experts"].values())
+
+    def recipe(weight: float, attention: float, density: float) -> Recipe:
+        w = per_kind({"attention": attention}, default=weight)
+        return build("ties", zoo["base"], {e: {"weight": w, "density": density} for e in experts})
+
+    first = recipe(0.5, 0.8, 0.7)
+    (out / "recipe.yaml").write_text(first.to_yaml())
+    t = time.perf_counter()
+    merged = merge_to_disk(Recipe.from_yaml(out / "recipe.yaml"), out / "merged", overwrite=True)
+    print(f"\nevomerge merge {out / 'recipe.yaml'} -> {merged} in {time.perf_counter() - t:.2f} s")
     tok = AutoTokenizer.from_pretrained(merged)
-    engine = MergeEngine(recipe)
-    print(f"merge engine: cache {engine.placement}, {engine.cache_bytes / 2**20:.1f} MiB, "
-          f"built in {engine.build_seconds:.2f} s")
-    prompt = tok("w1 w2 w3", return_tensors="pt")
-    written = dict(AutoModelForCausalLM.from_pretrained(merged).state_dict())
-    for density in (0.2, 0.9, 0.5):
-        r = build("ties", fam["base"], {e: {"weight": weight, "density": density} for e in fam["experts"]},
-                  dtype="bfloat16")
-        seconds = engine.apply(r, model)
-        with torch.no_grad():
-            nll = model(**prompt, labels=prompt["input_ids"]).loss.item()
-        print(f"  in-place apply, density {density}: {seconds * 1e3:.1f} ms, loss on the prompt {nll:.4f}")
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    on_disk = scorer.score(model, tok, suite)
+    written = {k: v.clone() for k, v in model.state_dict().items()}
+    print(f"  fitness of the written model on suite {suite.name}: {on_disk.fitness:.4f}")
+
+    engine = MergeEngine(first)
+    print(f"merge engine: cache {engine.placement}, built in {engine.build_seconds:.2f} s; recipes applied in place:")
+    for weight, attention, density in ((1.0, 1.0, 0.9), (0.8, 1.2, 0.5), (1.2, 0.6, 0.3), (0.5, 0.8, 0.7)):
+        seconds = engine.apply(recipe(weight, attention, density), model)
+        r = scorer.score(model, tok, suite)
+        per_task = ", ".join(f"{k} {v.value:.2f}" for k, v in r.tasks.items())
+        print(f"  weight {weight}, attention {attention}, density {density}: apply {seconds * 1e3:.0f} ms, "
+              f"fitness {r.fitness:.4f} ({per_task}) in {r.seconds * 1e3:.0f} ms")
     same = all(torch.equal(v, written[k]) for k, v in model.state_dict().items())
-    print(f"in-place apply of the disk recipe equals the written model: {same}")
-    return 0 if same else 1
+    same_fitness = r.fitness == on_disk.fitness
+    print(f"the last in-place recipe equals the written one: weights {same}, fitness {same_fitness}")
+    return 0 if same and same_fitness else 1
 
 
 if __name__ == "__main__":
