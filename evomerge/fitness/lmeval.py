@@ -8,7 +8,6 @@ and ``cache_requests`` would return stale answers after the weights change).
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
@@ -16,8 +15,6 @@ from typing import Optional
 
 from .result import CandidateFailed, FitnessResult, ItemResult, TaskResult, choose, combine
 from .suite import Suite, SuiteError, Task
-
-log = logging.getLogger(__name__)
 
 
 def _task_name(task: Task) -> str:
