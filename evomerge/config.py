@@ -1,0 +1,231 @@
+"""A run's config file: models, merge method, search space, fitness, driver, budget.
+
+Validated with pydantic; every error names the file and the key at fault. Model references and
+file paths are resolved against the config file's directory, and :meth:`RunConfig.resolved` gives
+the self-contained form a run directory keeps (absolute paths, inline suites with absolute data).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import EvomergeError
+from .methods import METHODS
+from .recipe import DTYPES
+
+class ConfigError(EvomergeError):
+    """A run config is invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelsSpec(_Strict):
+    base: Optional[str] = None
+    experts: list[str] = Field(min_length=1)
+
+
+class FitnessSpec(_Strict):
+    suite: Union[str, dict[str, Any]]
+    backend: Literal["native", "lm-eval", "vllm"] = "native"
+    batch_size: int = Field(32, ge=1)
+
+
+class DriverSpec(_Strict):
+    name: Literal["cma", "optuna"] = "cma"
+    sampler: Optional[Literal["tpe", "cmaes", "gp", "random", "nsga2"]] = None
+    popsize: Optional[int] = Field(None, ge=2)
+    sigma0: float = Field(1 / 6, gt=0, le=1)
+    restarts: int = Field(0, ge=0)
+    x0: Literal["default", "center"] = "default"
+    n_startup_trials: Optional[int] = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DriverSpec":
+        if self.name == "optuna" and self.sampler is None:
+            self.sampler = "tpe"
+        if self.name == "cma" and self.sampler is not None:
+            raise ValueError("sampler applies to driver optuna only (cma is pycma itself)")
+        if self.name == "optuna" and self.restarts:
+            raise ValueError("restarts applies to driver cma only")
+        return self
+
+
+class BudgetSpec(_Strict):
+    max_candidates: Optional[int] = Field(None, ge=1)
+    max_minutes: Optional[float] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "BudgetSpec":
+        if self.max_candidates is None and self.max_minutes is None:
+            raise ValueError("give max_candidates, max_minutes or both")
+        if self.max_minutes is not None and not math.isfinite(self.max_minutes):
+            raise ValueError("max_minutes must be finite")
+        return self
+
+
+class RunConfig(_Strict):
+    name: Optional[str] = None
+    models: ModelsSpec
+    merge_method: str
+    space: Union[str, dict[str, Any]] = "global"
+    fitness: FitnessSpec
+    driver: DriverSpec = DriverSpec()
+    budget: BudgetSpec
+    references: bool = True
+    default_parameters: dict[str, float] = {}
+    fixed_parameters: dict[str, Union[float, bool]] = {}
+    device: str = "cpu"
+    dtype: Optional[str] = None
+    cache: Literal["auto", "device", "pinned", "disk"] = "auto"
+    seed: int = 0
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    @field_validator("merge_method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; known: {', '.join(sorted(METHODS))}")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in DTYPES:
+            raise ValueError(f"unknown dtype {v!r}; known: {', '.join(DTYPES)}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "cpu" and not (v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        method = METHODS[self.merge_method]
+        if method.needs_base and not self.models.base:
+            raise ValueError(f"models.base: method {self.merge_method!r} needs a base model")
+        return self
+
+    # -- loading -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        return cls.from_dict(raw, source=path)
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: Optional[Path] = None) -> "RunConfig":
+        where = str(source) if source else "config"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: a run config must be a mapping")
+        try:
+            cfg = cls.model_validate(raw)
+        except ValidationError as e:
+            raise ConfigError(f"{where}: " + _format(e)) from None
+        root = Path(source).resolve().parent if source else Path.cwd()
+        return cfg._resolve_paths(root, where)
+
+    def _resolve_paths(self, root: Path, where: str) -> "RunConfig":
+        models = ModelsSpec(base=_model_ref(self.models.base, root, where) if self.models.base else None,
+                            experts=[_model_ref(e, root, where) for e in self.models.experts])
+        names = ([models.base] if models.base else []) + models.experts
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: models: a model is listed twice ({', '.join(names)})")
+        suite: Union[str, dict] = self.fitness.suite
+        if isinstance(suite, str):
+            p = root / suite
+            if suite.endswith((".yaml", ".yml")) or p.exists():
+                if not p.exists():
+                    raise ConfigError(f"{where}: fitness.suite: no such file {p}")
+                suite = str(p.resolve())
+        else:
+            suite = dict(suite)
+            tasks = suite.get("tasks")
+            if isinstance(tasks, list):
+                suite["tasks"] = [t | {"data": str((root / t["data"]).resolve())}
+                                  if isinstance(t, dict) and isinstance(t.get("data"), str) else t for t in tasks]
+        space: Union[str, dict] = self.space
+        if isinstance(space, str) and (space.endswith((".yaml", ".yml")) or (root / space).exists()):
+            space = str((root / space).resolve())
+        return self.model_copy(update={"models": models, "space": space,
+                                       "fitness": self.fitness.model_copy(update={"suite": suite})})
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # -- pieces the run builds from it ---------------------------------------------------------
+
+    def suite(self):
+        from .fitness import Suite
+
+        if isinstance(self.fitness.suite, str):
+            return Suite.load(self.fitness.suite)
+        return Suite.from_dict(self.fitness.suite, source=None)
+
+    def space_spec(self):
+        from .space import load_spec
+
+        return load_spec(self.space, where="space")
+
+    def model_config_dict(self) -> dict:
+        """The base (or first expert's) Hugging Face config, read from disk or the hub cache."""
+        import json
+
+        from .model_io import resolve_model_path
+
+        ref = self.models.base or self.models.experts[0]
+        path = resolve_model_path(ref) / "config.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"models: cannot read {path}: {e}") from None
+
+    def build_space(self):
+        from .architecture import num_layers
+        from .space import SearchSpace
+
+        hf = self.model_config_dict()
+        return SearchSpace(self.space_spec(), method=self.merge_method, base=self.models.base,
+                           experts=self.models.experts, num_layers=num_layers(hf),
+                           has_lm_head=not hf.get("tie_word_embeddings", False),
+                           fixed_parameters=self.fixed_parameters, dtype=self.dtype, random_seed=self.seed)
+
+
+def _model_ref(ref: str, root: Path, where: str) -> str:
+    """A local directory (resolved against the config's directory, then the working directory)
+    as an absolute path; anything else is kept as a hub id."""
+    p = Path(ref).expanduser()
+    for candidate in ((p,) if p.is_absolute() else (root / p, p)):
+        if candidate.exists():
+            return str(candidate.resolve())
+    if p.is_absolute() or ref.startswith((".", "~")):
+        raise ConfigError(f"{where}: models: {ref}: no such directory")
+    return ref
+
+
+def _format(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "list[", "union[", "dict[")))
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{loc or 'config'}: {msg}")
+    return "; ".join(dict.fromkeys(parts))

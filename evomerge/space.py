@@ -1,0 +1,419 @@
+"""Search spaces: a map from a vector in [0, 1]^d to a merge recipe.
+
+A space is described by a small spec (a preset in ``search_spaces/`` or inline in the run config):
+
+- ``granularity``: ``global`` (one value per expert and parameter), ``per_layer`` (one per decoder
+  layer), ``layer_groups`` (one per ``layers_per_group`` consecutive layers) or ``smooth`` (values at
+  ``knots`` points interpolated linearly across depth, as mergekit interpolates a gradient);
+- ``modules``: when true, attention and MLP tensors get their own values, and embeddings, norms and
+  the LM head one value each (per expert and parameter);
+- ``parameters``: bounds of each searched parameter (``{low, high}``) or a fixed value
+  (``{fixed: v}``). Weights may go negative (``low < 0``, or ``allow_negative_weights``).
+
+Coordinate ``x`` maps to ``low + x * (high - low)``. Every recipe a space decodes is plain mergekit
+syntax (scalars, per-layer lists and ``{filter, value}`` conditions), so it exports as is.
+Tensors outside the decoder layers take the first layer slot's value unless ``modules`` gives
+them their own (mergekit evaluates gradients at t = 0 there).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from .errors import EvomergeError
+from .methods import MethodSpec, get_method
+from .recipe import KIND_FILTERS, Condition, Recipe, build
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+GRANULARITIES = ("global", "per_layer", "layer_groups", "smooth")
+
+#: Bounds of a searched parameter when the spec does not give them.
+DEFAULT_BOUNDS = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 0.1),
+                  "epsilon": (0.0, 0.2), "lambda": (0.5, 1.5)}
+#: Parameters searched by default when a method has them.
+SEARCHED_BY_DEFAULT = ("weight", "density", "t")
+GLOBAL_SEARCHABLE = ("t", "lambda")
+MODULE_KINDS = ("attention", "mlp")  # per-slot kinds when modules is on
+SCALAR_KINDS = ("embed", "norm", "lm_head")  # one value each when modules is on
+
+
+class SpaceError(EvomergeError):
+    """A search-space spec is invalid."""
+
+
+class ParamRange(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    low: Optional[float] = None
+    high: Optional[float] = None
+    fixed: Optional[float] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ParamRange":
+        if self.fixed is not None and (self.low is not None or self.high is not None):
+            raise ValueError("give either fixed or low/high, not both")
+        for v in (self.low, self.high, self.fixed):
+            if v is not None and not math.isfinite(v):
+                raise ValueError("values must be finite")
+        if self.low is not None and self.high is not None and not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+class SpaceSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: Optional[str] = None
+    description: str = ""
+    granularity: Literal["global", "per_layer", "layer_groups", "smooth"] = "global"
+    layers_per_group: Optional[int] = None
+    knots: Optional[int] = None
+    modules: bool = False
+    allow_negative_weights: bool = False
+    parameters: dict[str, ParamRange] = {}
+
+    @model_validator(mode="after")
+    def _check(self) -> "SpaceSpec":
+        if self.granularity == "layer_groups":
+            if self.layers_per_group is None or self.layers_per_group < 1:
+                raise ValueError("layer_groups needs layers_per_group >= 1")
+        elif self.layers_per_group is not None:
+            raise ValueError("layers_per_group only applies to granularity layer_groups")
+        if self.granularity == "smooth":
+            if self.knots is None or self.knots < 2:
+                raise ValueError("smooth needs knots >= 2")
+        elif self.knots is not None:
+            raise ValueError("knots only applies to granularity smooth")
+        return self
+
+
+def load_spec(ref: Any, where: str = "space") -> SpaceSpec:
+    """A spec from a preset name (``search_spaces/NAME.yaml``), a YAML file path, or a mapping."""
+    source = where
+    if isinstance(ref, str):
+        path = Path(ref)
+        if not path.exists() and (SPACES_DIR / f"{ref}.yaml").exists():
+            path = SPACES_DIR / f"{ref}.yaml"
+        if not path.exists():
+            presets = ", ".join(preset_names())
+            raise SpaceError(f"{where}: no preset or file {ref!r} (presets: {presets})")
+        source = str(path)
+        try:
+            ref = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise SpaceError(f"{path}: not valid YAML: {e}") from None
+        if isinstance(ref, dict):
+            ref.setdefault("name", path.stem)
+    if not isinstance(ref, dict):
+        raise SpaceError(f"{source}: a search space must be a mapping or a preset name")
+    try:
+        return SpaceSpec.model_validate(ref)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'space'}: "
+                             f"{'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}"
+                             for err in e.errors())
+        raise SpaceError(f"{source}: {problems}") from None
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+@dataclass(frozen=True)
+class Coordinate:
+    """One dimension of the space: which parameter of which expert, where, and its bounds."""
+    name: str
+    param: str
+    expert: Optional[str]  # None for global parameters (t, lambda)
+    kind: Optional[str]  # attention, mlp, embed, norm, lm_head; None when modules is off
+    layers: Optional[tuple[int, int]]  # first and last layer of the slot (inclusive); None for scalar kinds
+    low: float
+    high: float
+
+    def value(self, x: float) -> float:
+        return self.low + min(max(x, 0.0), 1.0) * (self.high - self.low)
+
+    def coordinate(self, value: float) -> float:
+        return min(max((value - self.low) / (self.high - self.low), 0.0), 1.0)
+
+    def describe(self) -> str:
+        who = f"expert {self.expert}" if self.expert else "all experts"
+        where = ("all layers" if self.layers is None and self.kind is None else
+                 f"{self.kind} tensors" if self.layers is None else
+                 f"layer {self.layers[0]}" if self.layers[0] == self.layers[1] else
+                 f"layers {self.layers[0]}-{self.layers[1]}")
+        if self.kind in MODULE_KINDS:
+            where = f"{self.kind}, {where}"
+        return f"{self.param} of {who}, {where}, in [{self.low:g}, {self.high:g}]"
+
+
+class SearchSpace:
+    """A spec bound to a merge: its method, base, experts and number of layers."""
+
+    def __init__(self, spec: SpaceSpec, *, method: str, base: Optional[str], experts: Sequence[str],
+                 num_layers: int, has_lm_head: bool = True, fixed_parameters: Optional[dict] = None,
+                 dtype: Optional[str] = None, random_seed: int = 0, labels: Optional[Sequence[str]] = None):
+        self.spec = spec
+        self.method: MethodSpec = get_method(method)
+        self.base = base
+        self.experts = list(experts)
+        self.labels = list(labels) if labels else expert_labels(self.experts)
+        self.num_layers = num_layers
+        self.has_lm_head = has_lm_head
+        self.dtype = dtype
+        self.random_seed = random_seed
+        if self.method.family == "slerp" and len(self.experts) != 1:
+            raise SpaceError(f"slerp merges the base with exactly one expert (got {len(self.experts)})")
+        self.fixed: dict[str, float] = {}
+        self.bounds: dict[str, tuple[float, float]] = {}
+        self._resolve_parameters(fixed_parameters or {})
+        self.slots = self._slots()
+        self.coordinates = self._coordinates()
+
+    # -- construction --------------------------------------------------------------------------
+
+    def _resolve_parameters(self, fixed: dict) -> None:
+        allowed = self._searchable()
+        for key, r in self.spec.parameters.items():
+            if key not in allowed:
+                raise SpaceError(f"space parameters.{key}: method {self.method.name!r} has no searchable "
+                                 f"parameter {key!r} (it has: {', '.join(sorted(allowed)) or 'none'})")
+            if r.fixed is not None:
+                self.fixed[key] = r.fixed
+            else:
+                low, high = DEFAULT_BOUNDS[key]
+                if key == "weight" and self.spec.allow_negative_weights:
+                    low = -high
+                low = r.low if r.low is not None else low
+                high = r.high if r.high is not None else high
+                if not low < high:
+                    raise SpaceError(f"space parameters.{key}: low ({low}) must be below high ({high})")
+                if key in ("density", "t", "gamma", "epsilon") and not (0 <= low and high <= 1):
+                    raise SpaceError(f"space parameters.{key}: bounds must lie in [0, 1]")
+                self.bounds[key] = (low, high)
+        for key in SEARCHED_BY_DEFAULT:
+            if key in allowed and key not in self.fixed and key not in self.bounds:
+                low, high = DEFAULT_BOUNDS[key]
+                if key == "weight" and self.spec.allow_negative_weights:
+                    low = -high
+                self.bounds[key] = (low, high)
+        for key, value in fixed.items():
+            if key in self.bounds:
+                continue
+            self.fixed.setdefault(key, value)
+
+    def _searchable(self) -> set[str]:
+        m = self.method
+        out = {p for p in m.model_params if p in DEFAULT_BOUNDS}
+        if m.sparsifier is None:
+            out.discard("density")
+        out |= {p for p in m.global_params if p in GLOBAL_SEARCHABLE}
+        return out
+
+    def _slots(self) -> list[tuple[str, tuple[int, int]]]:
+        n, s = self.num_layers, self.spec
+        if s.granularity == "global":
+            return [("", (0, n - 1))]
+        if s.granularity == "per_layer":
+            return [(f"L{i:02d}", (i, i)) for i in range(n)]
+        if s.granularity == "layer_groups":
+            k = s.layers_per_group
+            return [(f"L{lo:02d}-{min(lo + k, n) - 1:02d}", (lo, min(lo + k, n) - 1)) for lo in range(0, n, k)]
+        positions = [round(j * (n - 1) / (s.knots - 1), 2) for j in range(s.knots)]
+        return [(f"K{j}", (math.floor(p), math.ceil(p))) for j, p in enumerate(positions)]
+
+    def _coordinates(self) -> list[Coordinate]:
+        out: list[Coordinate] = []
+        global_slots = self.spec.granularity == "global"
+        for param, (low, high) in self.bounds.items():
+            owners = [None] if param in GLOBAL_SEARCHABLE else list(zip(self.experts, self.labels))
+            for owner in owners:
+                expert, label = owner if owner else (None, None)
+                prefix = f"{label}.{param}" if label else param
+                kinds = MODULE_KINDS if self.spec.modules else (None,)
+                for kind in kinds:
+                    for slot, layers in self.slots:
+                        parts = [prefix] + ([kind] if kind else []) + ([slot] if slot else [])
+                        out.append(Coordinate(".".join(parts), param, expert, kind,
+                                              None if global_slots and kind is None else layers, low, high))
+                if self.spec.modules:
+                    for kind in SCALAR_KINDS:
+                        if kind == "lm_head" and not self.has_lm_head:
+                            continue
+                        out.append(Coordinate(f"{prefix}.{kind}", param, expert, kind, None, low, high))
+        names = [c.name for c in out]
+        if len(set(names)) != len(names):
+            raise SpaceError("two coordinates got the same name; give the experts distinct directory names")
+        return out
+
+    # -- queries --------------------------------------------------------------------------------
+
+    @property
+    def dimension(self) -> int:
+        return len(self.coordinates)
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.coordinates]
+
+    def describe(self) -> str:
+        s = self.spec
+        head = [f"search space {s.name or '(inline)'}: {s.granularity}"
+                + (f", {s.layers_per_group} layers per group" if s.layers_per_group else "")
+                + (f", {s.knots} knots" if s.knots else "") + (", attention/MLP separately" if s.modules else "")
+                + f"; method {self.method.name}, {len(self.experts)} expert(s), {self.num_layers} layers",
+                f"dimension {self.dimension}" + (f"; fixed: " + ", ".join(f"{k}={v:g}" for k, v in self.fixed.items())
+                                                 if self.fixed else "")]
+        width = max((len(c.name) for c in self.coordinates), default=4)
+        rows = [f"  {i:4d}  {c.name:{width}s}  {c.describe()}" for i, c in enumerate(self.coordinates)]
+        labels = [f"  expert {lab}: {e}" for e, lab in zip(self.experts, self.labels)]
+        return "\n".join(head + labels + rows)
+
+    def default_vector(self, values: dict[str, float]) -> list[float]:
+        """The coordinates of a recipe that sets every parameter to ``values[param]`` everywhere."""
+        return [c.coordinate(values[c.param]) for c in self.coordinates]
+
+    # -- decoding -----------------------------------------------------------------------------
+
+    def values(self, x: Sequence[float]) -> dict[str, float]:
+        """Coordinate name -> parameter value."""
+        if len(x) != self.dimension:
+            raise SpaceError(f"vector has {len(x)} coordinates; the space has {self.dimension}")
+        bad = [i for i, v in enumerate(x) if not math.isfinite(v)]
+        if bad:
+            raise SpaceError(f"vector coordinate {bad[0]} ({self.coordinates[bad[0]].name}) is not finite")
+        return {c.name: c.value(float(v)) for c, v in zip(self.coordinates, x)}
+
+    def _layer_list(self, per_slot: list[float]) -> Any:
+        """A parameter value across depth, in mergekit syntax."""
+        g = self.spec.granularity
+        if g == "global":
+            return per_slot[0]
+        if g in ("per_layer", "smooth"):
+            return list(per_slot)
+        out = []
+        for value, (_, (lo, hi)) in zip(per_slot, self.slots):
+            out += [value] * (hi - lo + 1)
+        return out
+
+    def _param_value(self, vals: dict[str, float], prefix: str) -> Any:
+        slot_names = [slot for slot, _ in self.slots]
+
+        def across(kind: Optional[str]) -> Any:
+            keys = [".".join([prefix] + ([kind] if kind else []) + ([s] if s else [])) for s in slot_names]
+            return self._layer_list([_round(vals[k]) for k in keys])
+
+        if not self.spec.modules:
+            return across(None)
+        conds = {kind: across(kind) for kind in MODULE_KINDS}
+        for kind in SCALAR_KINDS:
+            key = f"{prefix}.{kind}"
+            if key in vals:
+                conds[kind] = _round(vals[key])
+        ordered = [Condition(filter=KIND_FILTERS[k], value=conds[k]) for k in KIND_FILTERS if k in conds]
+        ordered.append(Condition(value=conds["mlp"]))  # tensors of no known kind follow the MLP values
+        return ordered
+
+    def decode(self, x: Sequence[float]) -> Recipe:
+        vals = self.values(x)
+        per_model: dict[str, dict] = {}
+        for expert, label in zip(self.experts, self.labels):
+            params: dict[str, Any] = {}
+            for param in self.bounds:
+                if param not in GLOBAL_SEARCHABLE:
+                    params[param] = self._param_value(vals, f"{label}.{param}")
+            for param, value in self.fixed.items():
+                if param in self.method.model_params:
+                    params[param] = value
+            per_model[expert] = params
+        glob: dict[str, Any] = {p: self._param_value(vals, p) for p in self.bounds if p in GLOBAL_SEARCHABLE}
+        glob |= {p: v for p, v in self.fixed.items() if p in self.method.global_params and p not in glob}
+        if self.method.family == "slerp":
+            per_model = {self.base: {}, **{e: {} for e in self.experts}}
+        return build(self.method.name, self.base, per_model, parameters=glob or None, dtype=self.dtype,
+                     random_seed=self.random_seed)
+
+    def recipe_from(self, values: dict[str, float]) -> Recipe:
+        """The recipe that sets each parameter to one value everywhere (a reference recipe), built
+        outside the space's bounds when needed."""
+        per_model = {e: {p: v for p, v in values.items() if p in self.method.model_params} for e in self.experts}
+        glob = {p: v for p, v in values.items() if p in self.method.global_params}
+        if self.method.family == "slerp":
+            per_model = {self.base: {}, **{e: {} for e in self.experts}}
+        return build(self.method.name, self.base, per_model, parameters=glob or None, dtype=self.dtype,
+                     random_seed=self.random_seed)
+
+    def layer_table(self, recipe_values: dict[str, float]) -> tuple[list[str], list[str], list[list[float]]]:
+        """For plotting: rows (expert.param[.kind]), columns (layers) and values across depth."""
+        rows, grid = [], []
+        cols = [f"{i}" for i in range(self.num_layers)]
+        groups: dict[str, list[Coordinate]] = {}
+        for c in self.coordinates:
+            if c.layers is None and c.kind in SCALAR_KINDS:
+                continue
+            key = ".".join(x for x in (c.expert and self._label(c.expert), c.param, c.kind) if x)
+            groups.setdefault(key, []).append(c)
+        for key, coords in groups.items():
+            per_slot = [recipe_values[c.name] for c in coords]
+            across = self._layer_list(per_slot)
+            if not isinstance(across, list):
+                across = [across] * self.num_layers
+            rows.append(key)
+            grid.append([_at_layer(across, i, self.num_layers) for i in range(self.num_layers)])
+        return rows, cols, grid
+
+    def _label(self, expert: str) -> str:
+        return self.labels[self.experts.index(expert)]
+
+
+def _at_layer(values: list[float], i: int, n: int) -> float:
+    """mergekit's gradient value at layer i."""
+    if len(values) == 1 or n == 1:
+        return values[0]
+    scaled = i / (n - 1) * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+def _round(v: float) -> float:
+    """Recipe values keep 6 decimals: exported YAML stays readable and decodes to the same bits."""
+    return round(float(v), 6)
+
+
+def expert_labels(paths: Sequence[str]) -> list[str]:
+    """Short, distinct, name-safe labels for the experts (their directory names)."""
+    out: list[str] = []
+    for i, p in enumerate(paths):
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(str(p).rstrip("/")).name) or f"expert{i}"
+        label = stem
+        k = 1
+        while label in out:
+            k += 1
+            label = f"{stem}_{k}"
+        out.append(label)
+    return out
+
+
+def method_defaults(method: str, n_experts: int) -> dict[str, float]:
+    """The recipe a user tries first (the reference row 'default'): equal weights 1/n, density 0.5
+    (TIES keeps 0.5 when it trims by magnitude; DARE and DELLA draw with 0.5), SLERP t = 0.5."""
+    m = get_method(method)
+    out: dict[str, float] = {}
+    if "weight" in m.model_params:
+        out["weight"] = 1.0 / n_experts
+    if m.sparsifier is not None:
+        out["density"] = 0.5
+    if m.family == "slerp":
+        out["t"] = 0.5
+    return out
+
+
+__all__ = ["Coordinate", "GRANULARITIES", "SearchSpace", "SpaceError", "SpaceSpec", "load_spec",
+           "method_defaults", "preset_names"]
