@@ -1,0 +1,155 @@
+"""Scoring candidates: one live model, recipes applied into it in place, then the fitness backend.
+
+Nothing is written to disk per candidate. Any exception while merging or scoring (out of memory
+included) and non-finite logits make a failed record with the reason; the live model is fully
+rewritten by the next recipe, so a failure never leaks into the next candidate.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from .config import RunConfig
+from .errors import EvomergeError, ModelError
+from .fitness import FitnessResult, Suite, get_backend
+from .model_io import resolve_model_path
+from .recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    fitness: Optional[float]
+    result: Optional[FitnessResult]
+    merge_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    error: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    def record(self, items: Optional[dict[str, list[str]]] = None, recipe: Optional[Recipe] = None) -> dict:
+        """The JSON record kept in the run database. Per-item correctness is a string of 0/1 in the
+        order of ``items[task]`` (the run's subsample ids, stored once)."""
+        out: dict[str, Any] = {"merge_s": round(self.merge_seconds, 4), "eval_s": round(self.eval_seconds, 4)}
+        if recipe is not None:
+            out["recipe"] = recipe.to_dict()
+        if self.error:
+            out["error"] = self.error
+        r = self.result
+        if r is not None:
+            out["tasks"] = {k: {"metric": t.metric, "value": t.value, "metrics": t.metrics}
+                            for k, t in r.tasks.items()}
+            out["items"] = {}
+            for k, t in r.tasks.items():
+                ids = (items or {}).get(k)
+                if ids is not None and [it.id for it in t.items] != ids:
+                    raise EvomergeError(f"task {k}: the scored items differ from the run's subsample")
+                out["items"][k] = "".join("1" if it.correct else "0" for it in t.items)
+        return out | self.extra
+
+
+def _load_model(path: str, cfg: RunConfig):
+    from transformers import AutoModelForCausalLM
+
+    dtype = cfg.dtype and {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(cfg.dtype, cfg.dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(resolve_model_path(path)), dtype=getattr(torch, dtype) if dtype else "auto",
+            trust_remote_code=cfg.trust_remote_code, use_safetensors=None if cfg.allow_pickle else True)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model {path}: cannot be loaded ({str(e).splitlines()[0]})") from None
+    return model.to(cfg.device).eval()
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
+
+
+class Evaluator:
+    """Scores recipes (applied in place) and whole models on the run's suite."""
+
+    def __init__(self, cfg: RunConfig, suite: Suite):
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg
+        self.suite = suite
+        ref = cfg.models.base or cfg.models.experts[0]
+        self.tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(ref)),
+                                                       trust_remote_code=cfg.trust_remote_code)
+        self.backend = get_backend(cfg.fitness.backend, model_dir=str(resolve_model_path(ref)),
+                                   batch_size=cfg.fitness.batch_size)
+        self.engine = None
+        self.model = None
+
+    def items(self, split: str = "search") -> dict[str, list[str]]:
+        """The ids a candidate is scored on, per task."""
+        return {t.name: [it.id for it in t.items(split)] for t in self.suite.tasks if t.local}
+
+    def score_model_dir(self, path: str, splits: tuple[str, ...] = ("search",)) -> dict[str, Evaluation]:
+        """A saved model (a parent) scored as it is on each split; loaded once, then freed."""
+        t0 = time.perf_counter()
+        try:
+            model = _load_model(path, self.cfg)
+        except ModelError as e:
+            return {s: Evaluation(None, None, error=str(e)) for s in splits}
+        load = time.perf_counter() - t0
+        out = {s: self.score_model(model, s) for s in splits}
+        for ev in out.values():
+            ev.merge_seconds = load
+        del model
+        self._free()
+        return out
+
+    def prepare(self, template: Recipe) -> None:
+        """Build the merge engine and the live model (once per run)."""
+        from .engine import MergeEngine
+
+        self.engine = MergeEngine(template, device=self.cfg.device, cache=self.cfg.cache,
+                                  allow_pickle=self.cfg.allow_pickle, trust_remote_code=self.cfg.trust_remote_code)
+        self.model = _load_model(self.cfg.models.base or self.cfg.models.experts[0], self.cfg)
+
+    def score_recipe(self, recipe: Recipe, split: str = "search") -> Evaluation:
+        if self.engine is None:
+            self.prepare(recipe)
+        try:
+            merge_seconds = self.engine.apply(recipe, self.model)
+        except torch.OutOfMemoryError as e:
+            self._free()
+            return Evaluation(None, None, error=_describe(e))
+        except EvomergeError:
+            raise  # a recipe that does not fit the engine is a bug in the run, not a bad candidate
+        except Exception as e:  # noqa: BLE001 - any failure of one candidate is recorded, the search goes on
+            log.warning("merge failed: %s", _describe(e))
+            return Evaluation(None, None, error=_describe(e))
+        ev = self.score_model(self.model, split)
+        ev.merge_seconds = merge_seconds
+        return ev
+
+    def score_model(self, model, split: str = "search") -> Evaluation:
+        t0 = time.perf_counter()
+        try:
+            result = self.backend.score(model, self.tokenizer, self.suite, split=split)
+        except torch.OutOfMemoryError as e:
+            self._free()
+            return Evaluation(None, None, eval_seconds=time.perf_counter() - t0, error=_describe(e))
+        except EvomergeError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            log.warning("scoring failed: %s", _describe(e))
+            return Evaluation(None, None, eval_seconds=time.perf_counter() - t0, error=_describe(e))
+        seconds = time.perf_counter() - t0
+        if result.failed:
+            return Evaluation(None, result, eval_seconds=seconds, error=result.failed)
+        return Evaluation(result.fitness, result, eval_seconds=seconds)
+
+    def _free(self) -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,233 @@
+"""The run database: an Optuna storage (SQLite in the run directory, or any SQLAlchemy URL).
+
+Two studies per run, so ``optuna-dashboard`` shows both and samplers only see real candidates:
+
+- ``NAME``: every candidate, one trial each. Params are the space's coordinates (FloatDistribution
+  over [0, 1]); user attrs hold the decoded recipe and the result record (per-task metrics,
+  per-item correctness, merge and evaluation seconds, the error if it failed, the host).
+- ``NAME.references``: the reference rows (each parent alone, the method's default recipe).
+
+Run-level facts (config, space coordinates, subsample ids, versions) are the search study's user
+attrs; driver state (pycma or the Optuna sampler, pickled after every tell) is a system attr.
+A candidate still RUNNING when its process died is marked failed with ``interrupted`` on resume
+and does not count as evaluated.
+"""
+
+from __future__ import annotations
+
+import base64
+import pickle
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import optuna
+from optuna.distributions import FloatDistribution, distribution_to_json
+from optuna.storages import RDBStorage
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+from .errors import EvomergeError
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+UNIT = FloatDistribution(0.0, 1.0)
+UNIT_JSON = distribution_to_json(UNIT)
+STATE_KEY = "evomerge:driver_state"
+
+
+class RunDBError(EvomergeError):
+    """The run database is missing, or does not hold the run asked for."""
+
+
+def sqlite_url(path) -> str:
+    return f"sqlite:///{path}"
+
+
+def open_storage(url: str, heartbeat_interval: Optional[int] = None) -> RDBStorage:
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    try:
+        return RDBStorage(url, heartbeat_interval=heartbeat_interval, **kwargs)
+    except Exception as e:  # SQLAlchemy raises many kinds; name the URL
+        raise RunDBError(f"storage {redact(url)}: cannot open ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def redact(url: str) -> str:
+    """The URL without its password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return url
+
+
+@dataclass
+class Row:
+    """A candidate or reference row, as status and export read it."""
+    number: int
+    state: str  # complete, failed, interrupted, running
+    fitness: Optional[float]
+    params: dict[str, float]
+    recipe: Optional[dict]
+    result: dict = field(default_factory=dict)
+    name: str = ""  # reference rows: parent:LABEL or default
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> dict[str, float]:
+        return {k: v["value"] for k, v in self.result.get("tasks", {}).items()}
+
+    @property
+    def error(self) -> Optional[str]:
+        return self.result.get("error")
+
+
+class RunDB:
+    def __init__(self, url: str, name: str, *, create: bool, directions: Sequence[str] = ("maximize",),
+                 heartbeat_interval: Optional[int] = None):
+        self.url = url
+        self.name = name
+        self.storage = open_storage(url, heartbeat_interval)
+        exists = name in {s.study_name for s in self.storage.get_all_studies()}
+        if create and exists:
+            raise RunDBError(f"storage {redact(url)} already holds a run named {name!r}; resume it with "
+                             f"'evomerge resume', or pick another name")
+        if not create and not exists:
+            raise RunDBError(f"storage {redact(url)} holds no run named {name!r}")
+        if create:
+            optuna.create_study(storage=self.storage, study_name=name, directions=list(directions))
+            optuna.create_study(storage=self.storage, study_name=self.references_name, direction="maximize")
+        self._study_id = self.storage.get_study_id_from_name(name)
+        self._ref_id = self.storage.get_study_id_from_name(self.references_name)
+        self.host = socket.gethostname()
+        self._schema: Optional[tuple] = None
+
+    @property
+    def references_name(self) -> str:
+        return f"{self.name}.references"
+
+    def study(self, sampler: Optional[optuna.samplers.BaseSampler] = None) -> optuna.Study:
+        return optuna.load_study(study_name=self.name, storage=self.storage, sampler=sampler)
+
+    # -- run-level facts ------------------------------------------------------------------------
+
+    def set_meta(self, values: dict[str, Any]) -> None:
+        for k, v in values.items():
+            self.storage.set_study_user_attr(self._study_id, k, v)
+
+    def meta(self) -> dict[str, Any]:
+        return self.storage.get_study_user_attrs(self._study_id)
+
+    def save_state(self, state: Any) -> None:
+        """Pickled driver state (trusted: written by this run, read back by it)."""
+        blob = base64.b64encode(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)).decode()
+        self.storage.set_study_system_attr(self._study_id, STATE_KEY, blob)
+
+    def load_state(self) -> Any:
+        blob = self.storage.get_study_system_attrs(self._study_id).get(STATE_KEY)
+        return None if blob is None else pickle.loads(base64.b64decode(blob))
+
+    # -- candidates ----------------------------------------------------------------------------
+
+    def record(self, params: dict[str, float], attrs: dict[str, Any], record: dict[str, Any],
+               values: Optional[Sequence[float]]) -> int:
+        """Record a finished candidate (COMPLETE with ``values``, or FAIL when None); returns its
+        trial number. ``attrs`` become user attrs beside ``result`` (keep them few: one query
+        each). Two transactions: the trial with its attributes, then its params in one bulk insert
+        (Optuna writes params one query at a time: ~1.5 ms each, 100 ms for 66)."""
+        tables = self._tables()
+        state = TrialState.FAIL if values is None else TrialState.COMPLETE
+        template = create_trial(state=state, values=None if values is None else list(values),
+                                params=None if tables else params,
+                                distributions=None if tables else {k: UNIT for k in params},
+                                user_attrs=attrs | {"result": record | {"host": self.host}})
+        trial_id = self.storage.create_new_trial(self._study_id, template_trial=template)
+        if not tables:
+            return self.storage.get_trial_number_from_id(trial_id)
+        trial_params, trials = tables
+        rows = [{"trial_id": trial_id, "param_name": k, "param_value": float(v), "distribution_json": UNIT_JSON}
+                for k, v in params.items()]
+        with self.storage.engine.begin() as conn:
+            conn.execute(trial_params.insert(), rows)
+            return conn.execute(trials.select().with_only_columns(trials.c.number)
+                                .where(trials.c.trial_id == trial_id)).scalar_one()
+
+    def _tables(self):
+        """Optuna's ``trial_params`` and ``trials`` tables when they have the columns this module
+        uses (Optuna's schema since 1.x), else None: then params go through Optuna's slower path."""
+        if self._schema is None:
+            import sqlalchemy as sa
+
+            need = {"trial_params": {"trial_id", "param_name", "param_value", "distribution_json"},
+                    "trials": {"trial_id", "number"}}
+            try:
+                meta = sa.MetaData()
+                tables = [sa.Table(name, meta, autoload_with=self.storage.engine) for name in need]
+                ok = all({c.name for c in t.columns} >= need[t.name] for t in tables)
+            except sa.exc.SQLAlchemyError:
+                ok = False
+            self._schema = tuple(tables) if ok else ()
+        return self._schema
+
+    def trial_id(self, number: int) -> int:
+        return self.storage.get_trial_id_from_study_id_trial_number(self._study_id, number)
+
+    def set_result(self, number: int, record: dict[str, Any]) -> None:
+        self.storage.set_trial_user_attr(self.trial_id(number), "result", record | {"host": self.host})
+
+    def finish(self, study: optuna.Study, number: int, values: Optional[Sequence[float]]) -> None:
+        """Tell the study: COMPLETE with values, or FAIL when ``values`` is None."""
+        if values is None:
+            study.tell(number, state=TrialState.FAIL)
+        else:
+            study.tell(number, list(values))
+
+    def trials(self, states: Optional[Sequence[TrialState]] = None) -> list[FrozenTrial]:
+        return self.storage.get_all_trials(self._study_id, deepcopy=False,
+                                           states=tuple(states) if states else None)
+
+    def mark_interrupted(self, numbers: Optional[Sequence[int]] = None) -> list[int]:
+        """Fail the running candidates (all of them, or those numbered): their process is gone."""
+        out = []
+        for t in self.trials([TrialState.RUNNING]):
+            if numbers is not None and t.number not in numbers:
+                continue
+            self.storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            out.append(t.number)
+        return out
+
+    def evaluated_count(self) -> int:
+        """Candidates that count against the budget: completed, or failed on their own."""
+        return sum(1 for t in self.trials([TrialState.COMPLETE, TrialState.FAIL])
+                   if not t.user_attrs.get("interrupted"))
+
+    def rows(self) -> list[Row]:
+        return [_row(t) for t in self.trials()]
+
+    # -- references ----------------------------------------------------------------------------
+
+    def add_reference(self, name: str, record: dict, fitness: Optional[float]) -> None:
+        state = TrialState.COMPLETE if fitness is not None else TrialState.FAIL
+        trial = create_trial(state=state, value=fitness,
+                             user_attrs={"name": name, "result": record | {"host": self.host}})
+        self.storage.create_new_trial(self._ref_id, template_trial=trial)
+
+    def references(self) -> list[Row]:
+        return [_row(t) for t in self.storage.get_all_trials(self._ref_id, deepcopy=False)]
+
+
+def _row(t: FrozenTrial) -> Row:
+    if t.state == TrialState.COMPLETE:
+        state = "complete"
+    elif t.state == TrialState.FAIL:
+        state = "interrupted" if t.user_attrs.get("interrupted") else "failed"
+    else:
+        state = t.state.name.lower()
+    fitness = t.values[0] if t.values else None
+    result = t.user_attrs.get("result") or {}
+    recipe = t.user_attrs.get("recipe") or result.get("recipe")
+    return Row(t.number, state, fitness, dict(t.params), recipe, result, t.user_attrs.get("name", ""),
+               dict(t.user_attrs))
