@@ -80,6 +80,66 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0 if not result.failed else 1
 
 
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .search import create_run, run_search
+
+    run = create_run(args.config, args.run_dir, args.storage)
+    print(f"run {run.name}: {run.run_dir} (dimension {run.space.dimension}); watch it with: evomerge status {run.run_dir}",
+          file=sys.stderr)
+    summary = run_search(run)
+    return _finish(run, summary)
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from .search import open_run, run_search
+
+    run = open_run(args.run_dir, args.storage)
+    summary = run_search(run, resume=True, max_candidates=args.max_candidates, max_minutes=args.max_minutes)
+    return _finish(run, summary)
+
+
+def _finish(run, summary: dict) -> int:
+    from .report import status_text, write_plots
+
+    print(status_text(run))
+    for path in write_plots(run):
+        print(f"plot: {path}")
+    if summary["stopped_by"].startswith("signal"):
+        return 130
+    print(f"export the best recipe with: evomerge export {run.run_dir} OUT_DIR")
+    return 0
+
+
+def _cmd_space(args: argparse.Namespace) -> int:
+    from .config import RunConfig
+
+    print(RunConfig.load(args.config).build_space().describe())
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .report import status_text, write_plots
+    from .search import open_run
+
+    run = open_run(args.run_dir, args.storage)
+    print(status_text(run, recent=args.recent))
+    if not args.no_plots:
+        for path in write_plots(run):
+            print(f"plot: {path}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .report import comparison_table, export
+    from .search import open_run
+
+    run = open_run(args.run_dir, args.storage)
+    report = export(run, args.out_dir, trial=args.trial, overwrite=args.overwrite, heldout=not args.no_heldout)
+    print(comparison_table(report))
+    print(f"wrote {args.out_dir}: recipe.yaml, model/, report.json, report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evomerge", description="Evolutionary merge-recipe optimizer for LLMs.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -120,6 +180,39 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--trust-remote-code", action="store_true")
     e.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("search", help="start a search from a run config")
+    s.add_argument("config", help="run config YAML")
+    s.add_argument("--run-dir", help="run directory (default: runs/NAME)")
+    s.add_argument("--storage", help="SQLAlchemy URL of the run database (default: SQLite in the run directory)")
+    s.set_defaults(func=_cmd_search)
+
+    r = sub.add_parser("resume", help="continue a stopped or crashed run")
+    r.add_argument("run_dir")
+    r.add_argument("--storage", help="the run's storage URL, when it holds a password")
+    r.add_argument("--max-candidates", type=int, help="a new candidate budget (total, not additional)")
+    r.add_argument("--max-minutes", type=float, help="a new wall-time budget (total search minutes)")
+    r.set_defaults(func=_cmd_resume)
+
+    sp = sub.add_parser("space", help="print a config's search space: its dimension and each coordinate")
+    sp.add_argument("config")
+    sp.set_defaults(func=_cmd_space)
+
+    st = sub.add_parser("status", help="progress, best so far, references, recent candidates; writes plots")
+    st.add_argument("run_dir")
+    st.add_argument("--storage")
+    st.add_argument("--recent", type=int, default=8, help="how many recent candidates to list")
+    st.add_argument("--no-plots", action="store_true")
+    st.set_defaults(func=_cmd_status)
+
+    x = sub.add_parser("export", help="the best (or a named) candidate: recipe YAML, merged model, report")
+    x.add_argument("run_dir")
+    x.add_argument("out_dir")
+    x.add_argument("--trial", type=int, help="candidate number (default: the best)")
+    x.add_argument("--storage")
+    x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--no-heldout", action="store_true", help="skip scoring the held-out split")
+    x.set_defaults(func=_cmd_export)
     return p
 
 
