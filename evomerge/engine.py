@@ -3,8 +3,8 @@ recipes straight into a live ``torch.nn.Module``'s parameters, with no disk I/O 
 parameter storage per recipe.
 
 What does not depend on the recipe is computed once and kept: the task vectors, the magnitude
-histograms and sampled magnitude order that make a TIES/breadcrumbs density a lookup instead of a
-sort, DELLA's per-row ranks, DARE's L1-norm-by-draw-level tables (rescaling becomes a lookup) and,
+histograms and sampled magnitude order (16-bit floats) or the sorted magnitudes (wider floats)
+that make a TIES/breadcrumbs density a lookup instead of a sort, DELLA's per-row ranks, DARE's L1-norm-by-draw-level tables (rescaling becomes a lookup) and,
 on the CPU, DARE's hashed draws (on a GPU they are re-hashed inside the fused kernel). Where that cache lives
 is chosen from the memory available (``cache="auto"``) or forced:
 
@@ -107,6 +107,8 @@ class MergeEngine:
             esize = torch.empty((), dtype=dt).element_size()
             total += numel * esize * (1 + len(self.layout.experts))
             total += numel * per_elem_extra * len(self.layout.experts)
+            if sp in (MAGNITUDE, OUTLIERS) and esize > 2:  # 32/64-bit floats keep sorted magnitudes
+                total += numel * esize * len(self.layout.experts)
             if sp in (MAGNITUDE, OUTLIERS, RANDOM):  # magnitude histograms / L1-by-level tables, on the host
                 total += 65536 * 8 * len(self.layout.experts)
         return total

@@ -98,11 +98,8 @@ def _run(fn: Callable, compiled: Callable, numel: int, *args, writes_first: bool
     key = _signature(fn, args)
     if _verified.get(key) is False:
         return fn(*args)
-    import torch._inductor.config as inductor_config
-
     try:
-        with inductor_config.patch(emulate_precision_casts=True):
-            result = compiled(*args)
+        result = compiled(*args)
     except Exception as e:  # no C++ compiler, unsupported device...: same results, eagerly
         _compile_failed = True
         log.warning("torch.compile failed (%s: %s); the merge kernel runs eagerly from now on",
@@ -132,7 +129,7 @@ def _compiled(fn: Callable) -> Callable:
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo_config, name):
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), 128))
-    return torch.compile(fn, dynamic=True)
+    return torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,11 +153,16 @@ class MagnitudeOrder:
 
     def __init__(self, magnitudes: torch.Tensor, positions: bool = False):
         keys, self._shift = _sort_keys(magnitudes.reshape(-1))
-        counts = torch.bincount(keys, minlength=32768 if self._shift == 0 else 65536)
-        self._cum = torch.cumsum(counts, 0).cpu()
         self.numel = magnitudes.numel()
         self.dtype = magnitudes.dtype
-        self._sampled = self._first = None
+        self._sampled = self._first = self._sorted = None
+        if positions and self._shift != 0:
+            # serving many queries: keep the sorted magnitudes, so a query is a lookup
+            self._sorted = torch.sort(magnitudes.reshape(-1)).values
+            self._cum = torch.zeros(0, dtype=torch.int64)
+            return
+        counts = torch.bincount(keys, minlength=32768 if self._shift == 0 else 65536)
+        self._cum = torch.cumsum(counts, 0).cpu()
         if positions and self._shift == 0:
             # every _SAMPLE-th flat index in (magnitude, index) order, and each magnitude's first
             order = torch.sort(keys, stable=True).indices
@@ -170,7 +172,7 @@ class MagnitudeOrder:
 
     @property
     def nbytes(self) -> int:
-        extra = sum(t.numel() * 4 for t in (self._sampled, self._first) if t is not None)
+        extra = sum(t.numel() * t.element_size() for t in (self._sampled, self._first, self._sorted) if t is not None)
         return self._cum.numel() * 8 + extra
 
     def nth_equal(self, d: torch.Tensor, v: torch.Tensor, nth: int) -> int:
@@ -200,6 +202,12 @@ class MagnitudeOrder:
         order, how many elements come strictly before it in that order, and how many equal it."""
         n = self.numel
         pos = n - k + 1 if descending else k  # ascending position, 1-based
+        if self._sorted is not None:
+            v = self._sorted[pos - 1]
+            n_lt = int(torch.searchsorted(self._sorted, v.reshape(1))[0])
+            n_at = int(torch.searchsorted(self._sorted, v.reshape(1), right=True)[0]) - n_lt
+            n_before = n - n_lt - n_at if descending else n_lt
+            return v.to(d.device), n_before, n_at
         cum = self._cum
         j = int(torch.searchsorted(cum, torch.tensor([pos])).item())
         n_lt = int(cum[j - 1]) if j > 0 else 0
