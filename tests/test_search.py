@@ -1,0 +1,201 @@
+"""The search: runs on the tiny zoo, the run database, crash-safe resume (SIGKILL), signals,
+failed candidates, status and plots, export (checked against mergekit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import load_dir, mergekit_merge
+
+from evomerge.errors import EvomergeError
+from evomerge.report import export, status_text, write_plots
+from evomerge.rundb import RunDB, sqlite_url
+from evomerge.search import RunError, create_run, open_run, run_search
+
+ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def config(tmp_path: Path, zoo: dict, name: str = "cfg", **over) -> Path:
+    cfg = {"models": {"base": zoo["base"], "experts": list(zoo["experts"].values())}, "merge_method": "ties",
+           "space": "per_layer", "fitness": {"suite": "zoo-smooth"},
+           "driver": {"name": "cma", "popsize": 6}, "budget": {"max_candidates": 12}, "seed": 3} | over
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def candidates(run_dir: Path) -> list[tuple]:
+    """(position, vector, fitness) of every counted candidate, in the order they were proposed."""
+    run = open_run(run_dir)
+    out = []
+    counted = [r for r in run.db.rows() if r.state in ("complete", "failed")]
+    for i, r in enumerate(counted):  # optuna: the order they were asked in
+        pos = r.attrs.get("cma")
+        key = (pos["restart"], pos["generation"], pos["index"]) if pos else (i,)
+        out.append((key, tuple(r.params[n] for n in run.space.names), r.fitness))
+    return sorted(out)
+
+
+def test_search_records_everything(tmp_path, zoo):
+    run = create_run(config(tmp_path, zoo), tmp_path / "run")
+    summary = run_search(run, live=False)
+    assert summary["evaluated"] == 12 and summary["stopped_by"] == "budget"
+    rows = run.db.rows()
+    assert len(rows) == 12 and all(r.state == "complete" for r in rows)
+    r = rows[0]
+    assert set(r.params) == set(run.space.names)
+    assert r.recipe["merge_method"] == "ties" and r.result["host"]
+    assert set(r.result["tasks"]) == {"rev", "enc", "fact"}
+    assert r.result["merge_s"] > 0 and r.result["eval_s"] > 0
+    items = run.db.meta()["items"]
+    assert {k: len(v) for k, v in items.items()} == {"rev": 40, "enc": 40, "fact": 20}
+    assert all(len(r.result["items"][k]) == len(items[k]) for k in items)
+    refs = {x.name: x for x in run.db.references()}
+    assert set(refs) == {"base", "parent:expert_rev", "parent:expert_enc", "parent:expert_fact", "default"}
+    # the decoded recipe is what was merged: re-decoding the vector gives it back
+    assert run.space.decode([r.params[n] for n in run.space.names]).to_dict() == r.recipe
+    # a second search into the same run directory is refused
+    with pytest.raises(RunError, match="a run already lives here"):
+        create_run(config(tmp_path, zoo), tmp_path / "run")
+
+    text = status_text(run)
+    assert "12/12 candidates" in text and "parent:expert_fact" in text and "best - default" in text
+    plots = write_plots(run)
+    assert [p.name for p in plots] == ["fitness.png", "best_recipe.png"]
+    assert all(p.stat().st_size > 1000 for p in plots)
+
+
+def _kill_midway(cmd: list[str], db_path: Path, name: str, after: int, sig=signal.SIGKILL) -> subprocess.CompletedProcess:
+    """Start the search, wait until `after` candidates are recorded, send `sig`."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if db_path.exists():
+            try:
+                if RunDB(sqlite_url(db_path), name, create=False).evaluated_count() >= after:
+                    break
+            except EvomergeError:
+                pass  # the run is still being created
+        time.sleep(0.05)
+    assert proc.poll() is None, "the search finished before it could be interrupted:\n" + proc.stdout.read()
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out)
+
+
+@pytest.mark.parametrize("driver", [{"name": "cma", "popsize": 6}, {"name": "optuna", "sampler": "tpe", "n_startup_trials": 4}],
+                         ids=["cma", "optuna-tpe"])
+def test_resume_after_sigkill_proposes_the_same_candidates(tmp_path, zoo, driver):
+    budget = {"max_candidates": 14}
+    whole = create_run(config(tmp_path, zoo, "whole", driver=driver, budget=budget, references=False), tmp_path / "whole")
+    run_search(whole, live=False)
+    expected = candidates(tmp_path / "whole")
+    assert len(expected) == 14
+
+    cfg = config(tmp_path, zoo, "killed", driver=driver, budget=budget, references=False)
+    cmd = [sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--run-dir", str(tmp_path / "killed")]
+    killed = _kill_midway(cmd, tmp_path / "killed" / "run.db", "killed", after=5)
+    assert killed.returncode == -signal.SIGKILL
+    partial = candidates(tmp_path / "killed")
+    assert 5 <= len(partial) < 14
+    run = open_run(tmp_path / "killed")
+    run_search(run, resume=True, live=False)
+    got = candidates(tmp_path / "killed")
+    assert [g[:2] for g in got] == [e[:2] for e in expected]  # same positions, same vectors
+    assert [g[2] for g in got] == pytest.approx([e[2] for e in expected])
+    assert got[:len(partial)] == partial  # completed candidates were kept, not evaluated again
+    rows = run.db.rows()
+    assert sum(r.state in ("complete", "failed") for r in rows) == 14
+    assert all(r.state != "running" for r in rows)
+
+
+def test_sigint_stops_cleanly_and_resumes(tmp_path, zoo):
+    cfg = config(tmp_path, zoo, budget={"max_candidates": 400}, references=False)
+    cmd = [sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--run-dir", str(tmp_path / "run")]
+    out = _kill_midway(cmd, tmp_path / "run" / "run.db", "cfg", after=3, sig=signal.SIGINT)
+    assert out.returncode == 130, out.stdout
+    assert f"continue with: evomerge resume {tmp_path / 'run'}" in out.stdout
+    run = open_run(tmp_path / "run")
+    done = run.db.evaluated_count()
+    assert all(r.state != "running" for r in run.db.rows())
+    summary = run_search(run, resume=True, max_candidates=done + 4, live=False)
+    assert summary["evaluated"] == done + 4
+
+
+def test_failed_candidates_are_recorded_and_the_search_goes_on(tmp_path, zoo):
+    # task arithmetic with weights up to 1e38: most candidates overflow to inf/NaN and fail
+    space = {"granularity": "global", "parameters": {"weight": {"low": 0.0, "high": 1e38}}}
+    run = create_run(config(tmp_path, zoo, merge_method="task_arithmetic", space=space, references=False,
+                            budget={"max_candidates": 8}), tmp_path / "run")
+    summary = run_search(run, live=False)
+    assert summary["evaluated"] == 8
+    rows = run.db.rows()
+    failed = [r for r in rows if r.state == "failed"]
+    assert failed and all("non-finite" in r.error for r in failed)
+    assert len(rows) == 8 and run.db.evaluated_count() == 8
+
+
+def test_resume_refuses_a_changed_config(tmp_path, zoo):
+    run = create_run(config(tmp_path, zoo, budget={"max_candidates": 2}, references=False), tmp_path / "run")
+    run_search(run, live=False)
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    cfg["space"] = "global"
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(RunError, match="no longer matches the run database"):
+        open_run(tmp_path / "run")
+    with pytest.raises(RunError, match="not a run directory"):
+        open_run(tmp_path)
+
+
+def test_export_is_what_mergekit_builds(tmp_path, zoo):
+    run = create_run(config(tmp_path, zoo, space="per_layer_per_module", budget={"max_candidates": 6}), tmp_path / "run")
+    run_search(run, live=False)
+    out = tmp_path / "best"
+    report = export(run, out)
+    assert sorted(p.name for p in out.iterdir()) == ["model", "recipe.yaml", "report.json", "report.md"]
+    assert report["fitness_recomputed_from_export"] == pytest.approx(report["fitness_recorded"], abs=1e-9)
+    table = report["table"]
+    assert set(table) == {"base", "parent:expert_rev", "parent:expert_enc", "parent:expert_fact", "default",
+                          f"best #{report['candidate']}"}
+    assert all(set(v) == {"search", "heldout"} for v in table.values())
+    prov = json.loads((out / "report.json").read_text())["provenance"]
+    assert prov["versions"]["torch"] == torch.__version__.split("+")[0] or prov["versions"]["torch"]
+    assert {k: len(v) for k, v in prov["subsample_ids"].items()} == {"rev": 40, "enc": 40, "fact": 20}
+    assert "| default |" in (out / "report.md").read_text()
+    # mergekit-yaml on the exported recipe gives the exported model
+    ours = load_dir(out / "model")
+    theirs = mergekit_merge(yaml.safe_load((out / "recipe.yaml").read_text()), tmp_path / "mergekit")
+    assert set(ours) == set(theirs)
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+    with pytest.raises(EvomergeError, match="exists and is not empty"):
+        export(run, out)
+    with pytest.raises(EvomergeError, match="no candidate #99"):
+        export(run, tmp_path / "other", trial=99)
+
+
+def test_cli_space_status_export(tmp_path, zoo):
+    cfg = config(tmp_path, zoo, budget={"max_candidates": 3}, references=False)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], env=ENV, capture_output=True, text=True)
+
+    space = cli("space", str(cfg))
+    assert space.returncode == 0 and "dimension 12" in space.stdout and "expert_rev.weight.L01" in space.stdout
+    search = cli("search", str(cfg), "--run-dir", str(tmp_path / "run"))
+    assert search.returncode == 0, search.stderr
+    assert "3/3 candidates" in search.stdout and "export the best recipe with" in search.stdout
+    status = cli("status", str(tmp_path / "run"))
+    assert status.returncode == 0 and "recent candidates" in status.stdout
+    assert (tmp_path / "run" / "fitness.png").exists()
+    bad = cli("status", str(tmp_path / "nowhere"))
+    assert bad.returncode == 2 and "not a run directory" in bad.stderr
