@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.evomerge-installed
 
-.PHONY: setup demo test bench bench-fitness clean
+.PHONY: setup demo test bench bench-fitness bench-search clean
 
 setup: $(STAMP)
 
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup_env.sh
 	touch $(STAMP)
 
-## The main job: train (once) the tiny model zoo, merge it and score the merges (the search demo arrives with the search issue).
+## The main job: train (once) the small model zoo, search a merge recipe on it, export it, compare.
 demo: setup
 	$(PY) -m evomerge.demo
 
@@ -27,6 +27,10 @@ bench: setup
 ## Fitness backends per candidate: native vs lm-eval's simple_evaluate and our lm-eval backend.
 bench-fitness: setup
 	$(PY) benchmarks/fitness_speed.py
+
+## Share of each candidate's wall time outside fitness evaluation on the demo search.
+bench-search: setup
+	$(PY) benchmarks/search_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs/*

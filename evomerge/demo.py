@@ -1,12 +1,14 @@
-"""The README's main command (until the search arrives): merge the trained tiny zoo and score it.
+"""The README's main command: an evolutionary merge search on the small model zoo, end to end.
 
-Builds (once, cached under runs/demo/zoo) the tiny model zoo: a base and three experts trained
-here on the CPU, and prints how each model and the default merges score. Then it writes a merge
-to disk, scores it with ``evomerge eval``'s native backend, and scores a few recipes applied in
-place into one live model, checking that the in-place recipe equal to the disk one gives the
-same weights and the same fitness.
+1. builds (once, cached under runs/zoo-small) the small zoo: a base and three experts (rev, enc,
+   fact) trained here on the CPU;
+2. writes a run config (runs/demo/search.yaml) and runs a CMA-ES search over per-layer,
+   per-module TIES weights and densities, scored on the zoo-demo suite's search split (smooth margins);
+3. exports the best recipe (mergekit YAML + merged model + report) and prints the comparison
+   table: parents, the default merge and the best found, on the search and held-out splits, plus
+   the exact-answer suite on held-out items.
 
-    python -m evomerge.demo [--out runs/demo]
+    python -m evomerge.demo [--out runs/demo] [--zoo runs/zoo-small] [--candidates N]
 """
 
 from __future__ import annotations
@@ -14,11 +16,25 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
-import torch
+import yaml
+
+
+def demo_config(zoo: dict, candidates: int) -> dict:
+    return {
+        "name": "demo",
+        "models": {"base": zoo["base"], "experts": list(zoo["experts"].values())},
+        "merge_method": "ties",
+        "space": "per_layer_per_module",
+        "fitness": {"suite": "zoo-demo"},
+        "driver": {"name": "cma", "popsize": 16, "sigma0": 0.2},
+        "budget": {"max_candidates": candidates},
+        "seed": 0,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,56 +42,68 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo")
+    ap.add_argument("--zoo", default="runs/zoo-small")
+    ap.add_argument("--candidates", type=int, default=640)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("evomerge.engine", "evomerge.kernel", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from .engine import MergeEngine
     from .fitness import Suite
-    from .fitness.native import NativeBackend
-    from .merge import merge_to_disk
-    from .recipe import Recipe, build, per_kind
-    from .zoo import build_zoo, format_report, load_zoo
+    from .evaluator import Evaluator
+    from .report import comparison_table, export, status_text, write_plots
+    from .search import create_run, run_search
+    from .zoo import build_zoo, load_zoo
 
-    out = Path(args.out)
+    t0 = time.perf_counter()
     try:
-        zoo = load_zoo(out / "zoo")
+        zoo = load_zoo(args.zoo)
         print(f"model zoo: {zoo['root']} (cached)")
     except FileNotFoundError:
-        zoo = build_zoo(out / "zoo", size="tiny", seed=0)
+        zoo = build_zoo(Path(args.zoo), size="small", seed=0)
         print(f"model zoo: trained {zoo['root']} in {zoo['build_seconds']:.0f} s")
-    print(format_report(zoo["report"]))
 
-    suite, scorer = Suite.load("zoo"), NativeBackend()
-    experts = list(zoo["experts"].values())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "search.yaml"
+    config.write_text(yaml.safe_dump(demo_config(zoo, args.candidates), sort_keys=False))
+    run_dir = out / "search"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo always starts a fresh run
+    run = create_run(config, run_dir)
+    print(f"search: {config} -> {run_dir} (dimension {run.space.dimension}, {args.candidates} candidates)")
+    summary = run_search(run)
+    print(status_text(run, recent=3))
+    for path in write_plots(run):
+        print(f"plot: {path}")
+    if summary["stopped_by"].startswith("signal"):
+        return 130
 
-    def recipe(weight: float, attention: float, density: float) -> Recipe:
-        w = per_kind({"attention": attention}, default=weight)
-        return build("ties", zoo["base"], {e: {"weight": w, "density": density} for e in experts})
+    exported = out / "best"
+    report = export(run, exported, overwrite=True)
+    print(f"\nexported {exported}: recipe.yaml, model/, report.json, report.md\n")
+    print(f"fitness = suite {run.cfg.fitness.suite} (log-prob margins; higher is better)")
+    print(comparison_table(report))
 
-    first = recipe(0.5, 0.8, 0.7)
-    (out / "recipe.yaml").write_text(first.to_yaml())
-    t = time.perf_counter()
-    merged = merge_to_disk(Recipe.from_yaml(out / "recipe.yaml"), out / "merged", overwrite=True)
-    print(f"\nevomerge merge {out / 'recipe.yaml'} -> {merged} in {time.perf_counter() - t:.2f} s")
-    tok = AutoTokenizer.from_pretrained(merged)
-    model = AutoModelForCausalLM.from_pretrained(merged).eval()
-    on_disk = scorer.score(model, tok, suite)
-    written = {k: v.clone() for k, v in model.state_dict().items()}
-    print(f"  fitness of the written model on suite {suite.name}: {on_disk.fitness:.4f}")
+    # the exact-answer suite on held-out items: what the margins stand for
+    exact = Suite.load("zoo")
+    ev = Evaluator(run.cfg, exact)
+    rows = {"default": None, "best": exported / "model"}
+    print(f"\nsuite {exact.name} (exact answers / accuracy), held-out split:")
+    print(f"  {'model':22s}" + "".join(f"{t.name:>8s}" for t in exact.tasks) + f"{'mean':>8s}")
+    from .search import reference_recipes
 
-    engine = MergeEngine(first)
-    print(f"merge engine: cache {engine.placement}, built in {engine.build_seconds:.2f} s; recipes applied in place:")
-    for weight, attention, density in ((1.0, 1.0, 0.9), (0.8, 1.2, 0.5), (1.2, 0.6, 0.3), (0.5, 0.8, 0.7)):
-        seconds = engine.apply(recipe(weight, attention, density), model)
-        r = scorer.score(model, tok, suite)
-        per_task = ", ".join(f"{k} {v.value:.2f}" for k, v in r.tasks.items())
-        print(f"  weight {weight}, attention {attention}, density {density}: apply {seconds * 1e3:.0f} ms, "
-              f"fitness {r.fitness:.4f} ({per_task}) in {r.seconds * 1e3:.0f} ms")
-    same = all(torch.equal(v, written[k]) for k, v in model.state_dict().items())
-    same_fitness = r.fitness == on_disk.fitness
-    print(f"the last in-place recipe equals the written one: weights {same}, fitness {same_fitness}")
-    return 0 if same and same_fitness else 1
+    for name, path in {**{k: v for k, v in zip(("parent:" + k for k in zoo["experts"]), zoo["experts"].values())},
+                       **rows}.items():
+        result = (ev.score_recipe(reference_recipes(run)["default"], "heldout") if path is None
+                  else ev.score_model_dir(str(path), ("heldout",))["heldout"])
+        tasks = result.result.tasks if result.result else {}
+        print(f"  {name:22s}" + "".join(f"{tasks[t.name].value:8.3f}" if t.name in tasks else f"{'-':>8s}"
+                                         for t in exact.tasks) + f"{result.fitness or 0:8.3f}")
+    best, default = report["table"][f"best #{report['candidate']}"], report["table"]["default"]
+    gain = best["heldout"]["fitness"] - default["heldout"]["fitness"]
+    print(f"\nheld-out fitness: best {best['heldout']['fitness']:.4f} vs default {default['heldout']['fitness']:.4f} "
+          f"({gain:+.4f}); demo took {(time.perf_counter() - t0) / 60:.1f} min")
+    return 0 if gain > 0 else 1
 
 
 if __name__ == "__main__":
