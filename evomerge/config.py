@@ -15,8 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import EvomergeError
+from .inputs import describe_validation, load_yaml
 from .methods import METHODS
-from .recipe import DTYPES
+from .recipe import DtypeName, MethodName
 
 class ConfigError(EvomergeError):
     """A run config is invalid."""
@@ -73,7 +74,7 @@ class BudgetSpec(_Strict):
 class RunConfig(_Strict):
     name: Optional[str] = None
     models: ModelsSpec
-    merge_method: str
+    merge_method: MethodName
     space: Union[str, dict[str, Any]] = "global"
     fitness: FitnessSpec
     driver: DriverSpec = DriverSpec()
@@ -82,25 +83,11 @@ class RunConfig(_Strict):
     default_parameters: dict[str, float] = {}
     fixed_parameters: dict[str, Union[float, bool]] = {}
     device: str = "cpu"
-    dtype: Optional[str] = None
+    dtype: DtypeName = None
     cache: Literal["auto", "device", "pinned", "disk"] = "auto"
     seed: int = 0
     allow_pickle: bool = False
     trust_remote_code: bool = False
-
-    @field_validator("merge_method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; known: {', '.join(sorted(METHODS))}")
-        return v
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and v not in DTYPES:
-            raise ValueError(f"unknown dtype {v!r}; known: {', '.join(DTYPES)}")
-        return v
 
     @field_validator("device")
     @classmethod
@@ -120,14 +107,7 @@ class RunConfig(_Strict):
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        return cls.from_dict(raw, source=path)
+        return cls.from_dict(load_yaml(path, ConfigError, "config"), source=Path(path))
 
     @classmethod
     def from_dict(cls, raw: Any, source: Optional[Path] = None) -> "RunConfig":
@@ -137,7 +117,7 @@ class RunConfig(_Strict):
         try:
             cfg = cls.model_validate(raw)
         except ValidationError as e:
-            raise ConfigError(f"{where}: " + _format(e)) from None
+            raise ConfigError(f"{where}: " + describe_validation(e)) from None
         root = Path(source).resolve().parent if source else Path.cwd()
         return cfg._resolve_paths(root, where)
 
@@ -220,12 +200,3 @@ def _model_ref(ref: str, root: Path, where: str) -> str:
     if p.is_absolute() or ref.startswith((".", "~")):
         raise ConfigError(f"{where}: models: {ref}: no such directory")
     return ref
-
-
-def _format(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "list[", "union[", "dict[")))
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        parts.append(f"{loc or 'config'}: {msg}")
-    return "; ".join(dict.fromkeys(parts))

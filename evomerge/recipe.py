@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Annotated, Any, Callable, Iterable, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
 
 from .errors import RecipeError
+from .inputs import describe_validation, load_yaml
 from .methods import METHODS, MODEL_PARAM_DEFAULTS, MethodSpec, get_method
 
 Scalar = Union[bool, int, float, str]
@@ -57,33 +58,35 @@ BOOL_PARAMS = {"normalize", "rescale", "int8_mask"}
 UNIT_PARAMS = {"density", "gamma", "epsilon", "t"}  # must lie in [0, 1]
 
 
+def _check_method(v: str) -> str:
+    if v not in METHODS:
+        raise ValueError(f"unknown method {v!r}; known: {', '.join(sorted(METHODS))}")
+    return v
+
+
+def _check_dtype(v: Optional[str]) -> Optional[str]:
+    if v is not None and v not in DTYPES:
+        raise ValueError(f"unknown dtype {v!r}; known: {', '.join(DTYPES)}")
+    return v
+
+
+MethodName = Annotated[str, AfterValidator(_check_method)]
+DtypeName = Annotated[Optional[str], AfterValidator(_check_dtype)]
+
+
 class Recipe(BaseModel):
     """A merge recipe. ``random_seed`` is evomerge's (mergekit ignores it): it seeds DARE/DELLA."""
 
     model_config = ConfigDict(extra="forbid")
-    merge_method: str
+    merge_method: MethodName
     models: Optional[list[ModelEntry]] = None
     slices: Optional[list[Slice]] = None
     base_model: Optional[str] = None
     parameters: Optional[ParamDict] = None
-    dtype: Optional[str] = None
-    out_dtype: Optional[str] = None
+    dtype: DtypeName = None
+    out_dtype: DtypeName = None
     tokenizer_source: Optional[str] = None
     random_seed: int = 0
-
-    @field_validator("dtype", "out_dtype")
-    @classmethod
-    def _dtype(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and v not in DTYPES:
-            raise ValueError(f"unknown dtype {v!r}; known: {', '.join(DTYPES)}")
-        return v
-
-    @field_validator("merge_method")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"unknown method {v!r}; known: {', '.join(sorted(METHODS))}")
-        return v
 
     @field_validator("tokenizer_source")
     @classmethod
@@ -101,20 +104,13 @@ class Recipe(BaseModel):
         try:
             recipe = cls.model_validate(data)
         except ValidationError as e:
-            raise RecipeError(f"{source}: " + _format_validation(e)) from None
+            raise RecipeError(f"{source}: " + describe_validation(e)) from None
         recipe.validate_semantics(source)
         return recipe
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise RecipeError(f"{path}: no such recipe file") from None
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{path}: not valid YAML: {e}") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(load_yaml(path, RecipeError, "recipe"), source=str(path))
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", exclude_none=True, exclude_defaults=True) | {
@@ -312,18 +308,6 @@ def evaluate(tensor_name: str, setting: ParamValue, t: float, validate: Callable
         if cond.filter is None or cond.filter == "*" or (tensor_name and cond.filter in tensor_name):
             return evaluate(tensor_name, cond.value, t, validate)
     return None
-
-
-def _format_validation(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "list[", "union[")))
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        parts.append(f"{loc}: {msg}")
-    # pydantic reports one error per union branch; keep each distinct message once
-    return "; ".join(dict.fromkeys(parts))
 
 
 # -- Python API for building recipes ------------------------------------------------------------

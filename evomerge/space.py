@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .errors import EvomergeError
+from .inputs import describe_validation, load_yaml
 from .methods import MethodSpec, get_method
 from .recipe import KIND_FILTERS, Condition, Recipe, build
 
@@ -103,10 +103,7 @@ def load_spec(ref: Any, where: str = "space") -> SpaceSpec:
             presets = ", ".join(preset_names())
             raise SpaceError(f"{where}: no preset or file {ref!r} (presets: {presets})")
         source = str(path)
-        try:
-            ref = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise SpaceError(f"{path}: not valid YAML: {e}") from None
+        ref = load_yaml(path, SpaceError, "search space")
         if isinstance(ref, dict):
             ref.setdefault("name", path.stem)
     if not isinstance(ref, dict):
@@ -114,10 +111,7 @@ def load_spec(ref: Any, where: str = "space") -> SpaceSpec:
     try:
         return SpaceSpec.model_validate(ref)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'space'}: "
-                             f"{'unknown key' if err['type'] == 'extra_forbidden' else err['msg']}"
-                             for err in e.errors())
-        raise SpaceError(f"{source}: {problems}") from None
+        raise SpaceError(f"{source}: {describe_validation(e)}") from None
 
 
 def preset_names() -> list[str]:
