@@ -127,7 +127,7 @@ class CmaDriver(Driver):
             return  # this process recorded every candidate since the last tell: none of this generation
         self._check_db = False
         for t in self.db.trials():
-            a = t.user_attrs.get("cma", {})
+            a = (t.user_attrs.get("result") or {}).get("cma", {})
             if a.get("generation") != s.generation or t.user_attrs.get("interrupted"):
                 continue
             i = a["index"]
@@ -153,7 +153,7 @@ class CmaDriver(Driver):
     def tell(self, proposal: Proposal, values: Optional[Sequence[float]], record: dict) -> None:
         i = proposal.attrs["index"]
         self._pending.discard(i)
-        proposal.number = self.db.record(dict(zip(self.names, proposal.vector)), {"cma": proposal.attrs}, record,
+        proposal.number = self.db.record(dict(zip(self.names, proposal.vector)), record | {"cma": proposal.attrs},
                                          values)
         self._results[i] = None if values is None else -values[0]
         if len(self._results) == len(self._generation):

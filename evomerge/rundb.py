@@ -3,8 +3,8 @@
 Two studies per run, so ``optuna-dashboard`` shows both and samplers only see real candidates:
 
 - ``NAME``: every candidate, one trial each. Params are the space's coordinates (FloatDistribution
-  over [0, 1]); user attrs hold the decoded recipe and the result record (per-task metrics,
-  per-item correctness, merge and evaluation seconds, the error if it failed, the host).
+  over [0, 1]); the user attr ``result`` holds the decoded recipe, per-task metrics, per-item
+  correctness, merge and evaluation seconds, the error if it failed, and the host.
 - ``NAME.references``: the reference rows (each parent alone, the method's default recipe).
 
 Run-level facts (config, space coordinates, subsample ids, versions) are the search study's user
@@ -131,18 +131,17 @@ class RunDB:
 
     # -- candidates ----------------------------------------------------------------------------
 
-    def record(self, params: dict[str, float], attrs: dict[str, Any], record: dict[str, Any],
-               values: Optional[Sequence[float]]) -> int:
+    def record(self, params: dict[str, float], record: dict[str, Any], values: Optional[Sequence[float]]) -> int:
         """Record a finished candidate (COMPLETE with ``values``, or FAIL when None); returns its
-        trial number. ``attrs`` become user attrs beside ``result`` (keep them few: one query
-        each). Two transactions: the trial with its attributes, then its params in one bulk insert
-        (Optuna writes params one query at a time: ~1.5 ms each, 100 ms for 66)."""
+        trial number. The record is one user attr (each attr costs a query). Two transactions:
+        the trial with its attr and values, then its params in one bulk insert (Optuna writes
+        params one query at a time: ~1.5 ms each, 100 ms for 66)."""
         tables = self._tables()
         state = TrialState.FAIL if values is None else TrialState.COMPLETE
         template = create_trial(state=state, values=None if values is None else list(values),
                                 params=None if tables else params,
                                 distributions=None if tables else {k: UNIT for k in params},
-                                user_attrs=attrs | {"result": record | {"host": self.host}})
+                                user_attrs={"result": record | {"host": self.host}})
         trial_id = self.storage.create_new_trial(self._study_id, template_trial=template)
         if not tables:
             return self.storage.get_trial_number_from_id(trial_id)

@@ -39,7 +39,7 @@ def candidates(run_dir: Path) -> list[tuple]:
     out = []
     counted = [r for r in run.db.rows() if r.state in ("complete", "failed")]
     for i, r in enumerate(counted):  # optuna: the order they were asked in
-        pos = r.attrs.get("cma")
+        pos = r.result.get("cma")
         key = (pos["restart"], pos["generation"], pos["index"]) if pos else (i,)
         out.append((key, tuple(r.params[n] for n in run.space.names), r.fitness))
     return sorted(out)
@@ -129,6 +129,19 @@ def test_sigint_stops_cleanly_and_resumes(tmp_path, zoo):
     assert all(r.state != "running" for r in run.db.rows())
     summary = run_search(run, resume=True, max_candidates=done + 4, live=False)
     assert summary["evaluated"] == done + 4
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "cmaes", "gp", "random", "nsga2"])
+def test_optuna_samplers(tmp_path, zoo, sampler):
+    driver = {"name": "optuna", "sampler": sampler, "n_startup_trials": 2}
+    if sampler == "nsga2":
+        driver = {"name": "optuna", "sampler": sampler, "popsize": 2}
+    run = create_run(config(tmp_path, zoo, space="global", driver=driver, references=False,
+                            budget={"max_candidates": 4}), tmp_path / "run")
+    assert run_search(run, live=False)["evaluated"] == 4
+    rows = run.db.rows()
+    assert len(rows) == 4 and all(r.state == "complete" and len(r.params) == run.space.dimension for r in rows)
+    assert len({tuple(r.params.values()) for r in rows}) == 4
 
 
 def test_failed_candidates_are_recorded_and_the_search_goes_on(tmp_path, zoo):
