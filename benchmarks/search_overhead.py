@@ -38,6 +38,7 @@ def main() -> int:
     from evomerge import search as search_mod
     from evomerge.demo import demo_config
     from evomerge.drivers import CmaDriver
+    from evomerge.rundb import RunDB
     from evomerge.zoo import build_zoo, load_zoo
 
     try:
@@ -61,7 +62,15 @@ def main() -> int:
         return wrapper
 
     # time every phase where the loop calls it
-    CmaDriver.ask = timed("driver ask", CmaDriver.ask)
+    asked: list[float] = []
+    ask = CmaDriver.ask
+
+    def ask_stamped(self):
+        asked.append(time.perf_counter())
+        return ask(self)
+
+    CmaDriver.ask = timed("driver ask", ask_stamped)
+    RunDB.record = timed("database write (in tell)", RunDB.record)
     CmaDriver.tell = timed("driver tell + database write", CmaDriver.tell)
     search_mod.SearchSpace.decode = timed("decode recipe", search_mod.SearchSpace.decode)
     evaluator_mod.Evaluator.score_recipe = timed("candidate (merge + fitness)", evaluator_mod.Evaluator.score_recipe)
@@ -85,14 +94,15 @@ def main() -> int:
     written = [p for p in work.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin")]
     written += [p for p in Path(zoo["root"]).rglob("*") if p.is_file() and p not in before]
     names = ("driver ask", "decode recipe", "candidate (merge + fitness)", "fitness evaluation",
-             "driver tell + database write")
-    # per candidate: everything the loop does for it, and the part that is not fitness evaluation
-    wall_c = [sum(phases[k][i] for k in names if k != "fitness evaluation") for i in range(n)]
+             "driver tell + database write", "database write (in tell)")
+    # per candidate: the wall time from its ask to the next ask (everything the loop does for it),
+    # and the part of it that is not fitness evaluation
+    wall_c = [b - a for a, b in zip(asked, asked[1:])]
     outside_c = [w - f for w, f in zip(wall_c, phases["fitness evaluation"])]
     warm = run.cfg.driver.popsize or 16  # the first generation compiles the merge kernel's variants
     print(f"demo search: {n} candidates, space dimension {run.space.dimension}, suite {args.suite}")
-    for label, sl in ((f"steady state (candidates {warm + 1}-{n})", slice(warm, n)),
-                      (f"all candidates, incl. one-time kernel compilation", slice(0, n))):
+    for label, sl in ((f"steady state (candidates {warm + 1}-{len(wall_c)})", slice(warm, len(wall_c))),
+                      ("all candidates, incl. one-time kernel compilation", slice(0, len(wall_c)))):
         k = len(wall_c[sl])
         print(label + ", mean per candidate:")
         for name in names:

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--zoo", default="runs/zoo-small")
-    ap.add_argument("--candidates", type=int, default=640)
+    ap.add_argument("--candidates", type=int, default=960)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("evomerge.engine", "evomerge.kernel", "transformers", "httpx"):
