@@ -157,6 +157,14 @@ def test_failed_candidates_are_recorded_and_the_search_goes_on(tmp_path, zoo):
     assert len(rows) == 8 and run.db.evaluated_count() == 8
 
 
+def test_wall_time_budget(tmp_path, zoo):
+    run = create_run(config(tmp_path, zoo, references=False, budget={"max_minutes": 0.0001}), tmp_path / "run")
+    summary = run_search(run, live=False)
+    assert summary["stopped_by"] == "budget" and summary["evaluated"] == 1  # one candidate outlasts 6 ms
+    # the elapsed time is kept with the driver state: a resumed run does not start the clock again
+    assert run_search(open_run(tmp_path / "run"), resume=True, live=False)["evaluated"] == 1
+
+
 def test_resume_refuses_a_changed_config(tmp_path, zoo):
     run = create_run(config(tmp_path, zoo, budget={"max_candidates": 2}, references=False), tmp_path / "run")
     run_search(run, live=False)
