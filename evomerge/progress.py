@@ -1,4 +1,7 @@
-"""Live progress of a search: a tqdm bar on a terminal, plain log lines otherwise."""
+"""Live progress of a search: a tqdm bar on a terminal, plain log lines otherwise.
+
+The per-candidate lines always go to the log (``search.log``); while the bar is shown they are
+kept off the terminal's log handlers."""
 
 from __future__ import annotations
 
@@ -7,7 +10,12 @@ import sys
 import time
 from typing import Optional
 
-log = logging.getLogger("evomerge.search")
+log = logging.getLogger("evomerge.search.candidates")
+
+
+class _NotCandidates(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != log.name
 
 
 def _fmt_seconds(s: float) -> str:
@@ -36,11 +44,17 @@ class Progress:
         self.best: Optional[float] = None
         self.best_number: Optional[int] = None
         self.bar = None
+        self._muted: list[logging.Handler] = []
         if self.live:
             from tqdm import tqdm
 
             self.bar = tqdm(total=max_candidates, initial=done, unit="cand", file=self.stream,
                             dynamic_ncols=True, desc="search")
+            self._filter = _NotCandidates()
+            for h in logging.getLogger().handlers:
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                    h.addFilter(self._filter)
+                    self._muted.append(h)
 
     def set_best(self, fitness: Optional[float], number: Optional[int]) -> None:
         self.best, self.best_number = fitness, number
@@ -70,7 +84,6 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix_str(f"best {best}, last {last}")
             self.bar.update(1)
-            return
         budget = f"/{self.max_candidates}" if self.max_candidates else ""
         log.info("candidate #%d (%d%s): %s%s; best %s; merge %.0f ms, eval %.0f ms; %.1f/min%s",
                  number, self.done, budget, last, f" ({error})" if error else "", best, merge_s * 1e3,
@@ -79,3 +92,5 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            for h in self._muted:
+                h.removeFilter(self._filter)

@@ -220,3 +220,32 @@ def test_cli_space_status_export(tmp_path, zoo):
     assert (tmp_path / "run" / "fitness.png").exists()
     bad = cli("status", str(tmp_path / "nowhere"))
     assert bad.returncode == 2 and "not a run directory" in bad.stderr
+
+
+def test_progress_bar_keeps_candidate_lines_in_the_log_file(tmp_path):
+    import io
+    import logging
+
+    from evomerge.progress import Progress
+
+    root = logging.getLogger()
+    console, file = logging.StreamHandler(io.StringIO()), logging.FileHandler(tmp_path / "search.log")
+    old_level = root.level
+    root.setLevel(logging.INFO)
+    root.addHandler(console)
+    root.addHandler(file)
+    try:
+        bar = io.StringIO()
+        p = Progress(0, 2, None, 0.0, stream=bar, live=True)
+        p.update(0, 0.5, None, 0.01, 0.2)
+        p.update(1, None, "NaN logits", 0.01, 0.2)
+        p.close()
+    finally:
+        root.removeHandler(console)
+        root.removeHandler(file)
+        file.close()
+        root.setLevel(old_level)
+    assert "best 0.5000 (#0), last failed" in bar.getvalue() and "2/2" in bar.getvalue()
+    assert "candidate #" not in console.stream.getvalue()
+    logged = (tmp_path / "search.log").read_text()
+    assert "candidate #0 (1/2): 0.5000" in logged and "failed (NaN logits)" in logged
