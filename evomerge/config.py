@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import EvomergeError
-from .inputs import describe_validation, load_yaml
+from .inputs import load_yaml, validate
 from .methods import METHODS
 from .recipe import DtypeName, MethodName
 
@@ -112,12 +112,7 @@ class RunConfig(_Strict):
     @classmethod
     def from_dict(cls, raw: Any, source: Optional[Path] = None) -> "RunConfig":
         where = str(source) if source else "config"
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: a run config must be a mapping")
-        try:
-            cfg = cls.model_validate(raw)
-        except ValidationError as e:
-            raise ConfigError(f"{where}: " + describe_validation(e)) from None
+        cfg = validate(cls, raw, ConfigError, where, "a run config")
         root = Path(source).resolve().parent if source else Path.cwd()
         return cfg._resolve_paths(root, where)
 
@@ -166,24 +161,18 @@ class RunConfig(_Strict):
 
         return load_spec(self.space, where="space")
 
-    def model_config_dict(self) -> dict:
-        """The base (or first expert's) Hugging Face config, read from disk or the hub cache."""
-        import json
-
-        from .model_io import resolve_model_path
-
-        ref = self.models.base or self.models.experts[0]
-        path = resolve_model_path(ref) / "config.json"
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"models: cannot read {path}: {e}") from None
+    @property
+    def reference_model(self) -> str:
+        """The model whose tokenizer, config and architecture the live model takes: the base, or
+        the first expert for a merge without one."""
+        return self.models.base or self.models.experts[0]
 
     def build_space(self):
         from .architecture import num_layers
+        from .model_io import read_config, resolve_model_path
         from .space import SearchSpace
 
-        hf = self.model_config_dict()
+        hf = read_config(resolve_model_path(self.reference_model), self.reference_model)
         return SearchSpace(self.space_spec(), method=self.merge_method, base=self.models.base,
                            experts=self.models.experts, num_layers=num_layers(hf),
                            has_lm_head=not hf.get("tie_word_embeddings", False),

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from .fitness import Suite
     from .evaluator import Evaluator
     from .report import comparison_table, export, status_text, write_plots
-    from .search import create_run, run_search
+    from .search import create_run, reference_recipes, run_search
     from .zoo import build_zoo, load_zoo
 
     t0 = time.perf_counter()
@@ -87,15 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     # the exact-answer suite on held-out items: what the margins stand for
     exact = Suite.load("zoo")
     ev = Evaluator(run.cfg, exact)
-    rows = {"default": None, "best": exported / "model"}
     print(f"\nsuite {exact.name} (exact answers / accuracy), held-out split:")
     print(f"  {'model':22s}" + "".join(f"{t.name:>8s}" for t in exact.tasks) + f"{'mean':>8s}")
-    from .search import reference_recipes
-
-    for name, path in {**{k: v for k, v in zip(("parent:" + k for k in zoo["experts"]), zoo["experts"].values())},
-                       **rows}.items():
-        result = (ev.score_recipe(reference_recipes(run)["default"], "heldout") if path is None
-                  else ev.score_model_dir(str(path), ("heldout",))["heldout"])
+    scored = {f"parent:{k}": ev.score_model_dir(path, ("heldout",))["heldout"] for k, path in zoo["experts"].items()}
+    scored["default"] = ev.score_recipe(reference_recipes(run)["default"], "heldout")
+    scored["best"] = ev.score_model_dir(str(exported / "model"), ("heldout",))["heldout"]
+    for name, result in scored.items():
         tasks = result.result.tasks if result.result else {}
         print(f"  {name:22s}" + "".join(f"{tasks[t.name].value:8.3f}" if t.name in tasks else f"{'-':>8s}"
                                          for t in exact.tasks) + f"{result.fitness or 0:8.3f}")

@@ -78,9 +78,6 @@ class Driver:
     def tell(self, proposal: Proposal, values: Optional[Sequence[float]], record: dict) -> None:
         raise NotImplementedError
 
-    def finished(self) -> bool:
-        return False
-
 
 # ---------------------------------------------------------------------------------------------
 # pycma
@@ -91,7 +88,6 @@ class _CmaState:
     es: object  # cma.CMAEvolutionStrategy, carrying its own RandomState
     generation: int  # generations told so far, over all restarts
     restart: int
-    popsize: int
 
 
 class CmaDriver(Driver):
@@ -115,7 +111,7 @@ class CmaDriver(Driver):
         if popsize:
             opts["popsize"] = popsize
         es = cma.CMAEvolutionStrategy(list(x0), self.spec.sigma0, opts)
-        return _CmaState(es, generation, restart, es.popsize)
+        return _CmaState(es, generation, restart)
 
     def _load_generation(self) -> None:
         """Ask the current generation (deterministic from the saved state) and match it with the
@@ -171,8 +167,9 @@ class CmaDriver(Driver):
         if s.es.stop() and s.restart < self.spec.restarts:
             restart = s.restart + 1
             x0 = np.random.RandomState(self.seed * 7919 + restart).uniform(0, 1, len(self.names))
-            log.info("cma: stopped (%s); restart %d with popsize %d", dict(s.es.stop()), restart, s.popsize * 2)
-            self.state = self._new_es(restart, s.popsize * 2, x0, s.generation)
+            popsize = s.es.popsize * 2
+            log.info("cma: stopped (%s); restart %d with popsize %d", dict(s.es.stop()), restart, popsize)
+            self.state = self._new_es(restart, popsize, x0, s.generation)
         self.checkpoint(self.state)
 
     def finished(self) -> bool:
@@ -183,7 +180,7 @@ class CmaDriver(Driver):
 # Optuna samplers
 
 
-def make_sampler(spec: DriverSpec, seed: int, x0: dict[str, float], n_objectives: int = 1):
+def make_sampler(spec: DriverSpec, seed: int, x0: dict[str, float]):
     s = spec.sampler
     startup = spec.n_startup_trials
     if s == "tpe":
@@ -204,10 +201,9 @@ def make_sampler(spec: DriverSpec, seed: int, x0: dict[str, float], n_objectives
 class OptunaDriver(Driver):
     kind = "optuna"
 
-    def __init__(self, *args, n_objectives: int = 1, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.sampler = self.restored() or make_sampler(self.spec, self.seed, dict(zip(self.names, self.x0)),
-                                                       n_objectives)
+        self.sampler = self.restored() or make_sampler(self.spec, self.seed, dict(zip(self.names, self.x0)))
         if self._snapshot is None:
             self.checkpoint(self.sampler)
         self.study = self.db.study(self.sampler)
@@ -223,10 +219,6 @@ class OptunaDriver(Driver):
         self.checkpoint(self.sampler)
 
 
-def make_driver(db: RunDB, names: Sequence[str], spec: DriverSpec, seed: int, x0: Sequence[float],
-                n_objectives: int = 1) -> Driver:
-    if spec.name == "cma":
-        if n_objectives > 1:
-            raise EvomergeError("driver cma optimizes one objective; use driver optuna with sampler nsga2")
-        return CmaDriver(db, names, spec, seed, x0)
-    return OptunaDriver(db, names, spec, seed, x0, n_objectives=n_objectives)
+def make_driver(db: RunDB, names: Sequence[str], spec: DriverSpec, seed: int, x0: Sequence[float]) -> Driver:
+    driver = CmaDriver if spec.name == "cma" else OptunaDriver
+    return driver(db, names, spec, seed, x0)

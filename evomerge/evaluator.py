@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -18,7 +18,7 @@ import torch
 from .config import RunConfig
 from .errors import EvomergeError, ModelError
 from .fitness import FitnessResult, Suite, get_backend
-from .model_io import resolve_model_path
+from .model_io import dtype_from_name, resolve_model_path
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,6 @@ class Evaluation:
     merge_seconds: float = 0.0
     eval_seconds: float = 0.0
     error: Optional[str] = None
-    extra: dict = field(default_factory=dict)
 
     def record(self, items: Optional[dict[str, list[str]]] = None, recipe: Optional[Recipe] = None) -> dict:
         """The JSON record kept in the run database. Per-item correctness is a string of 0/1 in the
@@ -51,16 +50,15 @@ class Evaluation:
                 if ids is not None and [it.id for it in t.items] != ids:
                     raise EvomergeError(f"task {k}: the scored items differ from the run's subsample")
                 out["items"][k] = "".join("1" if it.correct else "0" for it in t.items)
-        return out | self.extra
+        return out
 
 
 def _load_model(path: str, cfg: RunConfig):
     from transformers import AutoModelForCausalLM
 
-    dtype = cfg.dtype and {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(cfg.dtype, cfg.dtype)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(resolve_model_path(path)), dtype=getattr(torch, dtype) if dtype else "auto",
+            str(resolve_model_path(path)), dtype=dtype_from_name(cfg.dtype) if cfg.dtype else "auto",
             trust_remote_code=cfg.trust_remote_code, use_safetensors=None if cfg.allow_pickle else True)
     except (OSError, ValueError) as e:
         raise ModelError(f"model {path}: cannot be loaded ({str(e).splitlines()[0]})") from None
@@ -80,10 +78,9 @@ class Evaluator:
 
         self.cfg = cfg
         self.suite = suite
-        ref = cfg.models.base or cfg.models.experts[0]
-        self.tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path(ref)),
-                                                       trust_remote_code=cfg.trust_remote_code)
-        self.backend = get_backend(cfg.fitness.backend, model_dir=str(resolve_model_path(ref)),
+        ref = str(resolve_model_path(cfg.reference_model))
+        self.tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=cfg.trust_remote_code)
+        self.backend = get_backend(cfg.fitness.backend, model_dir=ref,
                                    batch_size=cfg.fitness.batch_size)
         self.engine = None
         self.model = None
@@ -113,7 +110,7 @@ class Evaluator:
 
         self.engine = MergeEngine(template, device=self.cfg.device, cache=self.cfg.cache,
                                   allow_pickle=self.cfg.allow_pickle, trust_remote_code=self.cfg.trust_remote_code)
-        self.model = _load_model(self.cfg.models.base or self.cfg.models.experts[0], self.cfg)
+        self.model = _load_model(self.cfg.reference_model, self.cfg)
 
     def score_recipe(self, recipe: Recipe, split: str = "search") -> Evaluation:
         if self.engine is None:

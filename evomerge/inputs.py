@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .errors import EvomergeError
 
@@ -20,6 +20,19 @@ def load_yaml(path: str | Path, error: type[EvomergeError], what: str) -> Any:
         raise error(f"{path}: no such {what} file") from None
     except yaml.YAMLError as e:
         raise error(f"{path}: not valid YAML: {e}") from None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(cls: type[M], raw: Any, error: type[EvomergeError], where: str, what: str) -> M:
+    """``raw`` validated as ``cls``, or ``error`` naming ``where`` and every key at fault."""
+    if not isinstance(raw, dict):
+        raise error(f"{where}: {what} must be a mapping, got {type(raw).__name__}")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        raise error(f"{where}: {describe_validation(e)}") from None
 
 
 def describe_validation(e: ValidationError) -> str:

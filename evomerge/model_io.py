@@ -63,25 +63,27 @@ def resolve_model_path(ref: str, *, allow_download: bool = True) -> Path:
     return Path(path)
 
 
+def read_config(path: Path, ref: str) -> dict:
+    """A model directory's config.json; errors name the model and the file."""
+    f = path / "config.json"
+    try:
+        return json.loads(f.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"model {ref}: {f} is missing") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"model {ref}: {f} is not valid JSON: {e}") from None
+
+
 class ModelFiles:
     """Lazy access to one model directory's tensors and config."""
 
     def __init__(self, ref: str, *, allow_pickle: bool = False, allow_download: bool = True):
         self.ref = ref
         self.path = resolve_model_path(ref, allow_download=allow_download)
-        self.config = self._read_config()
+        self.config = read_config(self.path, ref)
         self._handles: dict[str, Any] = {}
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
         self.weight_map = self._index(allow_pickle)
-
-    def _read_config(self) -> dict:
-        f = self.path / "config.json"
-        try:
-            return json.loads(f.read_text())
-        except FileNotFoundError:
-            raise ModelError(f"model {self.ref}: {f} is missing") from None
-        except json.JSONDecodeError as e:
-            raise ModelError(f"model {self.ref}: {f} is not valid JSON: {e}") from None
 
     def _index(self, allow_pickle: bool) -> dict[str, str]:
         p = self.path

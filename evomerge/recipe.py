@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Optional, Sequence, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
 
 from .errors import RecipeError
-from .inputs import describe_validation, load_yaml
+from .inputs import load_yaml, validate
 from .methods import METHODS, MODEL_PARAM_DEFAULTS, MethodSpec, get_method
 
 Scalar = Union[bool, int, float, str]
@@ -99,12 +99,7 @@ class Recipe(BaseModel):
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "recipe") -> "Recipe":
-        if not isinstance(data, dict):
-            raise RecipeError(f"{source}: a recipe must be a mapping, got {type(data).__name__}")
-        try:
-            recipe = cls.model_validate(data)
-        except ValidationError as e:
-            raise RecipeError(f"{source}: " + describe_validation(e)) from None
+        recipe = validate(cls, data, RecipeError, source, "a recipe")
         recipe.validate_semantics(source)
         return recipe
 

@@ -4,33 +4,22 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import logging
 from pathlib import Path
 from typing import Optional
 
 from .errors import EvomergeError
-from .rundb import Row
+from .rundb import Row, best_row, redact
 from .search import Run, parents, reference_recipes, versions
-
-log = logging.getLogger(__name__)
 
 
 def _fmt(v: Optional[float]) -> str:
     return f"{v:.4f}" if v is not None else "failed"
 
 
-def best_row(rows: list[Row]) -> Optional[Row]:
-    return max((r for r in rows if r.fitness is not None), key=lambda r: r.fitness, default=None)
-
-
-def _seconds(rows: list[Row]) -> float:
-    return sum(r.result.get("merge_s", 0) + r.result.get("eval_s", 0) for r in rows)
-
-
 def status_text(run: Run, recent: int = 8) -> str:
     rows = run.db.rows()
     refs = run.db.references()
-    counted = [r for r in rows if r.state in ("complete", "failed")]
+    counted = [r for r in rows if r.counted]
     failed = [r for r in rows if r.state == "failed"]
     interrupted = [r for r in rows if r.state == "interrupted"]
     budget = run.cfg.budget
@@ -167,8 +156,7 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
             table[name] = {s: _scores(ev) for s, ev in evaluator.score_model_dir(path, splits).items()}
         for name, ref in reference_recipes(run).items():
             table[name] = {s: _scores(evaluator.score_recipe(ref, s)) for s in splits}
-        written = _load(model_dir, run)
-        winner = {s: _scores(evaluator.score_model(written, s)) for s in splits}
+        winner = {s: _scores(ev) for s, ev in evaluator.score_model_dir(str(model_dir), splits).items()}
         table[f"best #{row.number}"] = winner
         recomputed = winner["search"]["fitness"]
         report = {
@@ -176,7 +164,7 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
             "fitness_recomputed_from_export": recomputed,
             "table": table,
             "provenance": {
-                "config": run.cfg.to_dict(), "seed": run.cfg.seed, "storage": run.db.url.split("@")[-1],
+                "config": run.cfg.to_dict(), "seed": run.cfg.seed, "storage": redact(run.db.url),
                 "suite": suite.name, "task_seeds": {t.name: t.spec.seed for t in suite.tasks},
                 "subsample_ids": evaluator.items("search"),
                 "heldout_ids": evaluator.items("heldout") if heldout else None,
@@ -186,14 +174,7 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(report_markdown(report))
-        del written
     return report
-
-
-def _load(model_dir: Path, run: Run):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto").to(run.cfg.device).eval()
 
 
 def _scores(ev) -> dict:
@@ -224,7 +205,7 @@ def report_markdown(report: dict) -> str:
              f"model: {_fmt(report['fitness_recomputed_from_export'])}.", "",
              "## Provenance", "",
              f"- suite `{p['suite']}`, task seeds {p['task_seeds']}, run seed {p['seed']}",
-             f"- search subsample: " + ", ".join(f"{k}: {len(v)} items" for k, v in p["subsample_ids"].items()),
+             "- search subsample: " + ", ".join(f"{k}: {len(v)} items" for k, v in p["subsample_ids"].items()),
              f"- storage `{p['storage']}`, started {p['started']}, exported {p['exported']}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()),
              "", "Full config, subsample ids and held-out ids: report.json."]

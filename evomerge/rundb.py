@@ -46,12 +46,12 @@ def sqlite_url(path) -> str:
     return f"sqlite:///{path}"
 
 
-def open_storage(url: str, heartbeat_interval: Optional[int] = None) -> RDBStorage:
+def open_storage(url: str) -> RDBStorage:
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     try:
-        return RDBStorage(url, heartbeat_interval=heartbeat_interval, **kwargs)
+        return RDBStorage(url, **kwargs)
     except Exception as e:  # SQLAlchemy raises many kinds; name the URL
         raise RunDBError(f"storage {redact(url)}: cannot open ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
@@ -76,7 +76,6 @@ class Row:
     recipe: Optional[dict]
     result: dict = field(default_factory=dict)
     name: str = ""  # reference rows: parent:LABEL or default
-    attrs: dict = field(default_factory=dict)
 
     @property
     def tasks(self) -> dict[str, float]:
@@ -86,13 +85,17 @@ class Row:
     def error(self) -> Optional[str]:
         return self.result.get("error")
 
+    @property
+    def counted(self) -> bool:
+        """Whether it counts against the budget: completed, or failed on its own (not interrupted)."""
+        return self.state in ("complete", "failed")
+
 
 class RunDB:
-    def __init__(self, url: str, name: str, *, create: bool, directions: Sequence[str] = ("maximize",),
-                 heartbeat_interval: Optional[int] = None):
+    def __init__(self, url: str, name: str, *, create: bool):
         self.url = url
         self.name = name
-        self.storage = open_storage(url, heartbeat_interval)
+        self.storage = open_storage(url)
         exists = name in {s.study_name for s in self.storage.get_all_studies()}
         if create and exists:
             raise RunDBError(f"storage {redact(url)} already holds a run named {name!r}; resume it with "
@@ -100,7 +103,7 @@ class RunDB:
         if not create and not exists:
             raise RunDBError(f"storage {redact(url)} holds no run named {name!r}")
         if create:
-            optuna.create_study(storage=self.storage, study_name=name, directions=list(directions))
+            optuna.create_study(storage=self.storage, study_name=name, direction="maximize")
             optuna.create_study(storage=self.storage, study_name=self.references_name, direction="maximize")
         self._study_id = self.storage.get_study_id_from_name(name)
         self._ref_id = self.storage.get_study_id_from_name(self.references_name)
@@ -219,8 +222,7 @@ class RunDB:
 
     def evaluated_count(self) -> int:
         """Candidates that count against the budget: completed, or failed on their own."""
-        return sum(1 for t in self.trials([TrialState.COMPLETE, TrialState.FAIL])
-                   if not t.user_attrs.get("interrupted"))
+        return sum(_row(t).counted for t in self.trials([TrialState.COMPLETE, TrialState.FAIL]))
 
     def rows(self) -> list[Row]:
         return [_row(t) for t in self.trials()]
@@ -246,6 +248,9 @@ def _row(t: FrozenTrial) -> Row:
         state = t.state.name.lower()
     fitness = t.values[0] if t.values else None
     result = t.user_attrs.get("result") or {}
-    recipe = t.user_attrs.get("recipe") or result.get("recipe")
-    return Row(t.number, state, fitness, dict(t.params), recipe, result, t.user_attrs.get("name", ""),
-               dict(t.user_attrs))
+    return Row(t.number, state, fitness, dict(t.params), result.get("recipe"), result, t.user_attrs.get("name", ""))
+
+
+def best_row(rows: list[Row]) -> Optional[Row]:
+    """The row with the highest fitness (the first one on ties), or None."""
+    return max((r for r in rows if r.fitness is not None), key=lambda r: r.fitness, default=None)

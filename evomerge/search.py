@@ -28,7 +28,7 @@ from .drivers import make_driver
 from .errors import EvomergeError
 from .evaluator import Evaluation, Evaluator
 from .progress import Progress
-from .rundb import RunDB, redact, sqlite_url
+from .rundb import RunDB, best_row, redact, sqlite_url
 from .space import SearchSpace, method_defaults
 
 log = logging.getLogger("evomerge.search")
@@ -60,19 +60,11 @@ class Run:
     space: SearchSpace
     name: str
 
-    @property
-    def url(self) -> str:
-        return self.db.url
-
-
-def default_run_dir(name: str) -> Path:
-    return Path("runs") / name
-
 
 def create_run(config_path: str | Path, run_dir: Optional[str | Path] = None, storage: Optional[str] = None) -> Run:
     cfg = RunConfig.load(config_path)
     name = cfg.name or Path(config_path).stem
-    run_dir = Path(run_dir) if run_dir else default_run_dir(name)
+    run_dir = Path(run_dir) if run_dir else Path("runs") / name
     if (run_dir / "run.json").exists():
         raise RunError(f"{run_dir}: a run already lives here; continue it with: evomerge resume {run_dir}")
     space = cfg.build_space()  # validates the space against the models before anything is written
@@ -150,12 +142,14 @@ class _Signals:
             signal.signal(s, h)
 
 
+def default_values(run: Run) -> dict[str, float]:
+    """Parameter values of the method's default recipe, with the config's default_parameters."""
+    return method_defaults(run.cfg.merge_method, len(run.cfg.models.experts)) | dict(run.cfg.default_parameters)
+
+
 def reference_recipes(run: Run) -> dict:
     """The method's default recipe, with the config's default_parameters and fixed_parameters."""
-    cfg = run.cfg
-    values = method_defaults(cfg.merge_method, len(cfg.models.experts)) | dict(cfg.default_parameters)
-    values |= {k: v for k, v in cfg.fixed_parameters.items()}
-    return {"default": run.space.recipe_from(values)}
+    return {"default": run.space.recipe_from(default_values(run) | dict(run.cfg.fixed_parameters))}
 
 
 def parents(run: Run) -> dict[str, str]:
@@ -171,7 +165,7 @@ def parents(run: Run) -> dict[str, str]:
 def x0_vector(run: Run) -> list[float]:
     if run.cfg.driver.x0 == "center":
         return [0.5] * run.space.dimension
-    values = method_defaults(run.cfg.merge_method, len(run.cfg.models.experts)) | dict(run.cfg.default_parameters)
+    values = default_values(run)
     return run.space.default_vector({c.param: values.get(c.param, 0.5 * (c.low + c.high))
                                      for c in run.space.coordinates})
 
@@ -219,16 +213,19 @@ class _Search:
         if not run.cfg.references:
             return
         done = {r.name for r in db.references()}
+
+        def add(name: str, ev: Evaluation, record: dict) -> None:
+            db.add_reference(name, record, ev.fitness)
+            log.info("reference %s: %s", name, f"{ev.fitness:.4f}" if ev.fitness is not None else ev.error)
+
         for name, path in parents(run).items():
             if name not in done:
                 ev = self.evaluator.score_model_dir(path)["search"]
-                db.add_reference(name, self._record(ev) | {"model": path}, ev.fitness)
-                log.info("reference %s: %s", name, f"{ev.fitness:.4f}" if ev.fitness is not None else ev.error)
+                add(name, ev, self._record(ev) | {"model": path})
         for name, recipe in reference_recipes(run).items():
             if name not in done:
                 ev = self.evaluator.score_recipe(recipe)
-                db.add_reference(name, self._record(ev, recipe), ev.fitness)
-                log.info("reference %s: %s", name, f"{ev.fitness:.4f}" if ev.fitness is not None else ev.error)
+                add(name, ev, self._record(ev, recipe))
 
     def loop(self) -> dict:
         run, db = self.run, self.run.db
@@ -236,11 +233,15 @@ class _Search:
         if self.evaluator.engine is None:
             self.evaluator.prepare(next(iter(reference_recipes(run).values())))
         driver = make_driver(db, run.space.names, run.cfg.driver, run.cfg.seed, x0_vector(run))
-        done = db.evaluated_count()
-        elapsed0 = driver.elapsed
-        session0 = time.perf_counter()
+        rows = db.rows()
+        done = sum(r.counted for r in rows)
+        elapsed0, session0 = driver.elapsed, time.perf_counter()
+
+        def elapsed() -> float:  # search seconds over all sessions
+            return elapsed0 + time.perf_counter() - session0
+
         progress = Progress(done, self.max_candidates, self.max_seconds, elapsed0, live=self.live)
-        best = max((r for r in db.rows() if r.fitness is not None), key=lambda r: r.fitness, default=None)
+        best = best_row(rows)
         if best is not None:
             progress.set_best(best.fitness, best.number)
         stopped_by = "budget"
@@ -248,10 +249,9 @@ class _Search:
         with _Signals() as signals:
             try:
                 while True:
-                    elapsed = elapsed0 + time.perf_counter() - session0
                     if self.max_candidates is not None and done >= self.max_candidates:
                         break
-                    if self.max_seconds is not None and elapsed >= self.max_seconds:
+                    if self.max_seconds is not None and elapsed() >= self.max_seconds:
                         break
                     if signals.requested:
                         stopped_by = "signal"
@@ -262,7 +262,7 @@ class _Search:
                         break
                     recipe = run.space.decode(current.vector)
                     ev = self.evaluator.score_recipe(recipe)
-                    driver.elapsed = elapsed0 + time.perf_counter() - session0
+                    driver.elapsed = elapsed()
                     driver.tell(current, None if ev.fitness is None else [ev.fitness], self._record(ev, recipe))
                     number, current = current.number, None
                     done += 1
@@ -273,7 +273,7 @@ class _Search:
                     db.mark_interrupted([current.number])
             finally:
                 progress.close()
-                driver.elapsed = elapsed0 + time.perf_counter() - session0
+                driver.elapsed = elapsed()
                 driver.save()
         summary = {"evaluated": done, "stopped_by": stopped_by, "elapsed_s": driver.elapsed}
         if stopped_by.startswith("signal"):

@@ -24,15 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from .errors import EvomergeError
-from .inputs import describe_validation, load_yaml
+from .inputs import load_yaml, validate
 from .methods import MethodSpec, get_method
 from .recipe import KIND_FILTERS, Condition, Recipe, build
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
-GRANULARITIES = ("global", "per_layer", "layer_groups", "smooth")
 
 #: Bounds of a searched parameter when the spec does not give them.
 DEFAULT_BOUNDS = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 0.1),
@@ -108,10 +107,7 @@ def load_spec(ref: Any, where: str = "space") -> SpaceSpec:
             ref.setdefault("name", path.stem)
     if not isinstance(ref, dict):
         raise SpaceError(f"{source}: a search space must be a mapping or a preset name")
-    try:
-        return SpaceSpec.model_validate(ref)
-    except ValidationError as e:
-        raise SpaceError(f"{source}: {describe_validation(e)}") from None
+    return validate(SpaceSpec, ref, SpaceError, source, "a search space")
 
 
 def preset_names() -> list[str]:
@@ -151,12 +147,12 @@ class SearchSpace:
 
     def __init__(self, spec: SpaceSpec, *, method: str, base: Optional[str], experts: Sequence[str],
                  num_layers: int, has_lm_head: bool = True, fixed_parameters: Optional[dict] = None,
-                 dtype: Optional[str] = None, random_seed: int = 0, labels: Optional[Sequence[str]] = None):
+                 dtype: Optional[str] = None, random_seed: int = 0):
         self.spec = spec
         self.method: MethodSpec = get_method(method)
         self.base = base
         self.experts = list(experts)
-        self.labels = list(labels) if labels else expert_labels(self.experts)
+        self.labels = expert_labels(self.experts)
         self.num_layers = num_layers
         self.has_lm_head = has_lm_head
         self.dtype = dtype
@@ -180,9 +176,7 @@ class SearchSpace:
             if r.fixed is not None:
                 self.fixed[key] = r.fixed
             else:
-                low, high = DEFAULT_BOUNDS[key]
-                if key == "weight" and self.spec.allow_negative_weights:
-                    low = -high
+                low, high = self._default_bounds(key)
                 low = r.low if r.low is not None else low
                 high = r.high if r.high is not None else high
                 if not low < high:
@@ -192,14 +186,17 @@ class SearchSpace:
                 self.bounds[key] = (low, high)
         for key in SEARCHED_BY_DEFAULT:
             if key in allowed and key not in self.fixed and key not in self.bounds:
-                low, high = DEFAULT_BOUNDS[key]
-                if key == "weight" and self.spec.allow_negative_weights:
-                    low = -high
-                self.bounds[key] = (low, high)
+                self.bounds[key] = self._default_bounds(key)
         for key, value in fixed.items():
             if key in self.bounds:
                 continue
             self.fixed.setdefault(key, value)
+
+    def _default_bounds(self, key: str) -> tuple[float, float]:
+        low, high = DEFAULT_BOUNDS[key]
+        if key == "weight" and self.spec.allow_negative_weights:
+            low = -high
+        return low, high
 
     def _searchable(self) -> set[str]:
         m = self.method
@@ -261,7 +258,7 @@ class SearchSpace:
                 + (f", {s.layers_per_group} layers per group" if s.layers_per_group else "")
                 + (f", {s.knots} knots" if s.knots else "") + (", attention/MLP separately" if s.modules else "")
                 + f"; method {self.method.name}, {len(self.experts)} expert(s), {self.num_layers} layers",
-                f"dimension {self.dimension}" + (f"; fixed: " + ", ".join(f"{k}={v:g}" for k, v in self.fixed.items())
+                f"dimension {self.dimension}" + ("; fixed: " + ", ".join(f"{k}={v:g}" for k, v in self.fixed.items())
                                                  if self.fixed else "")]
         width = max((len(c.name) for c in self.coordinates), default=4)
         rows = [f"  {i:4d}  {c.name:{width}s}  {c.describe()}" for i, c in enumerate(self.coordinates)]
@@ -327,17 +324,17 @@ class SearchSpace:
             per_model[expert] = params
         glob: dict[str, Any] = {p: self._param_value(vals, p) for p in self.bounds if p in GLOBAL_SEARCHABLE}
         glob |= {p: v for p, v in self.fixed.items() if p in self.method.global_params and p not in glob}
-        if self.method.family == "slerp":
-            per_model = {self.base: {}, **{e: {} for e in self.experts}}
-        return build(self.method.name, self.base, per_model, parameters=glob or None, dtype=self.dtype,
-                     random_seed=self.random_seed)
+        return self._build(per_model, glob)
 
     def recipe_from(self, values: dict[str, float]) -> Recipe:
         """The recipe that sets each parameter to one value everywhere (a reference recipe), built
         outside the space's bounds when needed."""
         per_model = {e: {p: v for p, v in values.items() if p in self.method.model_params} for e in self.experts}
         glob = {p: v for p, v in values.items() if p in self.method.global_params}
-        if self.method.family == "slerp":
+        return self._build(per_model, glob)
+
+    def _build(self, per_model: dict[str, dict], glob: dict[str, Any]) -> Recipe:
+        if self.method.family == "slerp":  # slerp lists the base beside the other model, with no parameters
             per_model = {self.base: {}, **{e: {} for e in self.experts}}
         return build(self.method.name, self.base, per_model, parameters=glob or None, dtype=self.dtype,
                      random_seed=self.random_seed)
@@ -409,5 +406,5 @@ def method_defaults(method: str, n_experts: int) -> dict[str, float]:
     return out
 
 
-__all__ = ["Coordinate", "GRANULARITIES", "SearchSpace", "SpaceError", "SpaceSpec", "load_spec",
+__all__ = ["Coordinate", "SearchSpace", "SpaceError", "SpaceSpec", "load_spec",
            "method_defaults", "preset_names"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -115,7 +117,7 @@ def test_vector_errors():
         s.decode([0.5, float("nan"), 0.5, 0.5])
 
 
-def write_config(tmp_path, zoo, **over) -> "Path":  # noqa: F821
+def write_config(tmp_path, zoo, **over) -> Path:
     cfg = {"models": {"base": zoo["base"], "experts": list(zoo["experts"].values())}, "merge_method": "ties",
            "space": "global", "fitness": {"suite": "zoo-smooth"}, "budget": {"max_candidates": 4}} | over
     path = tmp_path / "cfg.yaml"
@@ -124,8 +126,6 @@ def write_config(tmp_path, zoo, **over) -> "Path":  # noqa: F821
 
 
 def test_config_relative_paths(tmp_path, zoo):
-    from pathlib import Path
-
     root = Path(zoo["root"])
     rel = {"base": "zoo/" + Path(zoo["base"]).name, "experts": ["zoo/" + Path(p).name for p in zoo["experts"].values()]}
     (tmp_path / "zoo").symlink_to(root)
