@@ -1,7 +1,8 @@
 """Search drivers: propose vectors in [0, 1]^d, learn from their fitness.
 
 - ``cma``: pycma's ask/tell with bounds [0, 1], ``popsize``, ``sigma0``, a seed and optional IPOP
-  restarts (popsize doubles, a new random start). Its own random stream is part of its state,
+  restarts (popsize doubles, a new random start) when pycma's stop criteria fire; with none left it
+  keeps proposing from its last distribution, and the budget ends the run. Its own random stream is part of its state,
   pickled into the run database after every tell; a generation's candidates are recorded with their
   generation and index, so after a crash the same generation is asked again, its completed
   candidates are reused and only the rest are evaluated.
@@ -171,9 +172,6 @@ class CmaDriver(Driver):
             log.info("cma: stopped (%s); restart %d with popsize %d", dict(s.es.stop()), restart, popsize)
             self.state = self._new_es(restart, popsize, x0, s.generation)
         self.checkpoint(self.state)
-
-    def finished(self) -> bool:
-        return self._generation is None and bool(self.state.es.stop()) and self.state.restart >= self.spec.restarts
 
 
 # ---------------------------------------------------------------------------------------------

@@ -249,3 +249,22 @@ def test_progress_bar_keeps_candidate_lines_in_the_log_file(tmp_path):
     assert "candidate #" not in console.stream.getvalue()
     logged = (tmp_path / "search.log").read_text()
     assert "candidate #0 (1/2): 0.5000" in logged and "failed (NaN logits)" in logged
+
+
+@pytest.mark.parametrize("restarts", [0, 1])
+def test_cma_stop_restarts_or_samples_on(tmp_path, restarts):
+    from evomerge.config import DriverSpec
+    from evomerge.drivers import CmaDriver
+
+    db = RunDB(sqlite_url(tmp_path / "run.db"), "x", create=True)
+    driver = CmaDriver(db, ["a", "b"], DriverSpec(name="cma", popsize=4, restarts=restarts), 0, [0.5, 0.5])
+    driver.state.es.opts["maxiter"] = 1  # pycma stops after one generation
+    for i in range(4):
+        p = driver.ask()
+        driver.tell(p, [float(i)], {})
+    assert driver.state.es.stop()["maxiter"] if restarts == 0 else not driver.state.es.stop()
+    nxt = driver.ask()
+    if restarts == 0:  # no restart left: the budget decides; the stopped ES keeps proposing
+        assert nxt.attrs == {"generation": 1, "index": 0, "restart": 0} and driver.state.es.popsize == 4
+    else:  # IPOP: a new ES with twice the population, numbered as restart 1
+        assert nxt.attrs == {"generation": 1, "index": 0, "restart": 1} and driver.state.es.popsize == 8
