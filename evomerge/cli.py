@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .errors import EvomergeError
+
+STORAGE_ENV = os.environ.get("EVOMERGE_STORAGE") or None
 
 
 def _parse_size(text: str) -> int:
@@ -83,11 +86,42 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from .search import create_run, run_search
 
+    devices = None
+    if args.devices:
+        from .workers import parse_devices
+
+        devices = parse_devices(args.devices)
     run = create_run(args.config, args.run_dir, args.storage)
     print(f"run {run.name}: {run.run_dir} (dimension {run.space.dimension}); watch it with: evomerge status {run.run_dir}",
           file=sys.stderr)
-    summary = run_search(run)
+    if devices:
+        from .workers import run_workers
+
+        summary = run_workers(run, devices, args.storage)
+    else:
+        summary = run_search(run)
     return _finish(run, summary)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from .config import check_device
+    from .search import join_run, run_search
+
+    run = join_run(args.target, args.storage, args.run_dir)
+    if args.device:
+        try:
+            run.cfg = run.cfg.model_copy(update={"device": check_device(args.device)})
+        except ValueError as e:
+            raise EvomergeError(f"--device: {e}") from None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    summary = run_search(run, worker=True, max_candidates=args.max_candidates, max_minutes=args.max_minutes)
+    print(f"worker {summary['slot']} ({run.cfg.device}): {summary['own']} candidates of the run's "
+          f"{summary['evaluated']}, busy {summary['busy_s']:.0f} s of {summary['wall_s']:.0f} s "
+          f"(idle share {summary['idle_share'] or 0:.1%})", file=sys.stderr)
+    return 130 if summary["stopped_by"].startswith("signal") else 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
@@ -106,7 +140,10 @@ def _finish(run, summary: dict) -> int:
         print(f"plot: {path}")
     if summary["stopped_by"].startswith("signal"):
         return 130
-    print(f"export the best recipe with: evomerge export {run.run_dir} OUT_DIR")
+    if summary["stopped_by"] == "worker failure":
+        return 1
+    print(f"export the best recipe with: evomerge export {run.run_dir} OUT_DIR"
+          + (" (or every Pareto-optimal one with --pareto)" if run.db.n_objectives > 1 else ""))
     return 0
 
 
@@ -130,10 +167,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .report import comparison_table, export
+    from .report import comparison_table, export, export_pareto, pareto_markdown
     from .search import open_run
 
     run = open_run(args.run_dir, args.storage)
+    if args.pareto:
+        if args.trial is not None:
+            raise EvomergeError("export: give --pareto or --trial, not both")
+        report = export_pareto(run, args.out_dir, overwrite=args.overwrite, heldout=not args.no_heldout,
+                               models=args.models)
+        print(pareto_markdown(report))
+        print(f"wrote {args.out_dir}: pareto.json, pareto.md and {len(report['front'])} candidate directories")
+        return 0
     report = export(run, args.out_dir, trial=args.trial, overwrite=args.overwrite, heldout=not args.no_heldout)
     print(comparison_table(report))
     print(f"wrote {args.out_dir}: recipe.yaml, model/, report.json, report.md")
@@ -184,12 +229,26 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="start a search from a run config")
     s.add_argument("config", help="run config YAML")
     s.add_argument("--run-dir", help="run directory (default: runs/NAME)")
-    s.add_argument("--storage", help="SQLAlchemy URL of the run database (default: SQLite in the run directory)")
+    s.add_argument("--storage", default=STORAGE_ENV,
+                   help="SQLAlchemy URL of the run database (default: $EVOMERGE_STORAGE, else SQLite in the run "
+                        "directory); PostgreSQL for workers on several hosts")
+    s.add_argument("--devices", help="one worker process per device on this node, e.g. cuda:0,cuda:1 (or cpu,cpu)")
     s.set_defaults(func=_cmd_search)
+
+    w = sub.add_parser("worker", help="join a search: evaluate candidates and record them in the shared run database")
+    w.add_argument("target", help="a run directory, or a run config (the run named in it is joined, or created)")
+    w.add_argument("--storage", default=STORAGE_ENV,
+                   help="the run's database URL (default: $EVOMERGE_STORAGE, else the run directory's)")
+    w.add_argument("--device", help="this worker's device (cpu, cuda, cuda:N); default: the config's")
+    w.add_argument("--run-dir", help="with a config: this host's run directory (default: runs/NAME)")
+    w.add_argument("--threads", type=int, help="CPU threads for torch")
+    w.add_argument("--max-candidates", type=int, help="override the run's candidate budget (total)")
+    w.add_argument("--max-minutes", type=float, help="override the run's wall-time budget (total)")
+    w.set_defaults(func=_cmd_worker)
 
     r = sub.add_parser("resume", help="continue a stopped or crashed run")
     r.add_argument("run_dir")
-    r.add_argument("--storage", help="the run's storage URL, when it holds a password")
+    r.add_argument("--storage", default=STORAGE_ENV, help="the run's storage URL, when it holds a password")
     r.add_argument("--max-candidates", type=int, help="a new candidate budget (total, not additional)")
     r.add_argument("--max-minutes", type=float, help="a new wall-time budget (total search minutes)")
     r.set_defaults(func=_cmd_resume)
@@ -200,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="progress, best so far, references, recent candidates; writes plots")
     st.add_argument("run_dir")
-    st.add_argument("--storage")
+    st.add_argument("--storage", default=STORAGE_ENV)
     st.add_argument("--recent", type=int, default=8, help="how many recent candidates to list")
     st.add_argument("--no-plots", action="store_true")
     st.set_defaults(func=_cmd_status)
@@ -209,9 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir")
     x.add_argument("out_dir")
     x.add_argument("--trial", type=int, help="candidate number (default: the best)")
-    x.add_argument("--storage")
+    x.add_argument("--storage", default=STORAGE_ENV)
     x.add_argument("--overwrite", action="store_true")
     x.add_argument("--no-heldout", action="store_true", help="skip scoring the held-out split")
+    x.add_argument("--pareto", action="store_true",
+                   help="every Pareto-optimal candidate (multi-objective runs): recipes and scores")
+    x.add_argument("--models", action="store_true", help="with --pareto: also write each one's merged model")
     x.set_defaults(func=_cmd_export)
     return p
 

@@ -71,6 +71,19 @@ class BudgetSpec(_Strict):
         return self
 
 
+class HeartbeatSpec(_Strict):
+    """How a candidate whose worker died is noticed: the worker records a heartbeat every
+    ``interval_s``; a candidate with none for ``grace_s`` is failed and redone elsewhere."""
+    interval_s: int = Field(10, ge=1)
+    grace_s: int = Field(60, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "HeartbeatSpec":
+        if self.grace_s <= self.interval_s:
+            raise ValueError("grace_s must be longer than interval_s")
+        return self
+
+
 class RunConfig(_Strict):
     name: Optional[str] = None
     models: ModelsSpec
@@ -79,6 +92,7 @@ class RunConfig(_Strict):
     fitness: FitnessSpec
     driver: DriverSpec = DriverSpec()
     budget: BudgetSpec
+    heartbeat: HeartbeatSpec = HeartbeatSpec()
     references: bool = True
     default_parameters: dict[str, float] = {}
     fixed_parameters: dict[str, Union[float, bool]] = {}
@@ -92,9 +106,7 @@ class RunConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v != "cpu" and not (v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
-            raise ValueError(f"device must be cpu, cuda or cuda:N, got {v!r}")
-        return v
+        return check_device(v)
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
@@ -161,6 +173,12 @@ class RunConfig(_Strict):
 
         return load_spec(self.space, where="space")
 
+    def check_objectives(self, n_objectives: int, where: str = "config") -> None:
+        """Refuse a driver that cannot search several objectives."""
+        if n_objectives > 1 and (self.driver.name == "cma" or self.driver.sampler == "cmaes"):
+            raise ConfigError(f"{where}: driver: the suite has {n_objectives} objectives; CMA-ES searches one. "
+                              "Use driver {name: optuna, sampler: nsga2} (or tpe, gp, random)")
+
     @property
     def reference_model(self) -> str:
         """The model whose tokenizer, config and architecture the live model takes: the base, or
@@ -177,6 +195,12 @@ class RunConfig(_Strict):
                            experts=self.models.experts, num_layers=num_layers(hf),
                            has_lm_head=not hf.get("tie_word_embeddings", False),
                            fixed_parameters=self.fixed_parameters, dtype=self.dtype, random_seed=self.seed)
+
+
+def check_device(v: str) -> str:
+    if v != "cpu" and not (v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {v!r}")
+    return v
 
 
 def _model_ref(ref: str, root: Path, where: str) -> str:

@@ -1,82 +1,93 @@
 """Search drivers: propose vectors in [0, 1]^d, learn from their fitness.
 
+Every ask claims a candidate in the run database (a RUNNING trial) and every tell finishes it, both
+under the run's lock, so any number of processes can drive one search with no generation barrier:
+a worker asks for its next candidate as soon as it has told its last.
+
 - ``cma``: pycma's ask/tell with bounds [0, 1], ``popsize``, ``sigma0``, a seed and optional IPOP
   restarts (popsize doubles, a new random start) when pycma's stop criteria fire; with none left it
-  keeps proposing from its last distribution, and the budget ends the run. Its own random stream is part of its state,
-  pickled into the run database after every tell; a generation's candidates are recorded with their
-  generation and index, so after a crash the same generation is asked again, its completed
-  candidates are reused and only the rest are evaluated.
-- ``optuna``: an Optuna sampler (``tpe``, ``cmaes``, ``gp``, ``random``, ``nsga2``) on the same
-  storage; the sampler (with its random state) is pickled after every tell.
+  keeps proposing from its last distribution, and the budget ends the run. The strategy (with its
+  own random stream) lives in the run database and is shared by every worker. The candidates of a
+  generation are numbered: 0..popsize-1 are pycma's ``ask()`` from the saved strategy, and when
+  they are all taken a worker takes the next index, drawn by further ``ask()`` calls on the same
+  distribution, instead of waiting. A candidate whose worker died is re-queued and redone first,
+  with its vector and position. The first ``popsize`` candidates of a generation to finish
+  are told; whoever finishes the last of them tells, and the next ask is from the new
+  generation. Candidates that finish after their generation was told are kept (they count, and
+  can be the best) but do not move the distribution. With one process, every generation is
+  exactly pycma's ask and tell, so a resumed run proposes the candidates an uninterrupted one
+  would have.
+- ``optuna``: an Optuna sampler (``tpe`` with constant liar, ``cmaes``, ``gp``, ``random``,
+  ``nsga2``) on the same storage; these read the shared trials themselves. One process pickles
+  its sampler (with its random state) after every tell and a resumed run restores it; each
+  worker of a multi-worker run draws from its own seed instead. A killed worker's candidate is
+  re-queued with the same params (Optuna's RetryFailedTrialCallback).
 
-Both maximize the fitness. With a fixed seed, a resumed run proposes the candidates an
-uninterrupted run would have.
+Both maximize. ``tell`` returns False when the candidate was reclaimed meanwhile (its worker was
+presumed dead and another one redoes it); its result is then dropped, never recorded twice.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-import math
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
 import optuna
+from optuna.trial import TrialState
 
 from .config import DriverSpec
 from .errors import EvomergeError
-from .rundb import UNIT, RunDB
+from .rundb import UNIT, Owner, RunDB
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Proposal:
-    number: Optional[int]  # the trial number in the run database (cma: known once recorded)
+    trial_id: int
+    number: int
     vector: list[float]
     attrs: dict = field(default_factory=dict)
 
 
 class Driver:
-    """ask() -> Proposal, or None when the driver has nothing left; tell(proposal, values or None
-    when the candidate failed, the record to keep) records the candidate and updates the driver.
-
-    The state saved is always the one right after the last tell: asking advances random streams,
-    and a run stopped between an ask and its tell must propose the same candidate again."""
+    """ask() -> Proposal (claims it); tell(proposal, values or None when the candidate failed, the
+    record to keep) -> whether it was recorded. Call both under ``db.lock()``."""
 
     kind = ""
 
-    def __init__(self, db: RunDB, names: Sequence[str], spec: DriverSpec, seed: int, x0: Sequence[float]):
+    def __init__(self, db: RunDB, names: Sequence[str], spec: DriverSpec, seed: int, x0: Sequence[float],
+                 owner: Owner, solo: bool = True):
         self.db = db
         self.names = list(names)
         self.spec = spec
         self.seed = seed
         self.x0 = [float(v) for v in x0]
+        self.owner = owner
+        self.solo = solo
         saved = db.load_state()
         if saved is not None and saved.get("driver") != self.kind:
             raise EvomergeError(f"the run database holds a {saved.get('driver')} driver's state, not {self.kind}'s; "
                                 "the run was made with another driver")
-        self.elapsed = saved["elapsed"] if saved else 0.0  # search seconds so far (for the wall-time budget)
-        self._snapshot: Optional[bytes] = saved["blob"] if saved else None
+        self._saved_blob: Optional[bytes] = saved["blob"] if saved else None
 
-    def restored(self):
-        """The state object saved by the last tell, or None for a new run."""
-        return None if self._snapshot is None else pickle.loads(self._snapshot)
+    def _restore(self):
+        """The state object last saved, or None."""
+        return None if self._saved_blob is None else pickle.loads(self._saved_blob)
 
-    def checkpoint(self, state: object) -> None:
-        """Snapshot the state right after a tell, and save it."""
-        self._snapshot = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
-        self.save()
+    def _save(self, state: object) -> None:
+        self._saved_blob = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        self.db.save_state({"driver": self.kind, "blob": self._saved_blob})
 
-    def save(self) -> None:
-        if self._snapshot is not None:
-            self.db.save_state({"driver": self.kind, "blob": self._snapshot, "elapsed": self.elapsed})
-
-    def ask(self) -> Optional[Proposal]:
+    def ask(self) -> Proposal:
         raise NotImplementedError
 
-    def tell(self, proposal: Proposal, values: Optional[Sequence[float]], record: dict) -> None:
+    def tell(self, proposal: Proposal, values: Optional[Sequence[float]], record: dict) -> bool:
         raise NotImplementedError
 
 
@@ -89,6 +100,7 @@ class _CmaState:
     es: object  # cma.CMAEvolutionStrategy, carrying its own RandomState
     generation: int  # generations told so far, over all restarts
     restart: int
+    after_trial_id: int = 0  # every candidate of this generation has a larger trial id
 
 
 class CmaDriver(Driver):
@@ -96,15 +108,17 @@ class CmaDriver(Driver):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.state: _CmaState = self.restored() or self._new_es(0, self.spec.popsize, self.x0, generation=0)
-        if self._snapshot is None:
-            self.checkpoint(self.state)
-        self._generation: Optional[list[list[float]]] = None
-        self._results: dict[int, Optional[float]] = {}  # index -> -fitness (pycma minimizes), None if failed
-        self._pending: set[int] = set()  # indices asked but not told
-        self._check_db = True  # on the first generation of a process: reuse what a previous one recorded
+        with self.db.lock():
+            saved = self.db.load_state()
+            if saved is None:
+                self._save(self._new_es(0, self.spec.popsize, self.x0, generation=0,
+                                        after=self.db.last_trial_id()))
+            else:
+                self._saved_blob = saved["blob"]
+        self._batches: dict[tuple[int, int], list[list[list[float]]]] = {}
 
-    def _new_es(self, restart: int, popsize: Optional[int], x0: Sequence[float], generation: int) -> _CmaState:
+    def _new_es(self, restart: int, popsize: Optional[int], x0: Sequence[float], generation: int,
+                after: int) -> _CmaState:
         import cma
 
         rng = np.random.RandomState(self.seed * 1000 + restart + 1)
@@ -112,66 +126,75 @@ class CmaDriver(Driver):
         if popsize:
             opts["popsize"] = popsize
         es = cma.CMAEvolutionStrategy(list(x0), self.spec.sigma0, opts)
-        return _CmaState(es, generation, restart)
+        return _CmaState(es, generation, restart, after)
 
-    def _load_generation(self) -> None:
-        """Ask the current generation (deterministic from the saved state) and match it with the
-        candidates already recorded for it."""
-        s = self.state
-        self._generation = [list(map(float, x)) for x in s.es.ask()]
-        self._results, self._pending = {}, set()
-        if not self._check_db:
-            return  # this process recorded every candidate since the last tell: none of this generation
-        self._check_db = False
-        for t in self.db.trials():
-            a = (t.user_attrs.get("result") or {}).get("cma", {})
-            if a.get("generation") != s.generation or t.user_attrs.get("interrupted"):
-                continue
-            i = a["index"]
-            stored = [t.params[n] for n in self.names]
-            if stored != self._generation[i]:
-                raise EvomergeError(f"resume: candidate {t.number} (generation {s.generation}, index {i}) differs "
-                                    "from what the restored driver proposes; the run database does not match")
-            if t.state == optuna.trial.TrialState.COMPLETE:
-                self._results[i] = -t.values[0]
-            elif t.state == optuna.trial.TrialState.FAIL:
-                self._results[i] = None
+    def _state(self) -> _CmaState:
+        saved = self.db.load_state()
+        self._saved_blob = saved["blob"]
+        return pickle.loads(self._saved_blob)
 
-    def ask(self) -> Optional[Proposal]:
-        if self._generation is None:
-            self._load_generation()
-        for i, x in enumerate(self._generation):
-            if i not in self._results and i not in self._pending:
-                self._pending.add(i)
-                return Proposal(None, x, {"generation": self.state.generation, "index": i,
-                                          "restart": self.state.restart})
-        return None  # the whole generation is out; wait for tells (one worker never gets here)
+    def _candidate(self, st: _CmaState, index: int) -> list[float]:
+        """Candidate ``index`` of the current generation: batch k = index // popsize is the
+        (k+1)-th ask() on the saved strategy; deterministic, the same in every process."""
+        ps = st.es.popsize
+        key = (st.restart, st.generation)
+        batches = self._batches.get(key)
+        if batches is None:
+            self._batches = {key: []}
+            batches = self._batches[key]
+            self._asker = copy.deepcopy(st.es)
+        while len(batches) <= index // ps:
+            batches.append([list(map(float, x)) for x in self._asker.ask()])
+        return batches[index // ps][index % ps]
 
-    def tell(self, proposal: Proposal, values: Optional[Sequence[float]], record: dict) -> None:
-        i = proposal.attrs["index"]
-        self._pending.discard(i)
-        proposal.number = self.db.record(dict(zip(self.names, proposal.vector)), record | {"cma": proposal.attrs},
-                                         values)
-        self._results[i] = None if values is None else -values[0]
-        if len(self._results) == len(self._generation):
-            self._tell_generation()
+    def _generation_rows(self, st: _CmaState) -> list[dict]:
+        return [r for r in self.db.tagged_since(st.after_trial_id, "cma")
+                if r["tag"]["generation"] == st.generation and r["tag"]["restart"] == st.restart]
 
-    def _tell_generation(self) -> None:
-        s = self.state
-        finite = [v for v in self._results.values() if v is not None and math.isfinite(v)]
-        worst = max(finite) if finite else 0.0
+    def ask(self) -> Proposal:
+        st = self._advance(self._state())
+        queued = self.db.pop_waiting(self.owner)  # a candidate whose worker died: redo it first
+        if queued is not None:
+            return Proposal(queued._trial_id, queued.number, [float(queued.params[n]) for n in self.names],
+                            dict(queued.user_attrs["cma"]))
+        taken = {r["tag"]["index"] for r in self._generation_rows(st) if r["state"] != "interrupted"}
+        index = next(i for i in range(len(taken) + 1) if i not in taken)
+        x = self._candidate(st, index)
+        attrs = {"generation": st.generation, "index": index, "restart": st.restart}
+        trial_id, number = self.db.claim(dict(zip(self.names, x)), self.owner, {"cma": attrs})
+        return Proposal(trial_id, number, x, attrs)
+
+    def tell(self, proposal: Proposal, values: Optional[Sequence[float]], record: dict) -> bool:
+        ok = self.db.finish(proposal.trial_id, values, record | {"cma": proposal.attrs})
+        self._advance(self._state())
+        return ok
+
+    def _advance(self, st: _CmaState) -> _CmaState:
+        """Tell the current generation once ``popsize`` of its candidates have finished (the
+        lowest indices, when a crash let more finish before anyone told); save the new state."""
+        ps = st.es.popsize
+        finished = {r["tag"]["index"]: (None if r["state"] == "failed" else -r["value"])  # pycma minimizes
+                    for r in self._generation_rows(st) if r["state"] in ("complete", "failed")}
+        if len(finished) < ps:
+            return st
+        told = sorted(finished)[:ps]
+        es = st.es
+        batches = [es.ask() for _ in range(told[-1] // ps + 1)]
+        xs = [batches[i // ps][i % ps] for i in told]
+        scored = [finished[i] for i in told if finished[i] is not None]
+        worst = max(scored) if scored else 0.0
         penalty = worst + 1.0 + abs(worst)  # failed candidates rank below every scored one
-        fs = [self._results[i] if self._results[i] is not None else penalty for i in range(len(self._generation))]
-        s.es.tell(self._generation, fs)
-        s.generation += 1
-        self._generation = None
-        if s.es.stop() and s.restart < self.spec.restarts:
-            restart = s.restart + 1
+        es.tell(xs, [finished[i] if finished[i] is not None else penalty for i in told])
+        st.generation += 1
+        st.after_trial_id = self.db.last_trial_id()
+        if es.stop() and st.restart < self.spec.restarts:
+            restart = st.restart + 1
             x0 = np.random.RandomState(self.seed * 7919 + restart).uniform(0, 1, len(self.names))
-            popsize = s.es.popsize * 2
-            log.info("cma: stopped (%s); restart %d with popsize %d", dict(s.es.stop()), restart, popsize)
-            self.state = self._new_es(restart, popsize, x0, s.generation)
-        self.checkpoint(self.state)
+            popsize = es.popsize * 2
+            log.info("cma: stopped (%s); restart %d with popsize %d", dict(es.stop()), restart, popsize)
+            st = self._new_es(restart, popsize, x0, st.generation, st.after_trial_id)
+        self._save(st)
+        return st
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +205,7 @@ def make_sampler(spec: DriverSpec, seed: int, x0: dict[str, float]):
     s = spec.sampler
     startup = spec.n_startup_trials
     if s == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True,
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
                                           **({"n_startup_trials": startup} if startup is not None else {}))
     if s == "cmaes":
         return optuna.samplers.CmaEsSampler(x0=x0, sigma0=spec.sigma0, seed=seed, popsize=spec.popsize,
@@ -201,22 +224,36 @@ class OptunaDriver(Driver):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.sampler = self.restored() or make_sampler(self.spec, self.seed, dict(zip(self.names, self.x0)))
-        if self._snapshot is None:
-            self.checkpoint(self.sampler)
+        x0 = dict(zip(self.names, self.x0))
+        if self.solo:
+            self.sampler = self._restore() or make_sampler(self.spec, self.seed, x0)
+        else:  # a worker among others: its own random stream, nothing restored or saved
+            self.sampler = make_sampler(self.spec, self.seed + 7919 * (self.owner.slot + 1), x0)
         self.study = self.db.study(self.sampler)
         self.distributions = {n: UNIT for n in self.names}
+        if self.solo and self._saved_blob is None:
+            self._save(self.sampler)
 
-    def ask(self) -> Optional[Proposal]:
-        trial = self.study.ask(self.distributions)
-        return Proposal(trial.number, [float(trial.params[n]) for n in self.names])
+    def ask(self) -> Proposal:
+        with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize": we record it
+            warnings.simplefilter("ignore", UserWarning)
+            trial = self.study.ask(self.distributions)
+        self.db.adopt(trial._trial_id, self.owner)
+        return Proposal(trial._trial_id, trial.number, [float(trial.params[n]) for n in self.names])
 
-    def tell(self, proposal: Proposal, values: Optional[Sequence[float]], record: dict) -> None:
-        self.db.set_result(proposal.number, record)
-        self.db.finish(self.study, proposal.number, values)
-        self.checkpoint(self.sampler)
+    def tell(self, proposal: Proposal, values: Optional[Sequence[float]], record: dict) -> bool:
+        frozen = self.db.storage.get_trial(proposal.trial_id)
+        if frozen.state != TrialState.RUNNING:
+            return False
+        state = TrialState.FAIL if values is None else TrialState.COMPLETE
+        self.sampler.after_trial(self.study, frozen, state, None if values is None else list(values))
+        ok = self.db.finish(proposal.trial_id, values, record)
+        if self.solo:
+            self._save(self.sampler)
+        return ok
 
 
-def make_driver(db: RunDB, names: Sequence[str], spec: DriverSpec, seed: int, x0: Sequence[float]) -> Driver:
+def make_driver(db: RunDB, names: Sequence[str], spec: DriverSpec, seed: int, x0: Sequence[float],
+                owner: Owner, solo: bool = True) -> Driver:
     driver = CmaDriver if spec.name == "cma" else OptunaDriver
-    return driver(db, names, spec, seed, x0)
+    return driver(db, names, spec, seed, x0, owner, solo)

@@ -26,11 +26,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Evaluation:
+    """``fitness`` is the suite's fitness (with one declared objective, that objective);
+    ``values`` the objectives the search maximizes, None when the candidate failed."""
     fitness: Optional[float]
     result: Optional[FitnessResult]
     merge_seconds: float = 0.0
     eval_seconds: float = 0.0
     error: Optional[str] = None
+    values: Optional[list[float]] = None
+    objective_names: Optional[list[str]] = None
 
     def record(self, items: Optional[dict[str, list[str]]] = None, recipe: Optional[Recipe] = None) -> dict:
         """The JSON record kept in the run database. Per-item correctness is a string of 0/1 in the
@@ -40,6 +44,9 @@ class Evaluation:
             out["recipe"] = recipe.to_dict()
         if self.error:
             out["error"] = self.error
+        if self.values is not None:
+            out["fitness"] = self.fitness
+            out["objectives"] = dict(zip(self.objective_names or [], self.values))
         r = self.result
         if r is not None:
             out["tasks"] = {k: {"metric": t.metric, "value": t.value, "metrics": t.metrics}
@@ -144,7 +151,10 @@ class Evaluator:
         seconds = time.perf_counter() - t0
         if result.failed:
             return Evaluation(None, result, eval_seconds=seconds, error=result.failed)
-        return Evaluation(result.fitness, result, eval_seconds=seconds)
+        values = self.suite.objective_values({k: t.value for k, t in result.tasks.items()})
+        fitness = result.fitness if len(values) > 1 else values[0]
+        return Evaluation(fitness, result, eval_seconds=seconds, values=values,
+                          objective_names=self.suite.objective_names)
 
     def _free(self) -> None:
         gc.collect()

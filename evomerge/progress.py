@@ -74,7 +74,7 @@ class Progress:
         return min(options) if options else None
 
     def update(self, number: int, fitness: Optional[float], error: Optional[str], merge_s: float,
-               eval_s: float) -> None:
+               eval_s: float, tag: str = "") -> None:
         self.done += 1
         if fitness is not None and (self.best is None or fitness > self.best):
             self.best, self.best_number = fitness, number
@@ -85,8 +85,8 @@ class Progress:
             self.bar.set_postfix_str(f"best {best}, last {last}")
             self.bar.update(1)
         budget = f"/{self.max_candidates}" if self.max_candidates else ""
-        log.info("candidate #%d (%d%s): %s%s; best %s; merge %.0f ms, eval %.0f ms; %.1f/min%s",
-                 number, self.done, budget, last, f" ({error})" if error else "", best, merge_s * 1e3,
+        log.info("%scandidate #%d (%d%s): %s%s; best %s; merge %.0f ms, eval %.0f ms; %.1f/min%s",
+                 tag, number, self.done, budget, last, f" ({error})" if error else "", best, merge_s * 1e3,
                  eval_s * 1e3, self.rate(), f", ETA {_fmt_seconds(eta)}" if eta is not None else "")
 
     def close(self) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import EvomergeError
-from .rundb import Row, best_row, redact
+from .rundb import Row, best_row, pareto_front, redact
 from .search import Run, parents, reference_recipes, versions
 
 
@@ -23,8 +23,7 @@ def status_text(run: Run, recent: int = 8) -> str:
     failed = [r for r in rows if r.state == "failed"]
     interrupted = [r for r in rows if r.state == "interrupted"]
     budget = run.cfg.budget
-    saved = run.db.load_state() or {}
-    elapsed = saved.get("elapsed", 0.0)
+    elapsed = run.db.elapsed()
     lines = [f"run {run.name} ({run.run_dir}): {run.cfg.merge_method}, space {run.space.spec.name or 'inline'} "
              f"(dimension {run.space.dimension}), driver {run.cfg.driver.name}"
              + (f"/{run.cfg.driver.sampler}" if run.cfg.driver.sampler else "")]
@@ -51,6 +50,17 @@ def status_text(run: Run, recent: int = 8) -> str:
     default = next((r for r in refs if r.name == "default"), None)
     if best and default and default.fitness is not None:
         lines.append(f"  best - default: {best.fitness - default.fitness:+.4f}")
+    if run.db.n_objectives > 1:
+        lines += [""] + pareto_text(run, rows, refs)
+    workers = run.db.workers()
+    if len(workers) > 1 or any(w.get("mode") == "worker" for w in workers):
+        lines += ["", "workers:"]
+        for w in workers:
+            state = f"ended {w['ended']}" if "ended" in w else f"joined {w.get('joined', '?')}, running or killed"
+            stats = (f", {w['own']} candidates, idle {w['idle_share']:.1%}" if w.get("idle_share") is not None
+                     else "")
+            lines.append(f"  w{w['slot']:<3d}{w.get('host', '?')}:{w.get('pid', '?')} {w.get('device', '')} "
+                         f"({w.get('mode', '')}) {state}{stats}")
     if rows:
         lines += ["", f"recent candidates (of {len(rows)}):"]
         for r in rows[-recent:]:
@@ -60,9 +70,58 @@ def status_text(run: Run, recent: int = 8) -> str:
     return "\n".join(lines)
 
 
+def objective_names(run: Run) -> list[str]:
+    return run.db.meta().get("objectives") or run.cfg.suite().objective_names
+
+
+def pareto_text(run: Run, rows: list[Row], refs: list[Row]) -> list[str]:
+    names = objective_names(run)
+    front = pareto_front(rows)
+    complete = sum(r.state == "complete" for r in rows)
+    lines = [f"Pareto front: {len(front)} of {complete} completed candidates (objectives, all maximized):",
+             f"  {'':24s}" + "".join(f"{n:>12s}" for n in names) + f"{'fitness':>12s}"]
+    for r in refs:
+        if r.values:
+            lines.append(f"  {r.name:24s}" + "".join(f"{v:12.4f}" for v in r.values) + f"{_fmt(r.fitness):>12s}")
+    for r in front:
+        lines.append(f"  {'#' + str(r.number):24s}" + "".join(f"{v:12.4f}" for v in r.values)
+                     + f"{_fmt(r.fitness):>12s}")
+    return lines
+
+
+def _pareto_plot(run: Run, rows: list[Row], plt) -> Optional[Path]:
+    """pareto.png: every completed candidate in each pair of objectives, the front highlighted
+    and joined, the reference rows marked."""
+    names = objective_names(run)
+    k = len(names)
+    done = [r for r in rows if r.state == "complete" and r.values]
+    if k < 2 or not done:
+        return None
+    front = pareto_front(rows)
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)][:6]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 4.6), squeeze=False)
+    refs = [r for r in run.db.references() if r.values]
+    for ax, (i, j) in zip(axes[0], pairs):
+        ax.scatter([r.values[i] for r in done], [r.values[j] for r in done], s=10, alpha=0.35, label="candidate")
+        pts = sorted((r.values[i], r.values[j]) for r in front)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color="C3", markersize=5,
+                label=f"Pareto front ({len(front)})")
+        for n, r in enumerate(refs):
+            ax.scatter([r.values[i]], [r.values[j]], marker="*", s=90, color=f"C{(n + 4) % 10}", label=r.name)
+        ax.set_xlabel(names[i])
+        ax.set_ylabel(names[j])
+        ax.legend(fontsize=7)
+    fig.suptitle(f"run {run.name}: objectives (search split, higher is better)")
+    fig.tight_layout()
+    path = run.run_dir / "pareto.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_plots(run: Run) -> list[Path]:
-    """fitness.png (every candidate, best so far, references) and best_recipe.png (the best
-    recipe's parameters per layer)."""
+    """fitness.png (every candidate, best so far, references), best_recipe.png (the best
+    recipe's parameters per layer) and, with several objectives, pareto.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,6 +168,9 @@ def write_plots(run: Run) -> list[Path]:
             fig.savefig(path, dpi=110)
             plt.close(fig)
             out.append(path)
+    path = _pareto_plot(run, run.db.rows(), plt)
+    if path is not None:
+        out.append(path)
     return out
 
 
@@ -209,4 +271,70 @@ def report_markdown(report: dict) -> str:
              f"- storage `{p['storage']}`, started {p['started']}, exported {p['exported']}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()),
              "", "Full config, subsample ids and held-out ids: report.json."]
+    return "\n".join(lines) + "\n"
+
+
+def export_pareto(run: Run, out_dir: str | Path, overwrite: bool = False, heldout: bool = True,
+                  models: bool = False) -> dict:
+    """Every Pareto-optimal candidate: OUT_DIR/candidate-NNNN/recipe.yaml (and model/ with
+    ``models``), and OUT_DIR/pareto.{json,md} with each one's objectives on the search split and,
+    with ``heldout``, on the held-out split (re-scored here). Written atomically."""
+    from .evaluator import Evaluator
+    from .merge import merge_to_disk
+    from .model_io import atomic_directory
+    from .recipe import Recipe
+
+    names = objective_names(run)
+    if len(names) < 2:
+        raise EvomergeError(f"run {run.run_dir}: the suite has one objective; --pareto needs several "
+                            "(declare 'objectives' in the suite)")
+    rows = run.db.rows()
+    front = pareto_front(rows)
+    if not front:
+        raise EvomergeError(f"run {run.run_dir}: no candidate has completed yet")
+    evaluator = Evaluator(run.cfg, run.cfg.suite()) if heldout else None
+    members = []
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        for r in front:
+            recipe = Recipe.from_dict(r.recipe, source=f"candidate #{r.number}")
+            sub = tmp / f"candidate-{r.number:04d}"
+            sub.mkdir()
+            (sub / "recipe.yaml").write_text(recipe.to_yaml())
+            entry = {"candidate": r.number, "recipe": f"{sub.name}/recipe.yaml",
+                     "search": dict(zip(names, r.values)), "fitness_search": r.fitness}
+            if evaluator is not None:
+                ev = evaluator.score_recipe(recipe, "heldout")
+                entry["heldout"] = dict(zip(names, ev.values)) if ev.values else None
+                entry["fitness_heldout"] = ev.fitness
+                entry["error_heldout"] = ev.error
+            if models:
+                merge_to_disk(recipe, sub / "model", device=run.cfg.device, allow_pickle=run.cfg.allow_pickle,
+                              trust_remote_code=run.cfg.trust_remote_code)
+                entry["model"] = f"{sub.name}/model"
+            members.append(entry)
+        refs = {x.name: dict(zip(names, x.values)) for x in run.db.references() if x.values}
+        report = {"run": run.name, "objectives": names, "completed": sum(r.state == "complete" for r in rows),
+                  "front": members, "references_search": refs,
+                  "exported": _dt.datetime.now().isoformat(timespec="seconds")}
+        (tmp / "pareto.json").write_text(json.dumps(report, indent=2))
+        (tmp / "pareto.md").write_text(pareto_markdown(report))
+    return report
+
+
+def pareto_markdown(report: dict) -> str:
+    names = report["objectives"]
+    heldout = any("heldout" in m for m in report["front"])
+    cols = [f"{n} (search)" for n in names] + ([f"{n} (held-out)" for n in names] if heldout else [])
+    lines = [f"# evomerge Pareto export: run {report['run']}", "",
+             f"{len(report['front'])} Pareto-optimal candidates of {report['completed']} completed; "
+             "every objective is maximized.", "",
+             "| candidate | " + " | ".join(cols) + " | recipe |", "|" + "---|" * (len(cols) + 2)]
+    for m in report["front"]:
+        cells = [f"{m['search'][n]:.4f}" for n in names]
+        if heldout:
+            cells += [f"{m['heldout'][n]:.4f}" if m.get("heldout") else "failed" for n in names]
+        lines.append(f"| #{m['candidate']} | " + " | ".join(cells) + f" | {m['recipe']} |")
+    for name, values in report["references_search"].items():
+        lines.append(f"| {name} (reference) | " + " | ".join(f"{values[n]:.4f}" for n in names)
+                     + (" | " + " | ".join("" for _ in names) if heldout else "") + " | |")
     return "\n".join(lines) + "\n"

@@ -4,9 +4,13 @@ A run directory holds ``config.yaml`` (the resolved config: absolute paths), ``r
 run's name and storage URL, without any password), ``run.db`` (the SQLite run database unless
 ``--storage`` points elsewhere), ``search.log`` and the plots ``evomerge status`` writes.
 
-The loop: ask the driver, decode the vector into a recipe, apply it into the live model, score it,
-record it, tell the driver. SIGINT / SIGTERM finish the candidate in flight, save the state and
-print how to resume; a second signal abandons the candidate (resume redoes it).
+The loop: under the run's lock, reclaim candidates whose worker died and ask the driver (which
+claims a candidate); then decode the vector into a recipe, apply it into the live model, score
+it (a heartbeat thread keeps the claim alive), and under the lock again tell the driver (which
+records it). Any number of processes may run this loop on one run database (``evomerge
+worker``): there is no generation barrier, and the budget counts the candidates of all of them.
+SIGINT / SIGTERM finish the candidate in flight, save the state and print how to resume; a
+second signal abandons the candidate (it is redone).
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +34,7 @@ from .drivers import make_driver
 from .errors import EvomergeError
 from .evaluator import Evaluation, Evaluator
 from .progress import Progress
-from .rundb import RunDB, best_row, redact, sqlite_url
+from .rundb import Owner, RunDB, best_row, redact, sqlite_url
 from .space import SearchSpace, method_defaults
 
 log = logging.getLogger("evomerge.search")
@@ -61,23 +67,42 @@ class Run:
     name: str
 
 
-def create_run(config_path: str | Path, run_dir: Optional[str | Path] = None, storage: Optional[str] = None) -> Run:
+def _open_db(cfg: RunConfig, url: str, name: str, mode: str) -> RunDB:
+    """mode: create, open or join (open, or create when no process has yet)."""
+    n = len(cfg.suite().objectives)
+    kwargs = {"n_objectives": n, "heartbeat_s": cfg.heartbeat.interval_s, "grace_s": cfg.heartbeat.grace_s}
+    if mode == "join":
+        return RunDB.join(url, name, **kwargs)
+    return RunDB(url, name, create=mode == "create", **kwargs)
+
+
+def _write_run_dir(run_dir: Path, cfg: RunConfig, name: str, url: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    info = {"name": name, "storage": redact(url), "storage_has_password": redact(url) != url,
+            "created": _dt.datetime.now().isoformat(timespec="seconds")}
+    tmp = run_dir / f"run.json.{threading.get_native_id()}.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(run_dir / "run.json")
+
+
+def _checked_config(config_path: str | Path) -> tuple[RunConfig, SearchSpace]:
     cfg = RunConfig.load(config_path)
+    space = cfg.build_space()  # validates the space against the models before anything is written
+    cfg.check_objectives(len(cfg.suite().objectives), str(config_path))
+    return cfg, space
+
+
+def create_run(config_path: str | Path, run_dir: Optional[str | Path] = None, storage: Optional[str] = None) -> Run:
+    cfg, space = _checked_config(config_path)
     name = cfg.name or Path(config_path).stem
     run_dir = Path(run_dir) if run_dir else Path("runs") / name
     if (run_dir / "run.json").exists():
         raise RunError(f"{run_dir}: a run already lives here; continue it with: evomerge resume {run_dir}")
-    space = cfg.build_space()  # validates the space against the models before anything is written
-    cfg.suite()
     run_dir.mkdir(parents=True, exist_ok=True)
     url = storage or sqlite_url((run_dir / "run.db").resolve())
-    db = RunDB(url, name, create=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    info = {"name": name, "storage": redact(url), "storage_has_password": redact(url) != url,
-            "created": _dt.datetime.now().isoformat(timespec="seconds")}
-    tmp = run_dir / "run.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(run_dir / "run.json")
+    db = _open_db(cfg, url, name, "create")
+    _write_run_dir(run_dir, cfg, name, url)
     return Run(run_dir, cfg, db, space, name)
 
 
@@ -91,13 +116,35 @@ def open_run(run_dir: str | Path, storage: Optional[str] = None) -> Run:
     if storage is None and info.get("storage_has_password"):
         raise RunError(f"{run_dir}: the run's storage needs a password; pass --storage with the full URL")
     cfg = RunConfig.load(run_dir / "config.yaml")
-    db = RunDB(url, info["name"], create=False)
+    db = _open_db(cfg, url, info["name"], "open")
+    return _checked_run(run_dir, cfg, db, info["name"], run_dir / "config.yaml")
+
+
+def _checked_run(run_dir: Path, cfg: RunConfig, db: RunDB, name: str, where: Path) -> Run:
     space = cfg.build_space()
     meta = db.meta()
     if meta.get("coordinates") not in (None, space.names):
-        raise RunError(f"{run_dir}/config.yaml: its search space no longer matches the run database's "
-                       "coordinates; restore the config the run was started with")
-    return Run(run_dir, cfg, db, space, info["name"])
+        raise RunError(f"{where}: its search space no longer matches the run database's coordinates; use "
+                       "the config the run was started with")
+    return Run(run_dir, cfg, db, space, name)
+
+
+def join_run(target: str | Path, storage: Optional[str] = None, run_dir: Optional[str | Path] = None) -> Run:
+    """A worker's view of a run: an existing run directory, or a config file (the run named in it
+    is joined in ``storage``, or created there if no worker has yet; ``run_dir``, by default
+    runs/NAME, keeps this host's copy of the config and the logs)."""
+    target = Path(target)
+    if target.is_dir():
+        return open_run(target, storage)
+    cfg, _ = _checked_config(target)
+    name = cfg.name or target.stem
+    run_dir = Path(run_dir) if run_dir else Path("runs") / name
+    url = storage or sqlite_url((run_dir / "run.db").resolve())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    db = _open_db(cfg, url, name, "join")
+    if not (run_dir / "run.json").exists():
+        _write_run_dir(run_dir, cfg, name, url)
+    return _checked_run(run_dir, cfg, db, name, target)
 
 
 @contextmanager
@@ -120,12 +167,18 @@ class _Signals:
 
     def __init__(self) -> None:
         self.requested = False
+        self._event = threading.Event()
         self._old: dict = {}
+
+    def wait(self, seconds: float) -> None:
+        """Sleep, waking up early on a signal."""
+        self._event.wait(seconds)
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self._event.set()
         log.warning("%s received: finishing the candidate in flight, then stopping (again to abandon it)",
                     signal.Signals(signum).name)
 
@@ -171,16 +224,44 @@ def x0_vector(run: Run) -> list[float]:
 
 
 def run_search(run: Run, *, resume: bool = False, max_candidates: Optional[int] = None,
-               max_minutes: Optional[float] = None, live: Optional[bool] = None) -> dict:
-    """Run (or continue) the search until the budget is spent or a signal stops it."""
+               max_minutes: Optional[float] = None, live: Optional[bool] = None, worker: bool = False) -> dict:
+    """Run (or continue) the search until the budget is spent or a signal stops it. ``worker``:
+    one of several processes on this run (its own sampler seed; the first worker to get there
+    scores the references)."""
     with _file_log(run.run_dir / "search.log"):
-        return _Search(run, resume, max_candidates, max_minutes, live).loop()
+        return _Search(run, resume, max_candidates, max_minutes, live, worker).loop()
+
+
+class _Heartbeat:
+    """Records the heartbeat of the candidate in flight every ``interval`` seconds, from a thread."""
+
+    def __init__(self, db: RunDB, interval: float):
+        self.db = db
+        self.interval = interval
+        self.trial_id: Optional[int] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="evomerge-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            trial_id = self.trial_id
+            if trial_id is not None:
+                try:
+                    self.db.heartbeat(trial_id)
+                except Exception as e:  # noqa: BLE001 - a lost beat is retried; the database may come back
+                    log.warning("heartbeat for trial %d failed: %s", trial_id, e)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class _Search:
     def __init__(self, run: Run, resume: bool, max_candidates: Optional[int], max_minutes: Optional[float],
-                 live: Optional[bool]):
+                 live: Optional[bool], worker: bool):
         self.run = run
+        self.worker = worker
         cfg = run.cfg
         self.max_candidates = max_candidates if max_candidates is not None else cfg.budget.max_candidates
         minutes = max_minutes if max_minutes is not None else cfg.budget.max_minutes
@@ -189,33 +270,47 @@ class _Search:
         self.suite = cfg.suite()
         self.evaluator = Evaluator(cfg, self.suite)
         db = run.db
+        if worker and not db.shareable:
+            raise RunError(f"storage {redact(db.url)}: several workers need a SQLite file (one host) or PostgreSQL")
         items = self.evaluator.items()
-        meta = db.meta()
-        if "items" in meta and meta["items"] != items:
-            raise RunError(f"suite {self.suite.name}: its search subsample differs from the one the run started "
-                           "with (were the data files or the suite changed?); candidates would not be comparable")
-        if not meta:
-            db.set_meta({"config": cfg.to_dict(), "coordinates": run.space.names, "items": items,
-                         "versions": versions(), "suite": self.suite.name,
-                         "started": _dt.datetime.now().isoformat(timespec="seconds")})
+        with db.lock():
+            meta = db.meta()
+            if "items" in meta and meta["items"] != items:
+                raise RunError(f"suite {self.suite.name}: its search subsample differs from the one the run started "
+                               "with (were the data files or the suite changed?); candidates would not be comparable")
+            if not meta:
+                db.set_meta({"config": cfg.to_dict(), "coordinates": run.space.names, "items": items,
+                             "objectives": self.suite.objective_names, "versions": versions(),
+                             "suite": self.suite.name, "started": _dt.datetime.now().isoformat(timespec="seconds")})
         self.items = items
-        if resume:
-            gone = db.mark_interrupted()
-            if gone:
-                log.info("resume: candidate(s) %s were running when the run stopped; they are redone",
-                         ", ".join(f"#{n}" for n in gone))
+        self.slot = db.register_worker({"host": db.host, "device": cfg.device, "pid": os.getpid(),
+                                        "mode": "worker" if worker else ("resume" if resume else "search")})
+        self.owner = Owner.this_process(self.slot, cfg.device)
+        self.tag = f"w{self.slot} " if worker else ""
 
     def _record(self, ev: Evaluation, recipe=None) -> dict:
         return ev.record(self.items, recipe)
 
+    def _references_are_mine(self) -> bool:
+        """One process scores the references: a single search, or the first worker to ask."""
+        if not self.worker:
+            return True
+        db = self.run.db
+        with db.lock():
+            by = db.meta().get("references_by")
+            if by is None:
+                db.set_meta({"references_by": self.slot})
+                return True
+            return by == self.slot
+
     def references(self) -> None:
         run, db = self.run, self.run.db
-        if not run.cfg.references:
+        if not run.cfg.references or not self._references_are_mine():
             return
         done = {r.name for r in db.references()}
 
         def add(name: str, ev: Evaluation, record: dict) -> None:
-            db.add_reference(name, record, ev.fitness)
+            db.add_reference(name, record, ev.values)
             log.info("reference %s: %s", name, f"{ev.fitness:.4f}" if ev.fitness is not None else ev.error)
 
         for name, path in parents(run).items():
@@ -228,16 +323,23 @@ class _Search:
                 add(name, ev, self._record(ev, recipe))
 
     def loop(self) -> dict:
-        run, db = self.run, self.run.db
+        run, db, cfg = self.run, self.run.db, self.run.cfg
+        t_setup = time.perf_counter()
         self.references()
         if self.evaluator.engine is None:
             self.evaluator.prepare(next(iter(reference_recipes(run).values())))
-        driver = make_driver(db, run.space.names, run.cfg.driver, run.cfg.seed, x0_vector(run))
+        with db.lock():
+            driver = make_driver(db, run.space.names, cfg.driver, cfg.seed, x0_vector(run), self.owner,
+                                 solo=not self.worker)
+        # a lost candidate is re-queued and redone; one Optuna process instead re-proposes it from
+        # its restored sampler (a re-queued trial would skip the draws the sampler made for it)
+        retry = self.worker or cfg.driver.name == "cma"
         rows = db.rows()
         done = sum(r.counted for r in rows)
-        elapsed0, session0 = driver.elapsed, time.perf_counter()
+        elapsed0, session0 = db.elapsed(), time.perf_counter()
+        setup_s = session0 - t_setup
 
-        def elapsed() -> float:  # search seconds over all sessions
+        def elapsed() -> float:  # search seconds of the run (see RunDB.save_elapsed)
             return elapsed0 + time.perf_counter() - session0
 
         progress = Progress(done, self.max_candidates, self.max_seconds, elapsed0, live=self.live)
@@ -246,36 +348,70 @@ class _Search:
             progress.set_best(best.fitness, best.number)
         stopped_by = "budget"
         current = None
+        mine = busy = waited = 0.0
+        own = dropped = 0
+        last_save = time.perf_counter()
+        heartbeat = _Heartbeat(db, cfg.heartbeat.interval_s)
+        poll = min(1.0, cfg.heartbeat.interval_s / 2)
         with _Signals() as signals:
             try:
                 while True:
-                    if self.max_candidates is not None and done >= self.max_candidates:
-                        break
                     if self.max_seconds is not None and elapsed() >= self.max_seconds:
                         break
                     if signals.requested:
                         stopped_by = "signal"
                         break
-                    current = driver.ask()
+                    with db.lock():
+                        gone = db.reclaim(retry=retry)
+                        if gone:
+                            log.info("%scandidate(s) %s lost their worker; they are redone", self.tag,
+                                     ", ".join(f"#{n}" for n in gone))
+                        done, running = db.counts()
+                        full = self.max_candidates is not None and done + running >= self.max_candidates
+                        current = None if full else driver.ask()
                     if current is None:
-                        stopped_by = "driver finished"
-                        break
+                        if self.max_candidates is not None and done >= self.max_candidates:
+                            break
+                        t0 = time.perf_counter()  # the budget is out, but a claimed candidate may yet be redone
+                        signals.wait(poll)
+                        waited += time.perf_counter() - t0
+                        continue
+                    heartbeat.trial_id = current.trial_id
                     recipe = run.space.decode(current.vector)
                     ev = self.evaluator.score_recipe(recipe)
-                    driver.elapsed = elapsed()
-                    driver.tell(current, None if ev.fitness is None else [ev.fitness], self._record(ev, recipe))
+                    busy += ev.merge_seconds + ev.eval_seconds
+                    with db.lock():
+                        ok = driver.tell(current, ev.values, self._record(ev, recipe))
+                    heartbeat.trial_id = None
                     number, current = current.number, None
-                    done += 1
-                    progress.update(number, ev.fitness, ev.error, ev.merge_seconds, ev.eval_seconds)
+                    if not ok:
+                        dropped += 1
+                        log.warning("%scandidate #%d was reclaimed while it ran (no heartbeat for %d s); its "
+                                    "result is dropped, another worker redoes it", self.tag, number,
+                                    cfg.heartbeat.grace_s)
+                        continue
+                    own += 1
+                    progress.update(number, ev.fitness, ev.error, ev.merge_seconds, ev.eval_seconds,
+                                    tag=self.tag)
+                    if time.perf_counter() - last_save > 5:
+                        db.save_elapsed(elapsed())
+                        last_save = time.perf_counter()
             except KeyboardInterrupt:
                 stopped_by = "signal (candidate abandoned)"
-                if current is not None and current.number is not None:
-                    db.mark_interrupted([current.number])
+                if current is not None:
+                    db.abandon(current.trial_id)
             finally:
+                heartbeat.close()
                 progress.close()
-                driver.elapsed = elapsed()
-                driver.save()
-        summary = {"evaluated": done, "stopped_by": stopped_by, "elapsed_s": driver.elapsed}
+                mine = time.perf_counter() - session0
+                db.save_elapsed(elapsed())
+                done = db.counts()[0]
+        summary = {"evaluated": done, "stopped_by": stopped_by, "elapsed_s": db.elapsed(), "slot": self.slot,
+                   "own": own, "dropped": dropped, "wall_s": round(mine, 3), "busy_s": round(busy, 3),
+                   "waited_s": round(waited, 3), "setup_s": round(setup_s, 3),
+                   "idle_share": round(1 - busy / mine, 4) if mine > 0 else None}
+        db.update_worker(self.slot, {k: v for k, v in summary.items() if k not in ("evaluated", "slot")}
+                         | {"ended": _dt.datetime.now().isoformat(timespec="seconds")})
         if stopped_by.startswith("signal"):
             print(f"stopped after {done} candidate(s); continue with: evomerge resume {run.run_dir}", file=sys.stderr)
         return summary

@@ -71,3 +71,59 @@ def zoo_model(zoo):
         return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
     return load
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL server: the one .ci/run started ($EVOMERGE_TEST_PG_URL), else a throwaway
+    cluster started here with scripts/pg_cluster.sh. Without server binaries the tests that need
+    it are skipped with the reason, unless $EVOMERGE_REQUIRE_PG is set (CI), where they fail."""
+    import shutil
+    import subprocess
+
+    url = os.environ.get("EVOMERGE_TEST_PG_URL")
+    if url:
+        yield url
+        return
+    script = Path(__file__).resolve().parent.parent / "scripts" / "pg_cluster.sh"
+    if not (shutil.which("pg_ctl") or list(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))):
+        msg = "no PostgreSQL server binaries (install them with: bash scripts/pg_cluster.sh install)"
+        if os.environ.get("EVOMERGE_REQUIRE_PG"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="evomerge-pg-"))  # not under pytest's 0700 tree: the server's user must reach it
+    d.chmod(0o755)
+    out = subprocess.run(["bash", str(script), "start", str(d / "cluster"), str(_free_port())],
+                         capture_output=True, text=True)
+    try:
+        if out.returncode:
+            pytest.fail(f"could not start PostgreSQL: {out.stderr}")
+        yield out.stdout.strip()
+    finally:
+        subprocess.run(["bash", str(script), "stop", str(d / "cluster")], capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A fresh, empty database on the server, for one test."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(pg_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    yield pg_server.rsplit("/", 1)[0] + f"/{name}"

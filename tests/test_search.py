@@ -251,20 +251,92 @@ def test_progress_bar_keeps_candidate_lines_in_the_log_file(tmp_path):
     assert "candidate #0 (1/2): 0.5000" in logged and "failed (NaN logits)" in logged
 
 
-@pytest.mark.parametrize("restarts", [0, 1])
-def test_cma_stop_restarts_or_samples_on(tmp_path, restarts):
+def _cma(db: RunDB, slot: int = 0, popsize: int = 4, restarts: int = 0):
     from evomerge.config import DriverSpec
     from evomerge.drivers import CmaDriver
+    from evomerge.rundb import Owner
 
+    return CmaDriver(db, ["a", "b"], DriverSpec(name="cma", popsize=popsize, restarts=restarts), 0, [0.5, 0.5],
+                     Owner.this_process(slot), solo=False)
+
+
+@pytest.mark.parametrize("restarts", [0, 1])
+def test_cma_stop_restarts_or_samples_on(tmp_path, restarts):
     db = RunDB(sqlite_url(tmp_path / "run.db"), "x", create=True)
-    driver = CmaDriver(db, ["a", "b"], DriverSpec(name="cma", popsize=4, restarts=restarts), 0, [0.5, 0.5])
-    driver.state.es.opts["maxiter"] = 1  # pycma stops after one generation
+    driver = _cma(db, restarts=restarts)
+    st = driver._state()
+    st.es.opts["maxiter"] = 1  # pycma stops after one generation
+    driver._save(st)
     for i in range(4):
         p = driver.ask()
         driver.tell(p, [float(i)], {})
-    assert driver.state.es.stop()["maxiter"] if restarts == 0 else not driver.state.es.stop()
+    st = driver._state()
+    assert st.es.stop()["maxiter"] if restarts == 0 else not st.es.stop()
     nxt = driver.ask()
     if restarts == 0:  # no restart left: the budget decides; the stopped ES keeps proposing
-        assert nxt.attrs == {"generation": 1, "index": 0, "restart": 0} and driver.state.es.popsize == 4
+        assert nxt.attrs == {"generation": 1, "index": 0, "restart": 0} and driver._state().es.popsize == 4
     else:  # IPOP: a new ES with twice the population, numbered as restart 1
-        assert nxt.attrs == {"generation": 1, "index": 0, "restart": 1} and driver.state.es.popsize == 8
+        assert nxt.attrs == {"generation": 1, "index": 0, "restart": 1} and driver._state().es.popsize == 8
+
+
+def test_cma_workers_interleave_without_a_barrier(tmp_path):
+    """Two workers on one generation (popsize 4): when the four are out, the next ask is a fifth
+    draw of the same generation instead of a wait; the first four to finish are told, whoever
+    finishes the fourth tells, and a late candidate is recorded without moving the distribution."""
+    import copy
+
+    db = RunDB(sqlite_url(tmp_path / "run.db"), "x", create=True)
+    a, b = _cma(db, 0), _cma(db, 1)
+    initial = a._state().es
+    saved = copy.deepcopy(initial)
+    expected = [list(map(float, x)) for x in saved.ask()] + [list(map(float, x)) for x in saved.ask()]
+    p = [a.ask(), b.ask(), a.ask(), b.ask(), a.ask()]
+    assert [q.attrs["index"] for q in p] == [0, 1, 2, 3, 4]
+    assert [q.vector for q in p] == expected[:5]  # the same draws in every process
+    for q, v in zip([p[4], p[0], p[1]], [4.0, 0.0, 1.0]):
+        assert a.tell(q, [v], {}) if q is not p[1] else b.tell(q, [v], {})
+    assert a._state().generation == 0  # three finished, one short of popsize
+    assert b.tell(p[2], [2.0], {})  # the fourth to finish: told by b
+    assert a._state().generation == 1
+    nxt = b.ask()
+    assert nxt.attrs == {"generation": 1, "index": 0, "restart": 0}
+    assert b.tell(p[3], [3.0], {})  # late: recorded, generation unchanged
+    assert b._state().generation == 1
+    # the told distribution is exactly pycma's tell of candidates 0, 1, 2 and 4
+    batches = [initial.ask(), initial.ask()]
+    initial.tell([batches[0][0], batches[0][1], batches[0][2], batches[1][0]], [-0.0, -1.0, -2.0, -4.0])
+    assert list(initial.mean) == pytest.approx(list(a._state().es.mean))
+    counted, running = db.counts()
+    assert (counted, running) == (5, 1)
+
+
+def test_reclaim_fails_dead_and_silent_candidates(tmp_path):
+    """A candidate whose process ended on this machine is reclaimed at once; one owned by another
+    machine only when its heartbeat is older than the grace period. Its slot is then taken again,
+    and the owner that comes back late cannot record it."""
+    import dataclasses
+
+    import sqlalchemy as sa
+
+    from evomerge.rundb import Owner
+
+    db = RunDB(sqlite_url(tmp_path / "run.db"), "x", create=True, heartbeat_s=1, grace_s=5)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = dataclasses.replace(Owner.this_process(0), pid=int(dead.stdout), started=-1)
+    remote = dataclasses.replace(Owner.this_process(1), machine="elsewhere")
+    with db.lock():
+        t_dead, _ = db.claim({"a": 0.1}, gone, {"cma": {"generation": 0, "index": 0, "restart": 0}})
+        t_remote, _ = db.claim({"a": 0.2}, remote)
+        t_alive, _ = db.claim({"a": 0.3}, Owner.this_process(2))
+        assert db.reclaim() == [0]  # the dead process's candidate only
+    assert db.counts() == (0, 2)
+    with db.storage.engine.begin() as conn:  # the remote worker went silent 10 s ago
+        conn.execute(sa.text("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-10 seconds') "
+                             "WHERE trial_id = :t"), {"t": t_remote})
+    with db.lock():
+        assert db.reclaim() == [1]
+    assert not db.finish(t_remote, [1.0], {"merge_s": 0})  # it came back: too late, nothing recorded
+    assert db.finish(t_alive, [1.0], {"merge_s": 0})
+    states = {r.number: r.state for r in db.rows()}
+    assert states == {0: "interrupted", 1: "interrupted", 2: "complete"}
+    assert db.counts() == (1, 0)

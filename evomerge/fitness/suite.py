@@ -18,6 +18,13 @@ A suite is a YAML file::
         lm_eval: arc_challenge       # or any task lm-eval knows (lm-eval / vllm backends)
         metric: acc_norm
         n: 200
+    objectives:                      # optional: several objectives make a multi-objective search
+      - {name: skill, tasks: [rev]}            # a list: equal weights; a mapping: task -> weight
+      - {name: retention, tasks: {arc: 1.0}}
+    # or  objectives: per_task       (one objective per task)
+
+Without ``objectives`` the suite has one objective, its fitness: the weighted mean of the tasks'
+metric values. Each objective is the weighted mean of its tasks' values; all are maximized.
 
 A local JSONL line is ``{"id", "split": "search"|"heldout", "prompt", "answer"}`` plus
 ``"choices"`` (a list; ``answer`` is then the right choice's index) for multiple choice. The
@@ -33,7 +40,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -101,12 +108,24 @@ class TaskSpec(BaseModel):
         return self
 
 
+class ObjectiveSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    tasks: Union[list[str], dict[str, float]] = Field(min_length=1)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return dict.fromkeys(self.tasks, 1.0) if isinstance(self.tasks, list) else dict(self.tasks)
+
+
 class SuiteSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Optional[str] = None
     description: str = ""
     tasks: list[TaskSpec] = Field(min_length=1)
+    objectives: Optional[Union[Literal["per_task"], list[ObjectiveSpec]]] = None
 
     @model_validator(mode="after")
     def _unique(self) -> "SuiteSpec":
@@ -116,6 +135,19 @@ class SuiteSpec(BaseModel):
             raise ValueError(f"task names must be unique; repeated: {', '.join(dup)}")
         if sum(t.weight for t in self.tasks) <= 0:
             raise ValueError("the task weights sum to 0")
+        if isinstance(self.objectives, list):
+            if not self.objectives:
+                raise ValueError("objectives: give at least one (or leave the key out)")
+            onames = [o.name for o in self.objectives]
+            if len(set(onames)) != len(onames):
+                raise ValueError(f"objectives: names must be unique ({', '.join(onames)})")
+            for o in self.objectives:
+                unknown = sorted(set(o.weights) - set(names))
+                if unknown:
+                    raise ValueError(f"objectives: {o.name}: no task named {', '.join(unknown)} "
+                                     f"(tasks: {', '.join(names)})")
+                if any(w < 0 for w in o.weights.values()) or sum(o.weights.values()) <= 0:
+                    raise ValueError(f"objectives: {o.name}: task weights must be >= 0 and not all 0")
         return self
 
 
@@ -214,6 +246,25 @@ class Suite:
     @cached_property
     def total_weight(self) -> float:
         return sum(t.spec.weight for t in self.tasks)
+
+    @cached_property
+    def objectives(self) -> list[tuple[str, dict[str, float]]]:
+        """(name, task -> weight) of each objective; one, the fitness, unless the suite declares more."""
+        o = self.spec.objectives
+        if o is None:
+            return [("fitness", {t.name: t.spec.weight for t in self.tasks})]
+        if o == "per_task":
+            return [(t.name, {t.name: 1.0}) for t in self.tasks]
+        return [(x.name, x.weights) for x in o]
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [name for name, _ in self.objectives]
+
+    def objective_values(self, task_values: dict[str, float]) -> list[float]:
+        """Each objective's weighted mean of the tasks' metric values."""
+        return [sum(task_values[t] * w for t, w in weights.items()) / sum(weights.values())
+                for _, weights in self.objectives]
 
     def task(self, name: str) -> Task:
         for t in self.tasks:
