@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.evomerge-installed
 
-.PHONY: setup demo test bench bench-fitness bench-search clean
+.PHONY: setup demo test bench bench-fitness bench-search bench-workers clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ bench-fitness: setup
 ## Share of each candidate's wall time outside fitness evaluation on the demo search.
 bench-search: setup
 	$(PY) benchmarks/search_overhead.py
+
+## Candidates per minute with 1, 2 and 3 workers on the tiny zoo, and each worker's idle share.
+bench-workers: setup
+	$(PY) benchmarks/workers.py
+	$(PY) benchmarks/workers.py --postgres
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs/*

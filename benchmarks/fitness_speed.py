@@ -40,12 +40,9 @@ def main() -> None:
 
     from evomerge.fitness import Suite, get_backend
     from evomerge.fitness.lmeval import _task_name, task_config
-    from evomerge.zoo import build_zoo, load_zoo
+    from evomerge.zoo import load_or_build_zoo
 
-    try:
-        zoo = load_zoo(args.zoo)
-    except FileNotFoundError:
-        zoo = build_zoo(Path(args.zoo), size=args.size)
+    zoo, _ = load_or_build_zoo(args.zoo, args.size)
     suite = Suite.load(args.suite)
     tok = AutoTokenizer.from_pretrained(zoo["base"])
     model = AutoModelForCausalLM.from_pretrained(zoo["base"]).eval()

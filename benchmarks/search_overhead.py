@@ -2,8 +2,8 @@
 
 Runs the demo's config (small zoo, per-layer per-module TIES, CMA-ES, zoo-demo suite) for N
 candidates in a fresh run directory, times every phase of every candidate inside the loop, and
-prints the share of each candidate's wall time spent outside fitness evaluation (driver ask/tell
-with its database write, recipe decoding, merge apply). Goal: under 10%. It also checks that no
+prints the share of each candidate's wall time spent outside fitness evaluation (the lost-candidate
+and budget checks, driver ask/tell with the database claim and write, recipe decoding, merge apply). Goal: under 10%. It also checks that no
 model weights were written to disk during the search.
 
     python benchmarks/search_overhead.py [--candidates 160] [--zoo runs/zoo-small]
@@ -39,12 +39,9 @@ def main() -> int:
     from evomerge.demo import demo_config
     from evomerge.drivers import CmaDriver
     from evomerge.rundb import RunDB
-    from evomerge.zoo import build_zoo, load_zoo
+    from evomerge.zoo import load_or_build_zoo
 
-    try:
-        zoo = load_zoo(args.zoo)
-    except FileNotFoundError:
-        zoo = build_zoo(Path(args.zoo), size="small", seed=0)
+    zoo, _ = load_or_build_zoo(args.zoo, "small", seed=0)
     work = Path(tempfile.mkdtemp(prefix="evomerge-overhead-"))
     cfg = demo_config(zoo, args.candidates) | {"references": False}
     cfg["fitness"] = {"suite": args.suite}
@@ -69,8 +66,11 @@ def main() -> int:
         asked.append(time.perf_counter())
         return ask(self)
 
-    CmaDriver.ask = timed("driver ask", ask_stamped)
-    RunDB.record = timed("database write (in tell)", RunDB.record)
+    CmaDriver.ask = timed("driver ask + database claim", ask_stamped)
+    RunDB.claim = timed("database claim (in ask)", RunDB.claim)
+    RunDB.finish = timed("database write (in tell)", RunDB.finish)
+    RunDB.reclaim = timed("lost-candidate check", RunDB.reclaim)
+    RunDB.counts = timed("budget check", RunDB.counts)
     CmaDriver.tell = timed("driver tell + database write", CmaDriver.tell)
     search_mod.SearchSpace.decode = timed("decode recipe", search_mod.SearchSpace.decode)
     evaluator_mod.Evaluator.score_recipe = timed("candidate (merge + fitness)", evaluator_mod.Evaluator.score_recipe)
@@ -93,8 +93,9 @@ def main() -> int:
     n = len(rows)
     written = [p for p in work.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin")]
     written += [p for p in Path(zoo["root"]).rglob("*") if p.is_file() and p not in before]
-    names = ("driver ask", "decode recipe", "candidate (merge + fitness)", "fitness evaluation",
-             "driver tell + database write", "database write (in tell)")
+    names = ("lost-candidate check", "budget check", "driver ask + database claim", "database claim (in ask)",
+             "decode recipe", "candidate (merge + fitness)", "fitness evaluation", "driver tell + database write",
+             "database write (in tell)")
     # per candidate: the wall time from its ask to the next ask (everything the loop does for it),
     # and the part of it that is not fitness evaluation
     wall_c = [b - a for a, b in zip(asked, asked[1:])]

@@ -53,15 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     from .evaluator import Evaluator
     from .report import comparison_table, export, status_text, write_plots
     from .search import create_run, reference_recipes, run_search
-    from .zoo import build_zoo, load_zoo
+    from .zoo import load_or_build_zoo
 
     t0 = time.perf_counter()
-    try:
-        zoo = load_zoo(args.zoo)
-        print(f"model zoo: {zoo['root']} (cached)")
-    except FileNotFoundError:
-        zoo = build_zoo(Path(args.zoo), size="small", seed=0)
-        print(f"model zoo: trained {zoo['root']} in {zoo['build_seconds']:.0f} s")
+    zoo, trained = load_or_build_zoo(args.zoo, "small")
+    print(f"model zoo: trained {zoo['root']} in {zoo['build_seconds']:.0f} s" if trained
+          else f"model zoo: {zoo['root']} (cached)")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -116,6 +116,7 @@ class CmaDriver(Driver):
             else:
                 self._saved_blob = saved["blob"]
         self._batches: dict[tuple[int, int], list[list[list[float]]]] = {}
+        self._cached: Optional[_CmaState] = None
 
     def _new_es(self, restart: int, popsize: Optional[int], x0: Sequence[float], generation: int,
                 after: int) -> _CmaState:
@@ -129,9 +130,13 @@ class CmaDriver(Driver):
         return _CmaState(es, generation, restart, after)
 
     def _state(self) -> _CmaState:
+        """The shared strategy, unpickled again only when another tell saved a new one. Read-only:
+        a tell works on its own copy."""
         saved = self.db.load_state()
-        self._saved_blob = saved["blob"]
-        return pickle.loads(self._saved_blob)
+        if saved["blob"] is not self._saved_blob or self._cached is None:
+            self._saved_blob = saved["blob"]
+            self._cached = pickle.loads(self._saved_blob)
+        return self._cached
 
     def _candidate(self, st: _CmaState, index: int) -> list[float]:
         """Candidate ``index`` of the current generation: batch k = index // popsize is the
@@ -152,12 +157,16 @@ class CmaDriver(Driver):
                 if r["tag"]["generation"] == st.generation and r["tag"]["restart"] == st.restart]
 
     def ask(self) -> Proposal:
-        st = self._advance(self._state())
         queued = self.db.pop_waiting(self.owner)  # a candidate whose worker died: redo it first
         if queued is not None:
             return Proposal(queued._trial_id, queued.number, [float(queued.params[n]) for n in self.names],
                             dict(queued.user_attrs["cma"]))
-        taken = {r["tag"]["index"] for r in self._generation_rows(st) if r["state"] != "interrupted"}
+        st = self._state()
+        rows = self._generation_rows(st)
+        told = self._advance(st, rows)  # only after a crash between a finish and its tell
+        if told is not st:
+            st, rows = told, self._generation_rows(told)
+        taken = {r["tag"]["index"] for r in rows if r["state"] != "interrupted"}
         index = next(i for i in range(len(taken) + 1) if i not in taken)
         x = self._candidate(st, index)
         attrs = {"generation": st.generation, "index": index, "restart": st.restart}
@@ -169,15 +178,18 @@ class CmaDriver(Driver):
         self._advance(self._state())
         return ok
 
-    def _advance(self, st: _CmaState) -> _CmaState:
+    def _advance(self, st: _CmaState, rows: Optional[list[dict]] = None) -> _CmaState:
         """Tell the current generation once ``popsize`` of its candidates have finished (the
-        lowest indices, when a crash let more finish before anyone told); save the new state."""
+        lowest indices, when a crash let more finish before anyone told); save and return the new
+        state (``st`` itself when there is nothing to tell)."""
         ps = st.es.popsize
         finished = {r["tag"]["index"]: (None if r["state"] == "failed" else -r["value"])  # pycma minimizes
-                    for r in self._generation_rows(st) if r["state"] in ("complete", "failed")}
+                    for r in (self._generation_rows(st) if rows is None else rows)
+                    if r["state"] in ("complete", "failed")}
         if len(finished) < ps:
             return st
         told = sorted(finished)[:ps]
+        st = pickle.loads(self._saved_blob)  # a copy to tell; the cached state stays as saved
         es = st.es
         batches = [es.ask() for _ in range(told[-1] // ps + 1)]
         xs = [batches[i // ps][i % ps] for i in told]

@@ -69,9 +69,28 @@ def open_storage(url: str, heartbeat_s: Optional[int] = None, grace_s: Optional[
     try:
         with warnings.catch_warnings():  # heartbeat_interval is "experimental" in Optuna
             warnings.simplefilter("ignore")
-            return RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=grace_s, **kwargs)
+            storage = RDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=grace_s, **kwargs)
+        if url.startswith("sqlite"):
+            _sqlite_wal(storage.engine)
+        return storage
     except Exception as e:  # SQLAlchemy raises many kinds; name the URL
         raise RunDBError(f"storage {redact(url)}: cannot open ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def _sqlite_wal(engine) -> None:
+    """Write-ahead log: readers (status, other workers) never wait for a writer, and a commit
+    needs no fsync (synchronous=NORMAL). A killed process loses nothing it committed; a power
+    cut can lose the last commits, never the database's consistency."""
+    import sqlalchemy as sa
+
+    def on_connect(dbapi_conn, _record) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    sa.event.listen(engine, "connect", on_connect)
+    engine.dispose()  # connections opened while Optuna created its tables reconnect with these settings
 
 
 def redact(url: str) -> str:
@@ -185,14 +204,16 @@ class RunDB:
         if not create and not exists:
             raise RunDBError(f"storage {redact(url)} holds no run named {name!r}")
         if create:
-            directions = ["maximize"] * n_objectives
-            optuna.create_study(storage=self.storage, study_name=name, directions=directions)
-            optuna.create_study(storage=self.storage, study_name=self.references_name, directions=directions)
+            optuna.create_study(storage=self.storage, study_name=name, directions=["maximize"] * n_objectives)
         self._study_id = self.storage.get_study_id_from_name(name)
-        self._ref_id = self.storage.get_study_id_from_name(self.references_name)
         self.n_objectives = len(self.storage.get_study_directions(self._study_id))
+        # created second, so a process joining right after the first may not see it yet
+        optuna.create_study(storage=self.storage, study_name=self.references_name, load_if_exists=True,
+                            directions=["maximize"] * self.n_objectives)
+        self._ref_id = self.storage.get_study_id_from_name(self.references_name)
         self.host = HOST
         self._schema: Optional[dict] = None
+        self._state_cache: Optional[tuple[str, Any]] = None
         self._thread_lock = threading.RLock()
         self._lock_depth = 0
         self._lock_conn = None
@@ -295,8 +316,25 @@ class RunDB:
         self.storage.set_study_system_attr(self._study_id, STATE_KEY, blob)
 
     def load_state(self) -> Any:
-        blob = self.storage.get_study_system_attrs(self._study_id).get(STATE_KEY)
-        return None if blob is None else pickle.loads(base64.b64decode(blob))
+        """The saved driver state; the same object as last time while nobody saved another."""
+        raw = self._state_raw()
+        if raw is None:
+            return None
+        if self._state_cache is None or self._state_cache[0] != raw:
+            self._state_cache = (raw, pickle.loads(base64.b64decode(raw)))
+        return self._state_cache[1]
+
+    def _state_raw(self) -> Optional[str]:
+        t = self._tables()
+        if t is None:
+            return self.storage.get_study_system_attrs(self._study_id).get(STATE_KEY)
+        import sqlalchemy as sa
+
+        a = t["study_system_attributes"]
+        with self.storage.engine.connect() as conn:
+            raw = conn.execute(sa.select(a.c.value_json).where(a.c.study_id == self._study_id,
+                                                               a.c.key == STATE_KEY)).scalar()
+        return None if raw is None else json.loads(raw)
 
     # -- candidates ----------------------------------------------------------------------------
 
@@ -334,6 +372,8 @@ class RunDB:
     def pop_waiting(self, owner: Owner) -> Optional[FrozenTrial]:
         """Claim a re-queued candidate (WAITING, with its params), as ``study.ask`` does; call under
         :meth:`lock`. Returns it as it was queued, or None when there is none."""
+        if not self._has_waiting():
+            return None
         for t in self.trials([TrialState.WAITING]):
             try:
                 if self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
@@ -342,6 +382,17 @@ class RunDB:
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
         return None
+
+    def _has_waiting(self) -> bool:
+        t = self._tables()
+        if t is None:
+            return True
+        import sqlalchemy as sa
+
+        tr = t["trials"]
+        with self.storage.engine.connect() as conn:
+            return conn.execute(sa.select(tr.c.trial_id).where(
+                tr.c.study_id == self._study_id, tr.c.state == TrialState.WAITING.name).limit(1)).first() is not None
 
     def adopt(self, trial_id: int, owner: Owner) -> None:
         """Mark a trial Optuna created (``study.ask``) as this owner's, with its first heartbeat."""
@@ -374,8 +425,6 @@ class RunDB:
             except optuna.exceptions.UpdateFinishedTrialError:
                 return False
             return True
-        import sqlalchemy as sa
-
         with self.storage.engine.begin() as conn:
             done = conn.execute(t["trials"].update()
                                 .where(t["trials"].c.trial_id == trial_id,
@@ -406,7 +455,8 @@ class RunDB:
                     "trial_values": {"trial_id", "objective", "value", "value_type"},
                     "trial_user_attributes": {"trial_id", "key", "value_json"},
                     "trial_params": {"trial_id", "param_name", "param_value", "distribution_json"},
-                    "trial_heartbeats": {"trial_id", "heartbeat"}}
+                    "trial_heartbeats": {"trial_id", "heartbeat"},
+                    "study_system_attributes": {"study_id", "key", "value_json"}}
             try:
                 meta = sa.MetaData()
                 tables = {name: sa.Table(name, meta, autoload_with=self.storage.engine) for name in need}

@@ -277,6 +277,14 @@ def load_zoo(root: str | Path) -> dict:
     return _resolve(json.loads(f.read_text()), root)
 
 
+def load_or_build_zoo(root: str | Path, size: str, seed: int = 0) -> tuple[dict, bool]:
+    """The zoo at ``root``, and whether it had to be trained there first."""
+    try:
+        return load_zoo(root), False
+    except FileNotFoundError:
+        return build_zoo(Path(root), size=size, seed=seed), True
+
+
 def default_merges(manifest: dict) -> dict[str, dict]:
     """The merges a user would try first: task arithmetic with weight 1/n, TIES with density 0.5."""
     n = len(manifest["experts"])
