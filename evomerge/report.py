@@ -54,7 +54,7 @@ def status_text(run: Run, recent: int = 8) -> str:
         lines += [""] + pareto_text(run, rows, refs)
     workers = run.db.workers()
     if len(workers) > 1 or any(w.get("mode") == "worker" for w in workers):
-        lines += ["", "workers:"]
+        lines += ["", "processes (workers, or sessions of one search):"]
         for w in workers:
             state = f"ended {w['ended']}" if "ended" in w else f"joined {w.get('joined', '?')}, running or killed"
             stats = (f", {w['own']} candidates, idle {w['idle_share']:.1%}" if w.get("idle_share") is not None
