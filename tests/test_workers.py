@@ -26,7 +26,7 @@ ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUN
 def _config(tmp_path: Path, zoo: dict, name: str, **over) -> Path:
     cfg = {"name": name, "models": {"base": zoo["base"], "experts": list(zoo["experts"].values())},
            "merge_method": "ties", "space": "per_layer", "fitness": {"suite": "zoo-smooth"},
-           "driver": {"name": "cma", "popsize": 6}, "budget": {"max_candidates": 24}, "seed": 3,
+           "driver": {"name": "cma", "popsize": 6}, "budget": {"max_candidates": 36}, "seed": 3,
            "references": False, "heartbeat": {"interval_s": 1, "grace_s": 3}} | over
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -53,33 +53,36 @@ def test_three_workers_one_killed(tmp_path, zoo, pg_url, driver):
     cfg = _config(tmp_path, zoo, "shared", driver=driver)
     procs = [_worker(cfg, pg_url, tmp_path / f"host{i}", f"host{i}") for i in range(3)]
     victim = procs[1]
-    from evomerge.search import join_run
+    from evomerge.rundb import RunDB, RunDBError
 
-    run = None
+    db = None
     deadline = time.monotonic() + 300
     killed_numbers: list[int] = []
     while time.monotonic() < deadline and victim.poll() is None:
-        if run is None:
+        if db is None:  # a cheap poll: the run's database only (a tiny-zoo candidate takes ~0.1 s)
             try:
-                run = join_run(tmp_path / "host0", pg_url)
-            except Exception:  # noqa: BLE001 - the first worker is still creating the run
-                time.sleep(0.2)
+                db = RunDB(pg_url, "shared", create=False)
+            except RunDBError:
+                time.sleep(0.05)
                 continue
-        done, _ = run.db.counts()
-        mine = _running_of(run.db, victim.pid)
-        if done >= 4 and mine:
+        mine = _running_of(db, victim.pid)
+        if mine and db.counts()[0] >= 3:
             victim.send_signal(signal.SIGKILL)
             killed_numbers = mine
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     assert killed_numbers, "the victim never held a candidate:\n" + (victim.communicate()[0] or "")
     victim.wait(30)
     outs = [p.communicate(timeout=600)[0] for p in (procs[0], procs[2])]
     assert [p.returncode for p in (procs[0], procs[2])] == [0, 0], "\n".join(outs)
+    db.close()
+    from evomerge.search import join_run
+
+    run = join_run(tmp_path / "host0", pg_url)
 
     rows = run.db.rows()
     counted = [r for r in rows if r.counted]
-    assert len(counted) == 24 and run.db.counts() == (24, 0)
+    assert len(counted) == 36 and run.db.counts() == (36, 0)
     by_number = {r.number: r for r in rows}
     assert all(by_number[n].state == "interrupted" for n in killed_numbers)
     assert "lost their worker" in "".join(outs)
