@@ -108,15 +108,15 @@ class CmaDriver(Driver):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        with self.db.lock():
-            saved = self.db.load_state()
-            if saved is None:
+        with self.db.lock():  # again under the lock: another worker may have created it meanwhile
+            if self.db.load_state() is None:
                 self._save(self._new_es(0, self.spec.popsize, self.x0, generation=0,
                                         after=self.db.last_trial_id()))
-            else:
-                self._saved_blob = saved["blob"]
-        self._batches: dict[tuple[int, int], list[list[list[float]]]] = {}
         self._cached: Optional[_CmaState] = None
+        # the current generation's draws: (restart, generation), the batches asked, the strategy asking them
+        self._batches_of: Optional[tuple[int, int]] = None
+        self._batches: list[list[list[float]]] = []
+        self._asker = None
 
     def _new_es(self, restart: int, popsize: Optional[int], x0: Sequence[float], generation: int,
                 after: int) -> _CmaState:
@@ -142,15 +142,11 @@ class CmaDriver(Driver):
         """Candidate ``index`` of the current generation: batch k = index // popsize is the
         (k+1)-th ask() on the saved strategy; deterministic, the same in every process."""
         ps = st.es.popsize
-        key = (st.restart, st.generation)
-        batches = self._batches.get(key)
-        if batches is None:
-            self._batches = {key: []}
-            batches = self._batches[key]
-            self._asker = copy.deepcopy(st.es)
-        while len(batches) <= index // ps:
-            batches.append([list(map(float, x)) for x in self._asker.ask()])
-        return batches[index // ps][index % ps]
+        if self._batches_of != (st.restart, st.generation):
+            self._batches_of, self._batches, self._asker = (st.restart, st.generation), [], copy.deepcopy(st.es)
+        while len(self._batches) <= index // ps:
+            self._batches.append([list(map(float, x)) for x in self._asker.ask()])
+        return self._batches[index // ps][index % ps]
 
     def _generation_rows(self, st: _CmaState) -> list[dict]:
         return [r for r in self.db.tagged_since(st.after_trial_id, "cma")
