@@ -142,7 +142,7 @@ class Owner:
 
     @classmethod
     def this_process(cls, slot: int = 0, device: str = "") -> "Owner":
-        return cls(HOST, _machine_key(), os.getpid(), _process_start(os.getpid()), slot, device)
+        return cls(HOST, MACHINE, os.getpid(), _process_start(os.getpid()), slot, device)
 
     def to_dict(self) -> dict:
         return {"host": self.host, "machine": self.machine, "pid": self.pid, "started": self.started,
@@ -150,26 +150,27 @@ class Owner:
 
     def gone(self) -> bool:
         """True only when this process can tell for sure that the owner process has ended."""
-        if self.machine != _machine_key():
+        if self.machine != MACHINE:
             return False
         return _process_start(self.pid) != self.started if self.started is not None else not _pid_exists(self.pid)
 
 
-HOST = os.environ.get("EVOMERGE_HOST") or socket.gethostname()
-
-
-def _machine_key() -> str:
-    parts = [HOST]
-    for path in ("/proc/sys/kernel/random/boot_id",):
-        try:
-            parts.append(Path(path).read_text().strip())
-        except OSError:
-            pass
+def _machine_key(host: str) -> str:
+    """The host name, boot id and pid namespace: equal for processes that see each other's pids."""
+    parts = [host]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    except OSError:
+        pass
     try:
         parts.append(os.readlink("/proc/self/ns/pid"))
     except OSError:
         pass
     return "|".join(parts)
+
+
+HOST = os.environ.get("EVOMERGE_HOST") or socket.gethostname()
+MACHINE = _machine_key(HOST)
 
 
 def _process_start(pid: int) -> Optional[int]:
@@ -236,10 +237,14 @@ class RunDB:
         return self.storage.engine.dialect.name
 
     @property
+    def _sqlite_file(self) -> Optional[str]:
+        db = self.storage.engine.url.database
+        return db if self.dialect == "sqlite" and db and db != ":memory:" else None
+
+    @property
     def shareable(self) -> bool:
         """Whether several processes can work on this run: a SQLite file (one host) or PostgreSQL."""
-        db = self.storage.engine.url.database
-        return self.dialect == "postgresql" or (self.dialect == "sqlite" and bool(db) and db != ":memory:")
+        return self.dialect == "postgresql" or self._sqlite_file is not None
 
     # -- the run-wide lock -----------------------------------------------------------------------
 
@@ -266,12 +271,10 @@ class RunDB:
     def _acquire(self) -> None:
         import sqlalchemy as sa
 
-        if self.dialect == "sqlite":
-            db = self.storage.engine.url.database
-            if db and db != ":memory:":
-                if self._lock_file is None:
-                    self._lock_file = open(f"{db}.lock", "a+")
-                fcntl.flock(self._lock_file, fcntl.LOCK_EX)
+        if self._sqlite_file is not None:
+            if self._lock_file is None:
+                self._lock_file = open(f"{self._sqlite_file}.lock", "a+")
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX)
         elif self.dialect == "postgresql":
             if self._lock_conn is None:
                 self._lock_conn = self.storage.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
@@ -280,7 +283,7 @@ class RunDB:
     def _release(self) -> None:
         import sqlalchemy as sa
 
-        if self.dialect == "sqlite" and self._lock_file is not None:
+        if self._lock_file is not None:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         elif self.dialect == "postgresql" and self._lock_conn is not None:
             self._lock_conn.execute(sa.select(sa.func.pg_advisory_unlock(self._lock_key())))
@@ -395,9 +398,10 @@ class RunDB:
                 tr.c.study_id == self._study_id, tr.c.state == TrialState.WAITING.name).limit(1)).first() is not None
 
     def adopt(self, trial_id: int, owner: Owner) -> None:
-        """Mark a trial Optuna created (``study.ask``) as this owner's, with its first heartbeat."""
-        self.storage.set_trial_user_attr(trial_id, OWNER_KEY, owner.to_dict())
+        """Mark a trial Optuna created (``study.ask``) as this owner's, after its first heartbeat
+        (so a trial with an owner always has a heartbeat; see :meth:`reclaim`)."""
         self._heartbeat_now(trial_id)
+        self.storage.set_trial_user_attr(trial_id, OWNER_KEY, owner.to_dict())
 
     def heartbeat(self, trial_id: int) -> None:
         self.storage.record_heartbeat(trial_id)
@@ -507,16 +511,17 @@ class RunDB:
                                            states=tuple(states) if states else None)
 
     def running(self) -> list[dict]:
-        """The RUNNING candidates: trial id, number, owner (a dict or None), seconds since the last
-        heartbeat (or since the start when none was recorded), by the database's clock."""
+        """The RUNNING candidates: trial id, number, owner (a dict or None), whether a heartbeat was
+        recorded and the seconds since the last one by the database's clock (None when unknown:
+        none recorded, or Optuna's schema is not the expected one)."""
         import sqlalchemy as sa
 
         t = self._tables()
         if t is None:
             return [{"trial_id": tr._trial_id, "number": tr.number, "owner": tr.user_attrs.get(OWNER_KEY),
-                     "age": None} for tr in self.trials([TrialState.RUNNING])]
+                     "beat": True, "age": None} for tr in self.trials([TrialState.RUNNING])]
         tr, hb, ua = t["trials"], t["trial_heartbeats"], t["trial_user_attributes"]
-        q = (sa.select(tr.c.trial_id, tr.c.number, tr.c.datetime_start, hb.c.heartbeat, ua.c.value_json)
+        q = (sa.select(tr.c.trial_id, tr.c.number, hb.c.heartbeat, ua.c.value_json)
              .select_from(tr.outerjoin(hb, hb.c.trial_id == tr.c.trial_id)
                           .outerjoin(ua, sa.and_(ua.c.trial_id == tr.c.trial_id, ua.c.key == OWNER_KEY)))
              .where(tr.c.study_id == self._study_id, tr.c.state == TrialState.RUNNING.name))
@@ -524,31 +529,30 @@ class RunDB:
             rows = conn.execute(q).all()
             now = conn.execute(sa.select(sa.func.now())).scalar_one() if rows else None
         out = []
-        for trial_id, number, started, beat, owner in rows:
+        for trial_id, number, beat, owner in rows:
             age = None
             if beat is not None:
                 age = (now.replace(tzinfo=None) - beat.replace(tzinfo=None)).total_seconds()
             out.append({"trial_id": trial_id, "number": number, "owner": json.loads(owner) if owner else None,
-                        "age": age, "started": started})
+                        "beat": beat is not None, "age": age})
         return out
 
     def reclaim(self, retry: bool = False) -> list[int]:
         """Fail (as interrupted, without a result) the RUNNING candidates whose process is gone: its
-        heartbeat is older than the grace period, it never recorded one for that long, or its
-        owner ran on this machine and has ended. With ``retry``, each is re-queued (WAITING) with
-        the same params and attrs (Optuna's RetryFailedTrialCallback), for the next ask to redo.
-        Call under :meth:`lock`. Returns the failed trial numbers."""
+        heartbeat is older than the grace period, its owner ran on this machine and has ended, or
+        the claim is incomplete. A claim gets its first heartbeat and then its owner under the
+        lock this runs under, so one without either is a process that died between Optuna's
+        ``ask`` (or a re-queued trial's pop) and :meth:`adopt`. With ``retry``, each is re-queued
+        (WAITING) with the same params and attrs (Optuna's RetryFailedTrialCallback), for the next
+        ask to redo. Call under :meth:`lock`. Returns the failed trial numbers."""
         out = []
         for r in self.running():
             owner = Owner(**r["owner"]) if r["owner"] else None
+            incomplete = owner is None or (self.storage.heartbeat_interval is not None and not r["beat"])
             stale = self.grace_s is not None and r["age"] is not None and r["age"] > self.grace_s
-            if r["age"] is None and self.grace_s is not None and r.get("started") is not None:
-                stale = (datetime.datetime.now() - r["started"]).total_seconds() > self.grace_s
-            if not (stale or (owner is not None and owner.gone())):
+            if not (incomplete or stale or owner.gone()):
                 continue
-            try:
-                self.storage.set_trial_state_values(r["trial_id"], TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
+            if not self.abandon(r["trial_id"]):
                 continue  # it finished, or another process failed it first
             out.append(r["number"])
             if retry:
@@ -557,12 +561,13 @@ class RunDB:
                 RetryFailedTrialCallback(max_retry=None)(self.study(), self.storage.get_trial(r["trial_id"]))
         return out
 
-    def abandon(self, trial_id: int) -> None:
-        """Fail this process's own candidate as interrupted (a second signal abandoned it)."""
+    def abandon(self, trial_id: int) -> bool:
+        """Fail a RUNNING candidate as interrupted (without a result); False if it had finished."""
         try:
             self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
-            pass
+            return False
+        return True
 
     def counts(self) -> tuple[int, int]:
         """(candidates that count against the budget, candidates running now)."""
@@ -600,7 +605,7 @@ class RunDB:
     def register_worker(self, owner_fields: dict) -> int:
         """Add a worker to the run's registry; returns its slot (0, 1, ...)."""
         with self.lock():
-            workers = list(self.storage.get_study_system_attrs(self._study_id).get(WORKERS_KEY, []))
+            workers = self.workers()
             slot = len(workers)
             workers.append(owner_fields | {"slot": slot, "joined": datetime.datetime.now().isoformat(timespec="seconds")})
             self.storage.set_study_system_attr(self._study_id, WORKERS_KEY, workers)
@@ -608,7 +613,7 @@ class RunDB:
 
     def update_worker(self, slot: int, fields: dict) -> None:
         with self.lock():
-            workers = list(self.storage.get_study_system_attrs(self._study_id).get(WORKERS_KEY, []))
+            workers = self.workers()
             if slot < len(workers):
                 workers[slot] = workers[slot] | fields
                 self.storage.set_study_system_attr(self._study_id, WORKERS_KEY, workers)
@@ -640,7 +645,7 @@ def _row(t: FrozenTrial) -> Row:
     else:
         state = t.state.name.lower()
     values = list(t.values) if t.values else None
-    fitness = result.get("fitness", values[0] if values else None) if values else None
+    fitness = result.get("fitness", values[0]) if values else None
     return Row(t.number, state, fitness, dict(t.params), result.get("recipe"), result, t.user_attrs.get("name", ""),
                values)
 

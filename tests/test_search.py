@@ -318,7 +318,7 @@ def test_reclaim_fails_dead_and_silent_candidates(tmp_path):
 
     import sqlalchemy as sa
 
-    from evomerge.rundb import Owner
+    from evomerge.rundb import UNIT, Owner
 
     db = RunDB(sqlite_url(tmp_path / "run.db"), "x", create=True, heartbeat_s=1, grace_s=5)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -335,8 +335,11 @@ def test_reclaim_fails_dead_and_silent_candidates(tmp_path):
                              "WHERE trial_id = :t"), {"t": t_remote})
     with db.lock():
         assert db.reclaim() == [1]
+    with db.lock():  # a process killed between Optuna's ask and taking ownership: reclaimed at once
+        orphan = db.study().ask({"a": UNIT}).number
+        assert db.reclaim() == [orphan]
     assert not db.finish(t_remote, [1.0], {"merge_s": 0})  # it came back: too late, nothing recorded
     assert db.finish(t_alive, [1.0], {"merge_s": 0})
     states = {r.number: r.state for r in db.rows()}
-    assert states == {0: "interrupted", 1: "interrupted", 2: "complete"}
+    assert states == {0: "interrupted", 1: "interrupted", 2: "complete", 3: "interrupted"}
     assert db.counts() == (1, 0)
