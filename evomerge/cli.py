@@ -185,6 +185,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage_option(parser: argparse.ArgumentParser,
+                    text: str = "the run's storage URL when it holds a password (default: $EVOMERGE_STORAGE)") -> None:
+    parser.add_argument("--storage", default=STORAGE_ENV, help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evomerge", description="Evolutionary merge-recipe optimizer for LLMs.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -229,16 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="start a search from a run config")
     s.add_argument("config", help="run config YAML")
     s.add_argument("--run-dir", help="run directory (default: runs/NAME)")
-    s.add_argument("--storage", default=STORAGE_ENV,
-                   help="SQLAlchemy URL of the run database (default: $EVOMERGE_STORAGE, else SQLite in the run "
-                        "directory); PostgreSQL for workers on several hosts")
+    _storage_option(s, "SQLAlchemy URL of the run database (default: $EVOMERGE_STORAGE, else SQLite in the run "
+                       "directory); PostgreSQL for workers on several hosts")
     s.add_argument("--devices", help="one worker process per device on this node, e.g. cuda:0,cuda:1 (or cpu,cpu)")
     s.set_defaults(func=_cmd_search)
 
     w = sub.add_parser("worker", help="join a search: evaluate candidates and record them in the shared run database")
     w.add_argument("target", help="a run directory, or a run config (the run named in it is joined, or created)")
-    w.add_argument("--storage", default=STORAGE_ENV,
-                   help="the run's database URL (default: $EVOMERGE_STORAGE, else the run directory's)")
+    _storage_option(w, "the run's database URL (default: $EVOMERGE_STORAGE, else the run directory's)")
     w.add_argument("--device", help="this worker's device (cpu, cuda, cuda:N); default: the config's")
     w.add_argument("--run-dir", help="with a config: this host's run directory (default: runs/NAME)")
     w.add_argument("--threads", type=int, help="CPU threads for torch")
@@ -248,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("resume", help="continue a stopped or crashed run")
     r.add_argument("run_dir")
-    r.add_argument("--storage", default=STORAGE_ENV, help="the run's storage URL, when it holds a password")
+    _storage_option(r)
     r.add_argument("--max-candidates", type=int, help="a new candidate budget (total, not additional)")
     r.add_argument("--max-minutes", type=float, help="a new wall-time budget (total search minutes)")
     r.set_defaults(func=_cmd_resume)
@@ -259,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="progress, best so far, references, recent candidates; writes plots")
     st.add_argument("run_dir")
-    st.add_argument("--storage", default=STORAGE_ENV)
+    _storage_option(st)
     st.add_argument("--recent", type=int, default=8, help="how many recent candidates to list")
     st.add_argument("--no-plots", action="store_true")
     st.set_defaults(func=_cmd_status)
@@ -268,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run_dir")
     x.add_argument("out_dir")
     x.add_argument("--trial", type=int, help="candidate number (default: the best)")
-    x.add_argument("--storage", default=STORAGE_ENV)
+    _storage_option(x)
     x.add_argument("--overwrite", action="store_true")
     x.add_argument("--no-heldout", action="store_true", help="skip scoring the held-out split")
     x.add_argument("--pareto", action="store_true",

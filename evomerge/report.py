@@ -80,16 +80,19 @@ def pareto_text(run: Run, rows: list[Row], refs: list[Row]) -> list[str]:
     complete = sum(r.state == "complete" for r in rows)
     lines = [f"Pareto front: {len(front)} of {complete} completed candidates (objectives, all maximized):",
              f"  {'':24s}" + "".join(f"{n:>12s}" for n in names) + f"{'fitness':>12s}"]
-    for r in refs:
-        if r.values:
-            lines.append(f"  {r.name:24s}" + "".join(f"{v:12.4f}" for v in r.values) + f"{_fmt(r.fitness):>12s}")
-    for r in front:
-        lines.append(f"  {'#' + str(r.number):24s}" + "".join(f"{v:12.4f}" for v in r.values)
-                     + f"{_fmt(r.fitness):>12s}")
+    for label, r in [(r.name, r) for r in refs if r.values] + [(f"#{r.number}", r) for r in front]:
+        lines.append(f"  {label:24s}" + "".join(f"{v:12.4f}" for v in r.values) + f"{_fmt(r.fitness):>12s}")
     return lines
 
 
-def _pareto_plot(run: Run, rows: list[Row], plt) -> Optional[Path]:
+def _save_figure(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _pareto_plot(run: Run, rows: list[Row], refs: list[Row], plt) -> Optional[Path]:
     """pareto.png: every completed candidate in each pair of objectives, the front highlighted
     and joined, the reference rows marked."""
     names = objective_names(run)
@@ -100,7 +103,7 @@ def _pareto_plot(run: Run, rows: list[Row], plt) -> Optional[Path]:
     front = pareto_front(rows)
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)][:6]
     fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 4.6), squeeze=False)
-    refs = [r for r in run.db.references() if r.values]
+    refs = [r for r in refs if r.values]
     for ax, (i, j) in zip(axes[0], pairs):
         ax.scatter([r.values[i] for r in done], [r.values[j] for r in done], s=10, alpha=0.35, label="candidate")
         pts = sorted((r.values[i], r.values[j]) for r in front)
@@ -112,11 +115,7 @@ def _pareto_plot(run: Run, rows: list[Row], plt) -> Optional[Path]:
         ax.set_ylabel(names[j])
         ax.legend(fontsize=7)
     fig.suptitle(f"run {run.name}: objectives (search split, higher is better)")
-    fig.tight_layout()
-    path = run.run_dir / "pareto.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, run.run_dir / "pareto.png", plt)
 
 
 def write_plots(run: Run) -> list[Path]:
@@ -127,7 +126,8 @@ def write_plots(run: Run) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in run.db.rows() if r.fitness is not None]
+    all_rows, refs = run.db.rows(), run.db.references()
+    rows = [r for r in all_rows if r.fitness is not None]
     out = []
     fig, ax = plt.subplots(figsize=(8, 4.5))
     if rows:
@@ -139,18 +139,14 @@ def write_plots(run: Run) -> list[Path]:
             best.append(running)
         ax.scatter(xs, ys, s=10, alpha=0.6, label="candidate")
         ax.step(xs, best, where="post", color="black", label="best so far")
-    for r in run.db.references():
+    for r in refs:
         if r.fitness is not None:
             ax.axhline(r.fitness, linestyle="--", linewidth=0.8, label=r.name, color="C3" if r.name == "default" else None)
     ax.set_xlabel("candidate")
     ax.set_ylabel("fitness (search split)")
     ax.set_title(f"run {run.name}")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path = run.run_dir / "fitness.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    out.append(path)
+    out.append(_save_figure(fig, run.run_dir / "fitness.png", plt))
 
     best = best_row(rows)
     if best is not None and best.params:
@@ -163,12 +159,8 @@ def write_plots(run: Run) -> list[Path]:
             ax.set_xlabel("layer")
             ax.set_title(f"best recipe (#{best.number}, fitness {best.fitness:.4f})")
             fig.colorbar(im, ax=ax)
-            fig.tight_layout()
-            path = run.run_dir / "best_recipe.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            out.append(path)
-    path = _pareto_plot(run, run.db.rows(), plt)
+            out.append(_save_figure(fig, run.run_dir / "best_recipe.png", plt))
+    path = _pareto_plot(run, all_rows, refs, plt)
     if path is not None:
         out.append(path)
     return out

@@ -67,17 +67,11 @@ class Run:
     name: str
 
 
-def _open_db(cfg: RunConfig, url: str, name: str, mode: str) -> RunDB:
-    """mode: create, open or join (open, or create when no process has yet)."""
-    n = len(cfg.suite().objectives)
-    kwargs = {"n_objectives": n, "heartbeat_s": cfg.heartbeat.interval_s, "grace_s": cfg.heartbeat.grace_s}
-    if mode == "join":
-        return RunDB.join(url, name, **kwargs)
-    return RunDB(url, name, create=mode == "create", **kwargs)
+def _heartbeat_options(cfg: RunConfig) -> dict:
+    return {"heartbeat_s": cfg.heartbeat.interval_s, "grace_s": cfg.heartbeat.grace_s}
 
 
 def _write_run_dir(run_dir: Path, cfg: RunConfig, name: str, url: str) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     info = {"name": name, "storage": redact(url), "storage_has_password": redact(url) != url,
             "created": _dt.datetime.now().isoformat(timespec="seconds")}
@@ -86,22 +80,25 @@ def _write_run_dir(run_dir: Path, cfg: RunConfig, name: str, url: str) -> None:
     tmp.replace(run_dir / "run.json")
 
 
-def _checked_config(config_path: str | Path) -> tuple[RunConfig, SearchSpace]:
+def _new_run_place(config_path: str | Path, run_dir: Optional[str | Path], storage: Optional[str]):
+    """A config checked against its models, with the run's name, directory (created; default
+    runs/NAME) and storage URL (default: SQLite in that directory), and its objective count."""
     cfg = RunConfig.load(config_path)
     space = cfg.build_space()  # validates the space against the models before anything is written
-    cfg.check_objectives(len(cfg.suite().objectives), str(config_path))
-    return cfg, space
+    n_objectives = len(cfg.suite().objectives)
+    cfg.check_objectives(n_objectives, str(config_path))
+    name = cfg.name or Path(config_path).stem
+    run_dir = Path(run_dir) if run_dir else Path("runs") / name
+    url = storage or sqlite_url((run_dir / "run.db").resolve())
+    return cfg, space, n_objectives, name, run_dir, url
 
 
 def create_run(config_path: str | Path, run_dir: Optional[str | Path] = None, storage: Optional[str] = None) -> Run:
-    cfg, space = _checked_config(config_path)
-    name = cfg.name or Path(config_path).stem
-    run_dir = Path(run_dir) if run_dir else Path("runs") / name
+    cfg, space, n_objectives, name, run_dir, url = _new_run_place(config_path, run_dir, storage)
     if (run_dir / "run.json").exists():
         raise RunError(f"{run_dir}: a run already lives here; continue it with: evomerge resume {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    url = storage or sqlite_url((run_dir / "run.db").resolve())
-    db = _open_db(cfg, url, name, "create")
+    db = RunDB(url, name, create=True, n_objectives=n_objectives, **_heartbeat_options(cfg))
     _write_run_dir(run_dir, cfg, name, url)
     return Run(run_dir, cfg, db, space, name)
 
@@ -116,14 +113,12 @@ def open_run(run_dir: str | Path, storage: Optional[str] = None) -> Run:
     if storage is None and info.get("storage_has_password"):
         raise RunError(f"{run_dir}: the run's storage needs a password; pass --storage with the full URL")
     cfg = RunConfig.load(run_dir / "config.yaml")
-    db = _open_db(cfg, url, info["name"], "open")
-    return _checked_run(run_dir, cfg, db, info["name"], run_dir / "config.yaml")
+    db = RunDB(url, info["name"], create=False, **_heartbeat_options(cfg))
+    return _checked_run(run_dir, cfg, cfg.build_space(), db, info["name"], run_dir / "config.yaml")
 
 
-def _checked_run(run_dir: Path, cfg: RunConfig, db: RunDB, name: str, where: Path) -> Run:
-    space = cfg.build_space()
-    meta = db.meta()
-    if meta.get("coordinates") not in (None, space.names):
+def _checked_run(run_dir: Path, cfg: RunConfig, space: SearchSpace, db: RunDB, name: str, where: Path) -> Run:
+    if db.meta().get("coordinates") not in (None, space.names):
         raise RunError(f"{where}: its search space no longer matches the run database's coordinates; use "
                        "the config the run was started with")
     return Run(run_dir, cfg, db, space, name)
@@ -136,15 +131,12 @@ def join_run(target: str | Path, storage: Optional[str] = None, run_dir: Optiona
     target = Path(target)
     if target.is_dir():
         return open_run(target, storage)
-    cfg, _ = _checked_config(target)
-    name = cfg.name or target.stem
-    run_dir = Path(run_dir) if run_dir else Path("runs") / name
-    url = storage or sqlite_url((run_dir / "run.db").resolve())
+    cfg, space, n_objectives, name, run_dir, url = _new_run_place(target, run_dir, storage)
     run_dir.mkdir(parents=True, exist_ok=True)
-    db = _open_db(cfg, url, name, "join")
+    db = RunDB.join(url, name, n_objectives=n_objectives, **_heartbeat_options(cfg))
     if not (run_dir / "run.json").exists():
         _write_run_dir(run_dir, cfg, name, url)
-    return _checked_run(run_dir, cfg, db, name, target)
+    return _checked_run(run_dir, cfg, space, db, name, target)
 
 
 @contextmanager
