@@ -30,15 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def _start_postgres(work: Path) -> tuple[str, Path]:
-    import socket
-
+def _start_postgres() -> tuple[str, Path]:
     d = Path(tempfile.mkdtemp(prefix="evomerge-bench-pg-"))
     d.chmod(0o755)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "pg_cluster.sh"), "start", str(d / "cluster"), str(port)],
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "pg_cluster.sh"), "start", str(d / "cluster")],
                          capture_output=True, text=True, check=True)
     return out.stdout.strip(), d
 
@@ -101,7 +96,7 @@ def main() -> int:
 
     zoo, _ = load_or_build_zoo(args.zoo, "tiny", seed=0)
     work = Path(tempfile.mkdtemp(prefix="evomerge-workers-"))
-    server, pg_dir = _start_postgres(work) if args.postgres else (None, None)
+    server, pg_dir = _start_postgres() if args.postgres else (None, None)
     try:
         results = [run_setting(int(n), zoo, work, args.candidates, args.device, server)
                    for n in args.workers.split(",")]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A throwaway PostgreSQL cluster for tests and benchmarks.
 #   scripts/pg_cluster.sh install          install Debian's postgresql if no server binaries are found
-#   scripts/pg_cluster.sh start DIR PORT   initdb DIR, start a server on 127.0.0.1:PORT; prints its URL
+#   scripts/pg_cluster.sh start DIR [PORT] initdb DIR, start a server on 127.0.0.1:PORT (default: a
+#                                          free port); prints its URL
 #   scripts/pg_cluster.sh stop DIR         stop it (DIR can then be removed)
 # As root, the server runs as the 'postgres' user (initdb refuses root).
 set -euo pipefail
@@ -38,7 +39,8 @@ install)
     pg_bindir >/dev/null
     ;;
 start)
-    dir=$2 port=$3
+    dir=$2
+    port=${3:-$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
     bin=$(pg_bindir) || { echo "no PostgreSQL server binaries (run: $0 install)" >&2; exit 1; }
     mkdir -p "$dir"
     dir=$(readlink -f "$dir")
@@ -62,7 +64,7 @@ stop)
     fi
     ;;
 *)
-    echo "usage: $0 install | start DIR PORT | stop DIR" >&2
+    echo "usage: $0 install | start DIR [PORT] | stop DIR" >&2
     exit 2
     ;;
 esac

@@ -73,14 +73,6 @@ def zoo_model(zoo):
     return load
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def pg_server():
     """A real PostgreSQL server: the one .ci/run started ($EVOMERGE_TEST_PG_URL), else a throwaway
@@ -103,8 +95,7 @@ def pg_server():
 
     d = Path(tempfile.mkdtemp(prefix="evomerge-pg-"))  # not under pytest's 0700 tree: the server's user must reach it
     d.chmod(0o755)
-    out = subprocess.run(["bash", str(script), "start", str(d / "cluster"), str(_free_port())],
-                         capture_output=True, text=True)
+    out = subprocess.run(["bash", str(script), "start", str(d / "cluster")], capture_output=True, text=True)
     try:
         if out.returncode:
             pytest.fail(f"could not start PostgreSQL: {out.stderr}")
