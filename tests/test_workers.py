@@ -65,11 +65,16 @@ def test_three_workers_one_killed(tmp_path, zoo, pg_url, driver):
             except RunDBError:
                 time.sleep(0.05)
                 continue
-        mine = _running_of(db, victim.pid)
-        if mine and db.counts()[0] >= 3:
-            victim.send_signal(signal.SIGKILL)
-            killed_numbers = mine
-            break
+        if _running_of(db, victim.pid) and db.counts()[0] >= 3:
+            # freeze it first, so what it holds cannot change between the look and the kill (it may
+            # finish its candidate meanwhile; a commit already sent lands during the pause)
+            victim.send_signal(signal.SIGSTOP)
+            time.sleep(0.2)
+            killed_numbers = _running_of(db, victim.pid)
+            if killed_numbers:
+                victim.send_signal(signal.SIGKILL)
+                break
+            victim.send_signal(signal.SIGCONT)
         time.sleep(0.01)
     assert killed_numbers, "the victim never held a candidate:\n" + (victim.communicate()[0] or "")
     victim.wait(30)
