@@ -8,9 +8,9 @@ Both then run the same functions here, so they give the same tensors.
 The per-recipe work (trim, rescale, weight, elect signs, mix, normalize) is one pointwise
 function, :func:`_mix`, compiled with ``torch.compile`` into a single fused loop (C++ on the CPU,
 Triton on CUDA). Compilation keeps eager PyTorch's rounding (``emulate_precision_casts``); the
-first call of every compiled variant is checked bit for bit against eager PyTorch, and a variant
-that differs (older compilers, FMA contraction) runs eagerly. Set ``EVOMERGE_COMPILE=0`` to run
-eagerly throughout.
+first call of every compiled variant is checked bit for bit against eager PyTorch (on the first
+128Ki elements of a larger call), and a variant that differs (older compilers, FMA contraction)
+runs eagerly. Set ``EVOMERGE_COMPILE=0`` to run eagerly throughout.
 
 Numerics follow mergekit 0.1.5 operation by operation (dtypes, rounding points, defaults), with
 deliberate differences, all documented in the README:
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 _LEVELS = 31744  # draws are integers in [0, 0x7C00): as float16 bit patterns they are finite and ordered
 _COMPILE_MIN_NUMEL = 2048  # smaller tensors run eagerly (same results, no compile per tiny shape)
+_VERIFY_NUMEL = 1 << 17  # a compiled variant is checked against eager on at most this many elements
 _BLOCK = 65536
 _SAMPLE = 64  # stride of the sampled magnitude order kept by the engine
 
@@ -85,13 +86,26 @@ def _bits_equal(a, b) -> bool:
     return a == b
 
 
+def _prefix(a, numel: int, k: int):
+    """``a`` cut to the first ``k`` of ``numel`` elements: every tensor of ``numel`` elements (1-D,
+    or rows of a 2-D view) in ``a``, which may be a list; everything else as it is. A cut is a
+    view only where the tensor is one (the compiled graph's guards tell views from tensors)."""
+    if isinstance(a, torch.Tensor) and a.dim() and a.numel() == numel:
+        cut = a[:max(1, k // max(1, a[0].numel()))]
+        return cut if a._base is not None else cut.clone()
+    if isinstance(a, list):
+        return [_prefix(x, numel, k) for x in a]
+    return a
+
+
 def _run(fn: Callable, compiled: Callable, numel: int, *args, writes_first: bool = False):
     """Run the compiled version of ``fn`` for large tensors, the eager one otherwise.
 
-    The first call of each variant also runs eagerly and compares bit patterns: a compiler that
-    does not keep eager rounding (an older inductor, FMA contraction) is caught there, logged, and
-    that variant runs eagerly from then on. ``writes_first``: ``fn`` returns nothing and writes
-    its result into ``args[0]``."""
+    The first call of each variant is also run eagerly, on its first ``_VERIFY_NUMEL`` elements
+    (``fn`` is elementwise, or reduces exactly: integer counts, maxima, fixed-point sums), and
+    the bit patterns are compared: a compiler that does not keep eager rounding (an older
+    inductor, FMA contraction) is caught there, logged, and that variant runs eagerly from then
+    on. ``writes_first``: ``fn`` returns nothing and writes its result into ``args[0]``."""
     global _compile_failed
     if numel < _COMPILE_MIN_NUMEL or _compile_failed or not _compile_enabled():
         return fn(*args)
@@ -99,26 +113,25 @@ def _run(fn: Callable, compiled: Callable, numel: int, *args, writes_first: bool
     if _verified.get(key) is False:
         return fn(*args)
     try:
-        result = compiled(*args)
+        if key not in _verified:
+            sample = tuple(_prefix(a, numel, _VERIFY_NUMEL) for a in args)
+            if writes_first:
+                compiled(*sample)
+                got, ref = sample[0], torch.empty_like(sample[0])
+                fn(ref, *sample[1:])
+            else:
+                got, ref = compiled(*sample), fn(*sample)
+            _verified[key] = _bits_equal(got, ref)
+            if not _verified[key]:
+                log.warning("the compiled %s rounds differently from eager PyTorch on %s (torch %s); "
+                            "this variant runs eagerly from now on", fn.__name__, key[1:], torch.__version__)
+                return fn(*args)
+        return compiled(*args)
     except Exception as e:  # no C++ compiler, unsupported device...: same results, eagerly
         _compile_failed = True
         log.warning("torch.compile failed (%s: %s); the merge kernel runs eagerly from now on",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return fn(*args)
-    if key not in _verified:
-        if writes_first:
-            got, ref = args[0], torch.empty_like(args[0])
-            fn(ref, *args[1:])
-        else:
-            got, ref = result, fn(*args)
-        _verified[key] = _bits_equal(got, ref)
-        if not _verified[key]:
-            log.warning("the compiled %s rounds differently from eager PyTorch on %s (torch %s); "
-                        "this variant runs eagerly from now on", fn.__name__, key[1:], torch.__version__)
-            if writes_first:
-                args[0].copy_(ref)
-            return ref if not writes_first else None
-    return result
 
 
 @lru_cache(maxsize=None)
@@ -381,8 +394,9 @@ def prepare_expert(delta: torch.Tensor, method: MethodSpec, *, seed: int, tensor
     state = ExpertTensor(delta=delta, seed=stream_seed(seed, tensor_name, expert_index))
     sp = method.sparsifier
     if sp in (MAGNITUDE, OUTLIERS):
-        state.order = MagnitudeOrder(delta.abs(), positions=reuse)
-        state.l1 = delta.abs().sum()
+        magnitudes = delta.abs()
+        state.order = MagnitudeOrder(magnitudes, positions=reuse)
+        state.l1 = magnitudes.sum()
     if sp in (RANDOM, DELLA):
         flat = delta.reshape(-1)
         state.shift = fixed_shift(flat)

@@ -193,6 +193,41 @@ def test_a_compiler_that_rounds_differently_is_caught(families, monkeypatch, cap
         assert torch.equal(got[k], v), k
 
 
+def test_a_large_call_is_checked_on_its_first_elements(monkeypatch, caplog):
+    """A large call's variant is checked against eager on a prefix only, and a sloppy compiler
+    is still caught there; the full call then gives eager's result."""
+    from evomerge import kernel
+
+    seen = []
+
+    def fn(out, d, scale):
+        seen.append((d.numel(), d._base is not None))
+        out.copy_((d.float() * scale).to(d.dtype))
+
+    def sloppy(out, d, scale):
+        fn(out, d, scale)
+        out.view(torch.int16).add_(1)
+
+    monkeypatch.setattr(kernel, "_verified", {})
+    n = 5 * kernel._VERIFY_NUMEL + 7
+    d = torch.randn(n).to(torch.bfloat16)
+    whole, view = torch.empty_like(d), torch.empty(n + 3, dtype=torch.bfloat16)[3:]
+    with caplog.at_level("WARNING", logger="evomerge.kernel"):
+        kernel._run(fn, sloppy, n, whole, d, torch.tensor(0.5), writes_first=True)
+        kernel._run(fn, sloppy, n, view, d[:n], torch.tensor(0.5), writes_first=True)
+    assert "rounds differently from eager" in caplog.text
+    k = kernel._VERIFY_NUMEL
+    # the check (compiled, eager) on a copy of the prefix, then eagerly on everything; the view's
+    # call has the same variant, already found sloppy
+    assert seen == [(k, False), (k, False), (n, False), (n, True)]
+    expected = (d.float() * 0.5).to(torch.bfloat16)
+    assert torch.equal(whole, expected) and torch.equal(view, expected)
+
+    monkeypatch.setattr(kernel, "_verified", {})
+    kernel._run(fn, fn, n, whole, d, torch.tensor(2.0), writes_first=True)
+    assert list(kernel._verified.values()) == [True] and torch.equal(whole, (d.float() * 2).to(d.dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_sampled_magnitude_order_finds_the_same_ties(dtype):
     """The engine's sampled order and the scan used by evomerge merge agree on every tie cut."""
