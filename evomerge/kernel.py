@@ -29,6 +29,7 @@ import hashlib
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable, Optional, Sequence
@@ -142,6 +143,9 @@ def _compiled(fn: Callable) -> Callable:
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo_config, name):
             setattr(dynamo_config, name, max(getattr(dynamo_config, name), 128))
+    # the engine's DARE draws are float16 beside bfloat16 tensors; inductor warns of the mix but
+    # still emits one vectorized loop
+    warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed in the scheduler node")
     return torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
 
 
@@ -537,41 +541,48 @@ def _mix(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor],
     includes the weight and is applied with one rounding."""
     dt = base.dtype
     acc_dt = torch.float64 if dt == torch.float64 else torch.float32
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        # where mergekit holds a tensor of the merge dtype; held on in acc_dt, which is exact, so
+        # that selects and sums do not round again (values and eager results are the same)
+        return t.to(dt).to(acc_dt)
+
+    wa = w.to(acc_dt)
     xs = []
     for i, d in enumerate(deltas):
         keep = _keep(sp, i, d, r, offset, rank_norms[i], draws[i])
         if fused_scale:
-            x = (d.to(acc_dt) * scale[i]).to(dt)
+            x = rounded(d.to(acc_dt) * scale[i])
         else:
-            t = d if scale is None else (d.to(acc_dt) * scale[i]).to(dt)
-            x = (t * w[i]).to(dt)
+            t = d.to(acc_dt) if scale is None else rounded(d.to(acc_dt) * scale[i])
+            x = rounded(t * wa[i])
         xs.append(x if keep is None else torch.where(keep, x, 0))
-    total = xs[0].to(acc_dt)
+    total = xs[0]
     for x in xs[1:]:
         total = total + x
     if consensus:
         positive = total >= 0
         masks = [torch.where(positive, x > 0, x < 0) for x in xs]
-        mixed = torch.where(masks[0], xs[0], 0).to(acc_dt)
-        divisor = torch.where(masks[0], w[0], 0).to(acc_dt)
+        mixed = torch.where(masks[0], xs[0], 0)
+        divisor = torch.where(masks[0], wa[0], 0)
         for i in range(1, len(xs)):
             mixed = mixed + torch.where(masks[i], xs[i], 0)
-            divisor = divisor + torch.where(masks[i], w[i], 0)
-        mixed = mixed.to(dt)
+            divisor = divisor + torch.where(masks[i], wa[i], 0)
+        mixed = rounded(mixed)
         divisor = divisor.to(dt)
-        divisor = torch.where(divisor == 0, 1, divisor).to(dt)
+        divisor = torch.where(divisor == 0, 1, divisor).to(acc_dt)
     else:
-        mixed = total.to(dt)
-        divisor = w[0].to(acc_dt)
+        mixed = rounded(total)
+        divisor = wa[0]
         for i in range(1, len(xs)):
-            divisor = divisor + w[i]
+            divisor = divisor + wa[i]
         divisor = divisor.to(dt)
-        divisor = torch.where(divisor.abs() < 1e-8, 1, divisor).to(dt)
+        divisor = torch.where(divisor.abs() < 1e-8, 1, divisor).to(acc_dt)
     if normalize:
-        mixed = (mixed / divisor).to(dt)
+        mixed = rounded(mixed / divisor)
     if use_lambda:  # in the accumulation dtype: eager PyTorch does not round the factor to dt
-        mixed = (mixed.to(acc_dt) * lam).to(dt)
-    out.copy_((base + mixed).to(dt))
+        mixed = rounded(mixed * lam)
+    out.copy_((base.to(acc_dt) + mixed).to(dt))
 
 
 # ---------------------------------------------------------------------------------------------
