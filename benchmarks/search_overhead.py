@@ -3,8 +3,8 @@
 Runs the demo's config (small zoo, per-layer per-module TIES, CMA-ES, zoo-demo suite) for N
 candidates in a fresh run directory, times every phase of every candidate inside the loop, and
 prints the share of each candidate's wall time spent outside fitness evaluation (the lost-candidate
-and budget checks, driver ask/tell with the database claim and write, recipe decoding, merge apply). Goal: under 10%. It also checks that no
-model weights were written to disk during the search.
+and budget checks, driver ask/tell with the database claim and write, recipe decoding, merge apply).
+Goal: under 10%. It also checks that no model weights were written to disk during the search.
 
     python benchmarks/search_overhead.py [--candidates 160] [--zoo runs/zoo-small]
 """

@@ -99,6 +99,21 @@ def _prefix(a, numel: int, k: int):
     return a
 
 
+_FAILED = object()
+
+
+def _try_compiled(compiled: Callable, args: tuple):
+    """``compiled(*args)``, or ``_FAILED`` (logged) where compilation is impossible here."""
+    global _compile_failed
+    try:
+        return compiled(*args)
+    except Exception as e:  # no C++ compiler, unsupported device...: same results, eagerly
+        _compile_failed = True
+        log.warning("torch.compile failed (%s: %s); the merge kernel runs eagerly from now on",
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return _FAILED
+
+
 def _run(fn: Callable, compiled: Callable, numel: int, *args, writes_first: bool = False):
     """Run the compiled version of ``fn`` for large tensors, the eager one otherwise.
 
@@ -107,32 +122,28 @@ def _run(fn: Callable, compiled: Callable, numel: int, *args, writes_first: bool
     the bit patterns are compared: a compiler that does not keep eager rounding (an older
     inductor, FMA contraction) is caught there, logged, and that variant runs eagerly from then
     on. ``writes_first``: ``fn`` returns nothing and writes its result into ``args[0]``."""
-    global _compile_failed
     if numel < _COMPILE_MIN_NUMEL or _compile_failed or not _compile_enabled():
         return fn(*args)
     key = _signature(fn, args)
     if _verified.get(key) is False:
         return fn(*args)
-    try:
-        if key not in _verified:
-            sample = tuple(_prefix(a, numel, _VERIFY_NUMEL) for a in args)
-            if writes_first:
-                compiled(*sample)
-                got, ref = sample[0], torch.empty_like(sample[0])
-                fn(ref, *sample[1:])
-            else:
-                got, ref = compiled(*sample), fn(*sample)
-            _verified[key] = _bits_equal(got, ref)
-            if not _verified[key]:
-                log.warning("the compiled %s rounds differently from eager PyTorch on %s (torch %s); "
-                            "this variant runs eagerly from now on", fn.__name__, key[1:], torch.__version__)
-                return fn(*args)
-        return compiled(*args)
-    except Exception as e:  # no C++ compiler, unsupported device...: same results, eagerly
-        _compile_failed = True
-        log.warning("torch.compile failed (%s: %s); the merge kernel runs eagerly from now on",
-                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        return fn(*args)
+    if key not in _verified:
+        sample = tuple(_prefix(a, numel, _VERIFY_NUMEL) for a in args)
+        got = _try_compiled(compiled, sample)
+        if got is _FAILED:
+            return fn(*args)
+        if writes_first:
+            got, ref = sample[0], torch.empty_like(sample[0])
+            fn(ref, *sample[1:])
+        else:
+            ref = fn(*sample)
+        _verified[key] = _bits_equal(got, ref)
+        if not _verified[key]:
+            log.warning("the compiled %s rounds differently from eager PyTorch on %s (torch %s); "
+                        "this variant runs eagerly from now on", fn.__name__, key[1:], torch.__version__)
+            return fn(*args)
+    result = _try_compiled(compiled, args)
+    return fn(*args) if result is _FAILED else result
 
 
 @lru_cache(maxsize=None)
