@@ -29,9 +29,10 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from .errors import EvomergeError
 from .inputs import load_yaml, validate
 from .methods import MethodSpec, get_method
+from .resources import presets_dir, shipped
 from .recipe import KIND_FILTERS, Condition, Recipe, build
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+SPACES_DIR = presets_dir()
 
 #: Bounds of a searched parameter when the spec does not give them.
 DEFAULT_BOUNDS = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 0.1),
@@ -111,7 +112,7 @@ def load_spec(ref: Any, where: str = "space") -> SpaceSpec:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+    return shipped(SPACES_DIR)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from .resources import suites_dir
+
 log = logging.getLogger(__name__)
 
 LETTERS = list("abcdefghijkl")
@@ -38,7 +40,7 @@ COMPOSED = "revenc"
 WORLD_SEED = 20261123  # the world is fixed; --seed only changes training
 EVAL_ITEMS = {"search": 120, "heldout": 120}  # per sequence task; fact splits the 48 facts in two
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
-DATA_DIR = Path(__file__).resolve().parent.parent / "fitness" / "data" / "zoo"
+DATA_DIR = suites_dir() / "data" / "zoo"
 
 
 # ---------------------------------------------------------------------------------------------

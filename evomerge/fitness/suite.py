@@ -46,8 +46,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import EvomergeError
+from ..resources import shipped, suites_dir
 
-SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "fitness"
+SUITES_DIR = suites_dir()
 SPLITS = ("search", "heldout")
 METRICS = ("acc", "acc_norm", "exact_match", "margin")
 
@@ -218,8 +219,7 @@ class Suite:
         if not p.exists() and p.suffix == "" and (SUITES_DIR / f"{p.name}.yaml").exists():
             p = SUITES_DIR / f"{p.name}.yaml"
         if not p.exists():
-            shipped = sorted(q.stem for q in SUITES_DIR.glob("*.yaml"))
-            raise SuiteError(f"suite {name_or_path}: no such file (shipped suites: {', '.join(shipped)})")
+            raise SuiteError(f"suite {name_or_path}: no such file (shipped suites: {', '.join(shipped(SUITES_DIR))})")
         try:
             raw = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:

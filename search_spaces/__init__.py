@@ -1,0 +1,1 @@
+"""Search-space presets. Shipped inside the wheel as the package evomerge.search_spaces."""
