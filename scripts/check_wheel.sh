@@ -10,7 +10,10 @@ work=$(mktemp -d /tmp/evomerge-wheel.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-"$PYTHON" -m pip wheel -q --no-deps -w "$work/dist" "$repo" 2>&1 | grep -v '^WARNING: Location' || true
+# from a copy of the tracked and unignored files: a stale build/ folder never reaches the wheel
+mkdir "$work/src"
+(cd "$repo" && git ls-files -co --exclude-standard -z | xargs -0 tar --ignore-failed-read -cf - 2>/dev/null) | tar -xf - -C "$work/src"
+"$PYTHON" -m pip wheel -q --no-deps -w "$work/dist" "$work/src" 2>&1 | grep -v '^WARNING: Location' || true
 wheel=$(ls "$work"/dist/evomerge-*.whl)
 echo "wheel-check: built $(basename "$wheel")"
 if "$PYTHON" -c "import torch" >/dev/null 2>&1; then
