@@ -105,8 +105,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from evomerge.engine import MergeEngine
-    from evomerge.recipe import Recipe
+    from evomerge.merging.engine import MergeEngine
+    from evomerge.merging.recipe import Recipe
 
     model = AutoModelForCausalLM.from_pretrained(fam["base"], dtype=torch.bfloat16).to(args.device)
     rows = []

@@ -37,8 +37,8 @@ def main() -> int:
     from evomerge import evaluator as evaluator_mod
     from evomerge import search as search_mod
     from evomerge.demo import demo_config
-    from evomerge.drivers import CmaDriver
-    from evomerge.rundb import RunDB
+    from evomerge.search.drivers import CmaDriver
+    from evomerge.rundb.store import RunDB
     from evomerge.zoo import load_or_build_zoo
 
     zoo, _ = load_or_build_zoo(args.zoo, "small", seed=0)

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from .errors import EvomergeError
+from evomerge.errors import EvomergeError
 
 STORAGE_ENV = os.environ.get("EVOMERGE_STORAGE") or None
 
@@ -21,8 +21,8 @@ def _parse_size(text: str) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge_to_disk
-    from .recipe import Recipe
+    from evomerge.merging.to_disk import merge_to_disk
+    from evomerge.merging.recipe import Recipe
 
     recipe = Recipe.from_yaml(args.recipe)
     updates = {}
@@ -42,7 +42,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo_build(args: argparse.Namespace) -> int:
-    from .zoo import build_zoo, format_report
+    from evomerge.zoo import build_zoo, format_report
 
     manifest = build_zoo(args.out_dir, size=args.size, seed=args.seed, overwrite=args.overwrite)
     print(format_report(manifest["report"]))
@@ -56,7 +56,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .fitness import Suite, get_backend
+    from evomerge.fitness import Suite, get_backend
 
     suite = Suite.load(args.suite)
     backend = get_backend(args.backend, model_dir=args.model_dir, batch_size=args.batch_size)
@@ -84,18 +84,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from .search import create_run, run_search
+    from evomerge.search.loop import create_run, run_search
 
     devices = None
     if args.devices:
-        from .workers import parse_devices
+        from evomerge.run.workers import parse_devices
 
         devices = parse_devices(args.devices)
     run = create_run(args.config, args.run_dir, args.storage)
     print(f"run {run.name}: {run.run_dir} (dimension {run.space.dimension}); watch it with: evomerge status {run.run_dir}",
           file=sys.stderr)
     if devices:
-        from .workers import run_workers
+        from evomerge.run.workers import run_workers
 
         summary = run_workers(run, devices, args.storage)
     else:
@@ -104,8 +104,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from .config import check_device
-    from .search import join_run, run_search
+    from evomerge.config import check_device
+    from evomerge.search.loop import join_run, run_search
 
     run = join_run(args.target, args.storage, args.run_dir)
     if args.device:
@@ -125,7 +125,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from .search import open_run, run_search
+    from evomerge.search.loop import open_run, run_search
 
     run = open_run(args.run_dir, args.storage)
     summary = run_search(run, resume=True, max_candidates=args.max_candidates, max_minutes=args.max_minutes)
@@ -133,7 +133,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _finish(run, summary: dict) -> int:
-    from .report import status_text, write_plots
+    from evomerge.run.report import status_text, write_plots
 
     print(status_text(run))
     for path in write_plots(run):
@@ -148,15 +148,15 @@ def _finish(run, summary: dict) -> int:
 
 
 def _cmd_space(args: argparse.Namespace) -> int:
-    from .config import RunConfig
+    from evomerge.config import RunConfig
 
     print(RunConfig.load(args.config).build_space().describe())
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from .report import status_text, write_plots
-    from .search import open_run
+    from evomerge.run.report import status_text, write_plots
+    from evomerge.search.loop import open_run
 
     run = open_run(args.run_dir, args.storage)
     print(status_text(run, recent=args.recent))
@@ -167,8 +167,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .report import comparison_table, export, export_pareto, pareto_markdown
-    from .search import open_run
+    from evomerge.run.report import comparison_table, export, export_pareto, pareto_markdown
+    from evomerge.search.loop import open_run
 
     run = open_run(args.run_dir, args.storage)
     if args.pareto:

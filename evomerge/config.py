@@ -14,10 +14,10 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .errors import EvomergeError
-from .inputs import load_yaml, validate
-from .methods import METHODS
-from .recipe import DtypeName, MethodName
+from evomerge.errors import EvomergeError
+from evomerge.inputs import load_yaml, validate
+from evomerge.merging.methods import METHODS
+from evomerge.merging.recipe import DtypeName, MethodName
 
 class ConfigError(EvomergeError):
     """A run config is invalid."""
@@ -162,14 +162,14 @@ class RunConfig(_Strict):
     # -- pieces the run builds from it ---------------------------------------------------------
 
     def suite(self):
-        from .fitness import Suite
+        from evomerge.fitness import Suite
 
         if isinstance(self.fitness.suite, str):
             return Suite.load(self.fitness.suite)
         return Suite.from_dict(self.fitness.suite, source=None)
 
     def space_spec(self):
-        from .space import load_spec
+        from evomerge.search.space import load_spec
 
         return load_spec(self.space, where="space")
 
@@ -186,9 +186,9 @@ class RunConfig(_Strict):
         return self.models.base or self.models.experts[0]
 
     def build_space(self):
-        from .architecture import num_layers
-        from .model_io import read_config, resolve_model_path
-        from .space import SearchSpace
+        from evomerge.merging.architecture import num_layers
+        from evomerge.merging.model_io import read_config, resolve_model_path
+        from evomerge.search.space import SearchSpace
 
         hf = read_config(resolve_model_path(self.reference_model), self.reference_model)
         return SearchSpace(self.space_spec(), method=self.merge_method, base=self.models.base,

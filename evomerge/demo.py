@@ -46,14 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--candidates", type=int, default=960)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("evomerge.engine", "evomerge.kernel", "transformers", "httpx"):
+    for noisy in ("evomerge.merging.engine", "evomerge.merging.kernel", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from .fitness import Suite
-    from .evaluator import Evaluator
-    from .report import comparison_table, export, status_text, write_plots
-    from .search import create_run, reference_recipes, run_search
-    from .zoo import load_or_build_zoo
+    from evomerge.fitness import Suite
+    from evomerge.search.evaluator import Evaluator
+    from evomerge.run.report import comparison_table, export, status_text, write_plots
+    from evomerge.search.loop import create_run, reference_recipes, run_search
+    from evomerge.zoo import load_or_build_zoo
 
     t0 = time.perf_counter()
     zoo, trained = load_or_build_zoo(args.zoo, "small")

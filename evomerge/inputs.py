@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import EvomergeError
+from evomerge.errors import EvomergeError
 
 
 def load_yaml(path: str | Path, error: type[EvomergeError], what: str) -> Any:

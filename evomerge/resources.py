@@ -11,7 +11,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from .errors import EvomergeError
+from evomerge.errors import EvomergeError
 
 
 def _folder(package: str) -> Path:

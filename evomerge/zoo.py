@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .resources import suites_dir
+from evomerge.resources import suites_dir
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def build_zoo(out: Path, size: str = "tiny", seed: int = 0, overwrite: bool = Fa
     paths are relative to ``out``: :func:`load_zoo` resolves them)."""
     from transformers import GenerationConfig, LlamaForCausalLM
 
-    from .model_io import atomic_directory
+    from evomerge.merging.model_io import atomic_directory
 
     if size not in SIZES:
         raise ValueError(f"unknown zoo size {size!r}; choose one of {sorted(SIZES)}")
@@ -301,10 +301,10 @@ def measure(manifest: dict) -> dict:
     task), and whether the zoo meets its design goals."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .engine import MergeEngine
-    from .fitness import Suite
-    from .fitness.native import NativeBackend
-    from .recipe import Recipe
+    from evomerge.merging.engine import MergeEngine
+    from evomerge.fitness import Suite
+    from evomerge.fitness.native import NativeBackend
+    from evomerge.merging.recipe import Recipe
 
     suites = [Suite.load("zoo"), Suite.load("zoo-composed")]
     tokenizer = AutoTokenizer.from_pretrained(manifest["base"])

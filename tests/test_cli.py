@@ -6,8 +6,8 @@ import sys
 import yaml
 from conftest import load_dir
 
-from evomerge.merge import merged_tensors
-from evomerge.recipe import Recipe
+from evomerge.merging.to_disk import merged_tensors
+from evomerge.merging.recipe import Recipe
 
 
 def run(*args):

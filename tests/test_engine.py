@@ -5,10 +5,10 @@ import torch
 from conftest import load_dir
 from transformers import AutoModelForCausalLM
 
-from evomerge.engine import MergeEngine
+from evomerge.merging.engine import MergeEngine
 from evomerge.errors import ModelError, RecipeError
-from evomerge.merge import merge_to_disk
-from evomerge.recipe import Recipe, per_kind
+from evomerge.merging.to_disk import merge_to_disk
+from evomerge.merging.recipe import Recipe, per_kind
 
 WEIGHT = per_kind({"attention": [0.3, 0.9], "mlp": 0.6}, default=0.5)
 
@@ -76,7 +76,7 @@ def test_placements_agree_and_disk_keeps_nothing(families):
 
 def test_auto_placement_is_logged(families, caplog):
     fam = families("fp32")
-    with caplog.at_level("INFO", logger="evomerge.engine"):
+    with caplog.at_level("INFO", logger="evomerge.merging.engine"):
         engine = MergeEngine(recipe("dare_ties", fam, density=0.5))
     assert engine.placement == "device"
     assert "cache placement device" in caplog.text and "available RAM" in caplog.text

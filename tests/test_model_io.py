@@ -13,8 +13,8 @@ from conftest import load_dir
 from safetensors.torch import save_file
 
 from evomerge.errors import ModelError
-from evomerge.merge import merge_to_disk, merged_tensors
-from evomerge.recipe import Recipe
+from evomerge.merging.to_disk import merge_to_disk, merged_tensors
+from evomerge.merging.recipe import Recipe
 
 
 def ties(fam, **extra):

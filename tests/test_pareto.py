@@ -13,9 +13,9 @@ import yaml
 from evomerge.config import ConfigError
 from evomerge.fitness import Suite
 from evomerge.fitness.suite import SuiteError
-from evomerge.report import export_pareto, status_text, write_plots
-from evomerge.rundb import Row, pareto_front
-from evomerge.search import create_run, run_search
+from evomerge.run.report import export_pareto, status_text, write_plots
+from evomerge.rundb.store import Row, pareto_front
+from evomerge.search.loop import create_run, run_search
 from test_search import ENV, config
 
 

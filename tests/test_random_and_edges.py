@@ -6,10 +6,10 @@ import pytest
 import torch
 from conftest import load_dir, mergekit_merge
 
-from evomerge.kernel import merge_slerp, merge_task_arithmetic, prepare_expert
-from evomerge.merge import merge_to_disk, merged_tensors
-from evomerge.methods import METHODS
-from evomerge.recipe import Recipe
+from evomerge.merging.kernel import merge_slerp, merge_task_arithmetic, prepare_expert
+from evomerge.merging.to_disk import merge_to_disk, merged_tensors
+from evomerge.merging.methods import METHODS
+from evomerge.merging.recipe import Recipe
 
 
 def recipe_for(method, fam, weights=(0.5, -0.3, 0.8), seed=0, **params):
@@ -184,7 +184,7 @@ def test_a_compiler_that_rounds_differently_is_caught(families, monkeypatch, cap
     monkeypatch.setattr(kernel, "_compiled", sloppy)
     fam = families("bf16_small")
     r = Recipe.from_dict(recipe_for("ties", fam, density=0.4))
-    with caplog.at_level("WARNING", logger="evomerge.kernel"):
+    with caplog.at_level("WARNING", logger="evomerge.merging.kernel"):
         got = dict(merged_tensors(r))
     assert "rounds differently from eager" in caplog.text
     assert False in kernel._verified.values()
@@ -212,7 +212,7 @@ def test_a_large_call_is_checked_on_its_first_elements(monkeypatch, caplog):
     n = 5 * kernel._VERIFY_NUMEL + 7
     d = torch.randn(n).to(torch.bfloat16)
     whole, view = torch.empty_like(d), torch.empty(n + 3, dtype=torch.bfloat16)[3:]
-    with caplog.at_level("WARNING", logger="evomerge.kernel"):
+    with caplog.at_level("WARNING", logger="evomerge.merging.kernel"):
         kernel._run(fn, sloppy, n, whole, d, torch.tensor(0.5), writes_first=True)
         kernel._run(fn, sloppy, n, view, d[:n], torch.tensor(0.5), writes_first=True)
     assert "rounds differently from eager" in caplog.text
@@ -231,7 +231,7 @@ def test_a_large_call_is_checked_on_its_first_elements(monkeypatch, caplog):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_sampled_magnitude_order_finds_the_same_ties(dtype):
     """The engine's sampled order and the scan used by evomerge merge agree on every tie cut."""
-    from evomerge.kernel import MagnitudeOrder, nth_equal_index
+    from evomerge.merging.kernel import MagnitudeOrder, nth_equal_index
 
     g = torch.Generator().manual_seed(3)
     d = (torch.randn(300_000, generator=g) * 0.01).round(decimals=3).to(dtype)  # many equal magnitudes

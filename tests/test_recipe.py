@@ -7,7 +7,7 @@ import yaml
 from mergekit.config import ConditionalParameter, evaluate_setting
 
 from evomerge.errors import RecipeError
-from evomerge.recipe import Condition, Recipe, build, evaluate, gradient, per_kind
+from evomerge.merging.recipe import Condition, Recipe, build, evaluate, gradient, per_kind
 
 
 def base_recipe(**over):

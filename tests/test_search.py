@@ -17,9 +17,9 @@ import yaml
 from conftest import load_dir, mergekit_merge
 
 from evomerge.errors import EvomergeError
-from evomerge.report import export, status_text, write_plots
-from evomerge.rundb import RunDB, sqlite_url
-from evomerge.search import RunError, create_run, open_run, run_search
+from evomerge.run.report import export, status_text, write_plots
+from evomerge.rundb.store import RunDB, sqlite_url
+from evomerge.search.loop import RunError, create_run, open_run, run_search
 
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -226,7 +226,7 @@ def test_progress_bar_keeps_candidate_lines_in_the_log_file(tmp_path):
     import io
     import logging
 
-    from evomerge.progress import Progress
+    from evomerge.search.progress import Progress
 
     root = logging.getLogger()
     console, file = logging.StreamHandler(io.StringIO()), logging.FileHandler(tmp_path / "search.log")
@@ -253,8 +253,8 @@ def test_progress_bar_keeps_candidate_lines_in_the_log_file(tmp_path):
 
 def _cma(db: RunDB, slot: int = 0, popsize: int = 4, restarts: int = 0):
     from evomerge.config import DriverSpec
-    from evomerge.drivers import CmaDriver
-    from evomerge.rundb import Owner
+    from evomerge.search.drivers import CmaDriver
+    from evomerge.rundb.store import Owner
 
     return CmaDriver(db, ["a", "b"], DriverSpec(name="cma", popsize=popsize, restarts=restarts), 0, [0.5, 0.5],
                      Owner.this_process(slot), solo=False)
@@ -318,7 +318,7 @@ def test_reclaim_fails_dead_and_silent_candidates(tmp_path):
 
     import sqlalchemy as sa
 
-    from evomerge.rundb import UNIT, Owner
+    from evomerge.rundb.store import UNIT, Owner
 
     db = RunDB(sqlite_url(tmp_path / "run.db"), "x", create=True, heartbeat_s=1, grace_s=5)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from evomerge.config import ConfigError, RunConfig
-from evomerge.recipe import Recipe
-from evomerge.space import SearchSpace, SpaceError, load_spec, preset_names
+from evomerge.merging.recipe import Recipe
+from evomerge.search.space import SearchSpace, SpaceError, load_spec, preset_names
 
 EXPERTS = ["/m/rev", "/m/enc"]
 

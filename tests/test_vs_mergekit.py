@@ -4,10 +4,10 @@ import pytest
 import torch
 from conftest import load_dir, mergekit_merge
 
-from evomerge.merge import merge_to_disk
-from evomerge.recipe import Recipe
-from evomerge.architecture import layer_index
-from evomerge.kernel import MagnitudeOrder
+from evomerge.merging.to_disk import merge_to_disk
+from evomerge.merging.recipe import Recipe
+from evomerge.merging.architecture import layer_index
+from evomerge.merging.kernel import MagnitudeOrder
 
 W = [0.5, -0.3, 0.8]  # a negative weight: task negation
 

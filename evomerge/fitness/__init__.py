@@ -5,8 +5,8 @@ Every backend has ``score(model, tokenizer, suite, split="search") -> FitnessRes
 
 from __future__ import annotations
 
-from .result import FitnessResult, ItemResult, TaskResult
-from .suite import Suite, SuiteError
+from evomerge.fitness.result import FitnessResult, ItemResult, TaskResult
+from evomerge.fitness.suite import Suite, SuiteError
 
 BACKENDS = ("native", "lm-eval", "vllm")
 
@@ -14,15 +14,15 @@ BACKENDS = ("native", "lm-eval", "vllm")
 def get_backend(name: str, *, model_dir: str | None = None, batch_size: int = 32):
     """A backend by name; ``model_dir`` (the base model's directory) is needed by vllm."""
     if name == "native":
-        from .native import NativeBackend
+        from evomerge.fitness.native import NativeBackend
 
         return NativeBackend(batch_size=max(batch_size, 1))
     if name == "lm-eval":
-        from .lmeval import LmEvalBackend
+        from evomerge.fitness.lmeval import LmEvalBackend
 
         return LmEvalBackend(batch_size=batch_size)
     if name == "vllm":
-        from .lmeval import VllmBackend
+        from evomerge.fitness.lmeval import VllmBackend
 
         if model_dir is None:
             raise SuiteError("the vllm backend needs the base model's directory")

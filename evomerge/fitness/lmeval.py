@@ -13,8 +13,8 @@ import os
 import time
 from typing import Optional
 
-from .result import CandidateFailed, FitnessResult, ItemResult, TaskResult, choose, combine
-from .suite import Suite, SuiteError, Task
+from evomerge.fitness.result import CandidateFailed, FitnessResult, ItemResult, TaskResult, choose, combine
+from evomerge.fitness.suite import Suite, SuiteError, Task
 
 
 def _task_name(task: Task) -> str:

@@ -17,9 +17,9 @@ from typing import Optional
 
 import torch
 
-from .result import (CandidateFailed, FitnessResult, ItemResult, TaskResult, choose, combine, exact_match,
+from evomerge.fitness.result import (CandidateFailed, FitnessResult, ItemResult, TaskResult, choose, combine, exact_match,
                      regex_extract)
-from .suite import Item, Suite, SuiteError, Task
+from evomerge.fitness.suite import Item, Suite, SuiteError, Task
 
 
 @dataclass

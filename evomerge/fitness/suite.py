@@ -45,8 +45,8 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import EvomergeError
-from ..resources import shipped, suites_dir
+from evomerge.errors import EvomergeError
+from evomerge.resources import shipped, suites_dir
 
 SUITES_DIR = suites_dir()
 SPLITS = ("search", "heldout")

@@ -11,10 +11,10 @@ from typing import Optional
 
 import torch
 
-from .architecture import is_vocab_tensor, layer_index, layer_t, num_layers
-from .errors import ModelError, RecipeError
-from .model_io import ModelFiles
-from .recipe import Recipe
+from evomerge.merging.architecture import is_vocab_tensor, layer_index, layer_t, num_layers
+from evomerge.errors import ModelError, RecipeError
+from evomerge.merging.model_io import ModelFiles
+from evomerge.merging.recipe import Recipe
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,13 @@ from typing import Iterator, Optional
 
 import torch
 
-from .errors import ModelError, RecipeError
-from .kernel import ExpertTensor, prepare_expert, stream_seed
-from .merge import (merge_one, open_models, output_dtype, prepare_inputs, read_inputs, resolve_params,
+from evomerge.errors import ModelError, RecipeError
+from evomerge.merging.kernel import ExpertTensor, prepare_expert, stream_seed
+from evomerge.merging.to_disk import (merge_one, open_models, output_dtype, prepare_inputs, read_inputs, resolve_params,
                     tensor_meta, work_dtype)
-from .methods import DELLA, MAGNITUDE, OUTLIERS, RANDOM
-from .plan import build_layout
-from .recipe import Recipe
+from evomerge.merging.methods import DELLA, MAGNITUDE, OUTLIERS, RANDOM
+from evomerge.merging.layout import build_layout
+from evomerge.merging.recipe import Recipe
 
 log = logging.getLogger(__name__)
 

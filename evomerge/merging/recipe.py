@@ -15,9 +15,9 @@ from typing import Annotated, Any, Callable, Iterable, Optional, Sequence, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
 
-from .errors import RecipeError
-from .inputs import load_yaml, validate
-from .methods import METHODS, MODEL_PARAM_DEFAULTS, MethodSpec, get_method
+from evomerge.errors import RecipeError
+from evomerge.inputs import load_yaml, validate
+from evomerge.merging.methods import METHODS, MODEL_PARAM_DEFAULTS, MethodSpec, get_method
 
 Scalar = Union[bool, int, float, str]
 ScalarOrGradient = Union[Scalar, list[Scalar]]

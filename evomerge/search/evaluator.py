@@ -15,11 +15,11 @@ from typing import Any, Optional
 
 import torch
 
-from .config import RunConfig
-from .errors import EvomergeError, ModelError
-from .fitness import FitnessResult, Suite, get_backend
-from .model_io import dtype_from_name, resolve_model_path
-from .recipe import Recipe
+from evomerge.config import RunConfig
+from evomerge.errors import EvomergeError, ModelError
+from evomerge.fitness import FitnessResult, Suite, get_backend
+from evomerge.merging.model_io import dtype_from_name, resolve_model_path
+from evomerge.merging.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class Evaluator:
 
     def prepare(self, template: Recipe) -> None:
         """Build the merge engine and the live model (once per run)."""
-        from .engine import MergeEngine
+        from evomerge.merging.engine import MergeEngine
 
         self.engine = MergeEngine(template, device=self.cfg.device, cache=self.cfg.cache,
                                   allow_pickle=self.cfg.allow_pickle, trust_remote_code=self.cfg.trust_remote_code)

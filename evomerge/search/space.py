@@ -26,11 +26,11 @@ from typing import Any, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from .errors import EvomergeError
-from .inputs import load_yaml, validate
-from .methods import MethodSpec, get_method
-from .resources import presets_dir, shipped
-from .recipe import KIND_FILTERS, Condition, Recipe, build
+from evomerge.errors import EvomergeError
+from evomerge.inputs import load_yaml, validate
+from evomerge.merging.methods import MethodSpec, get_method
+from evomerge.resources import presets_dir, shipped
+from evomerge.merging.recipe import KIND_FILTERS, Condition, Recipe, build
 
 SPACES_DIR = presets_dir()
 

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from safetensors import safe_open
 
-from .errors import ModelError
+from evomerge.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def dtype_from_name(name: str) -> torch.dtype:
-    from .recipe import DTYPES
+    from evomerge.merging.recipe import DTYPES
     return TORCH_DTYPES[DTYPES[name]]
 
 

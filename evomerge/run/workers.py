@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .errors import EvomergeError
-from .search import Run
+from evomerge.errors import EvomergeError
+from evomerge.search.loop import Run
 
 log = logging.getLogger(__name__)
 
 
 def parse_devices(text: str) -> list[str]:
-    from .config import check_device
+    from evomerge.config import check_device
 
     devices = [d.strip() for d in text.split(",") if d.strip()]
     if not devices:

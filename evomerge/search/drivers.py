@@ -40,9 +40,9 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from .config import DriverSpec
-from .errors import EvomergeError
-from .rundb import UNIT, Owner, RunDB
+from evomerge.config import DriverSpec
+from evomerge.errors import EvomergeError
+from evomerge.rundb.store import UNIT, Owner, RunDB
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .errors import EvomergeError
-from .rundb import Row, best_row, pareto_front, redact
-from .search import Run, parents, reference_recipes, versions
+from evomerge.errors import EvomergeError
+from evomerge.rundb.store import Row, best_row, pareto_front, redact
+from evomerge.search.loop import Run, parents, reference_recipes, versions
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -189,10 +189,10 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
            heldout: bool = True) -> dict:
     """Write OUT_DIR/recipe.yaml, OUT_DIR/model (the merged model), OUT_DIR/report.{json,md}.
     The directory appears only when complete."""
-    from .evaluator import Evaluator
-    from .merge import merge_to_disk
-    from .model_io import atomic_directory
-    from .recipe import Recipe
+    from evomerge.search.evaluator import Evaluator
+    from evomerge.merging.to_disk import merge_to_disk
+    from evomerge.merging.model_io import atomic_directory
+    from evomerge.merging.recipe import Recipe
 
     row = _pick(run, trial)
     recipe = Recipe.from_dict(row.recipe, source=f"candidate #{row.number}")
@@ -271,10 +271,10 @@ def export_pareto(run: Run, out_dir: str | Path, overwrite: bool = False, heldou
     """Every Pareto-optimal candidate: OUT_DIR/candidate-NNNN/recipe.yaml (and model/ with
     ``models``), and OUT_DIR/pareto.{json,md} with each one's objectives on the search split and,
     with ``heldout``, on the held-out split (re-scored here). Written atomically."""
-    from .evaluator import Evaluator
-    from .merge import merge_to_disk
-    from .model_io import atomic_directory
-    from .recipe import Recipe
+    from evomerge.search.evaluator import Evaluator
+    from evomerge.merging.to_disk import merge_to_disk
+    from evomerge.merging.model_io import atomic_directory
+    from evomerge.merging.recipe import Recipe
 
     names = objective_names(run)
     if len(names) < 2:

@@ -42,7 +42,7 @@ from optuna.distributions import FloatDistribution, distribution_to_json
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from .errors import EvomergeError
+from evomerge.errors import EvomergeError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -36,7 +36,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .methods import DELLA, MAGNITUDE, OUTLIERS, RANDOM, MethodSpec
+from evomerge.merging.methods import DELLA, MAGNITUDE, OUTLIERS, RANDOM, MethodSpec
 
 log = logging.getLogger(__name__)
 

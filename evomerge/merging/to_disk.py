@@ -12,13 +12,13 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from .errors import ModelError, RecipeError
-from .kernel import ExpertTensor, merge_linear, merge_slerp, merge_task_arithmetic, prepare_expert
-from .methods import DELLA
-from .model_io import (ModelFiles, ShardedWriter, TensorSpec, atomic_directory, copy_generation_config,
+from evomerge.errors import ModelError, RecipeError
+from evomerge.merging.kernel import ExpertTensor, merge_linear, merge_slerp, merge_task_arithmetic, prepare_expert
+from evomerge.merging.methods import DELLA
+from evomerge.merging.model_io import (ModelFiles, ShardedWriter, TensorSpec, atomic_directory, copy_generation_config,
                        copy_tokenizer, dtype_from_name)
-from .plan import Layout, TensorSource, align_vocab, build_layout
-from .recipe import Recipe
+from evomerge.merging.layout import Layout, TensorSource, align_vocab, build_layout
+from evomerge.merging.recipe import Recipe
 
 log = logging.getLogger(__name__)
 

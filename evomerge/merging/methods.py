@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import RecipeError
+from evomerge.errors import RecipeError
 
 # Sparsifiers (how each task vector is trimmed before mixing).
 MAGNITUDE = "magnitude"  # keep the largest |delta| (TIES)

@@ -29,13 +29,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .config import RunConfig
-from .drivers import make_driver
-from .errors import EvomergeError
-from .evaluator import Evaluation, Evaluator
-from .progress import Progress
-from .rundb import Owner, RunDB, best_row, redact, sqlite_url
-from .space import SearchSpace, method_defaults
+from evomerge.config import RunConfig
+from evomerge.search.drivers import make_driver
+from evomerge.errors import EvomergeError
+from evomerge.search.evaluator import Evaluation, Evaluator
+from evomerge.search.progress import Progress
+from evomerge.rundb.store import Owner, RunDB, best_row, redact, sqlite_url
+from evomerge.search.space import SearchSpace, method_defaults
 
 log = logging.getLogger("evomerge.search")
 

@@ -1,0 +1,1 @@
+"""A run directory: creating, opening and joining runs, status and plots, export, worker processes."""
