@@ -8,6 +8,8 @@ import os
 import sys
 
 from evomerge.errors import EvomergeError
+from evomerge.fitness.base import BACKENDS
+from evomerge.merging.recipe import DTYPES
 
 STORAGE_ENV = os.environ.get("EVOMERGE_STORAGE") or None
 
@@ -199,9 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("recipe", help="recipe YAML (mergekit syntax)")
     m.add_argument("out_dir", help="output model directory (written atomically)")
     m.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    m.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"],
+    m.add_argument("--dtype", choices=sorted(set(DTYPES.values())),
                    help="merge dtype (overrides the recipe's dtype)")
-    m.add_argument("--out-dtype", choices=["float32", "float16", "bfloat16", "float64"],
+    m.add_argument("--out-dtype", choices=sorted(set(DTYPES.values())),
                    help="dtype of the written tensors (overrides the recipe's out_dtype)")
     m.add_argument("--seed", type=int, help="seed of DARE/DELLA draws (overrides the recipe's random_seed)")
     m.add_argument("--shard-size", default="2G", help="maximum shard size, e.g. 500M, 2G (default 2G)")
@@ -223,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="score a saved model on a fitness suite")
     e.add_argument("model_dir")
     e.add_argument("--suite", required=True, help="a suite file, or the name of one in fitness/ (e.g. zoo)")
-    e.add_argument("--backend", choices=["native", "lm-eval", "vllm"], default="native")
+    e.add_argument("--backend", choices=list(BACKENDS), default="native")
     e.add_argument("--split", choices=["search", "heldout"], default="search")
     e.add_argument("--json", help="write the full result (per-item correctness included) to this file")
     e.add_argument("--device", default="cpu")

@@ -15,9 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.errors import EvomergeError
+from evomerge.fitness.base import BACKENDS
 from evomerge.inputs import load_yaml, validate
 from evomerge.merging.methods import METHODS
 from evomerge.merging.recipe import DtypeName, MethodName
+from evomerge.search.samplers import SAMPLERS
 
 class ConfigError(EvomergeError):
     """A run config is invalid."""
@@ -34,18 +36,34 @@ class ModelsSpec(_Strict):
 
 class FitnessSpec(_Strict):
     suite: Union[str, dict[str, Any]]
-    backend: Literal["native", "lm-eval", "vllm"] = "native"
+    backend: str = "native"
     batch_size: int = Field(32, ge=1)
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        return _registered(v, BACKENDS, "backend")
+
+
+def _registered(v: Optional[str], registry: dict, what: str) -> Optional[str]:
+    if v is not None and v not in registry:
+        raise ValueError(f"unknown {what} {v!r}; known: {', '.join(registry)}")
+    return v
 
 
 class DriverSpec(_Strict):
     name: Literal["cma", "optuna"] = "cma"
-    sampler: Optional[Literal["tpe", "cmaes", "gp", "random", "nsga2"]] = None
+    sampler: Optional[str] = None
     popsize: Optional[int] = Field(None, ge=2)
     sigma0: float = Field(1 / 6, gt=0, le=1)
     restarts: int = Field(0, ge=0)
     x0: Literal["default", "center"] = "default"
     n_startup_trials: Optional[int] = Field(None, ge=0)
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, v: Optional[str]) -> Optional[str]:
+        return _registered(v, SAMPLERS, "sampler")
 
     @model_validator(mode="after")
     def _check(self) -> "DriverSpec":

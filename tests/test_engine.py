@@ -46,6 +46,13 @@ METHODS = {
 }
 
 
+def test_every_registered_method_has_a_test_entry():
+    """Adding a method to the registry means adding its entry here, so every test below covers it."""
+    from evomerge.merging.methods import METHODS as REGISTERED
+
+    assert set(METHODS) == set(REGISTERED)
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_apply_equals_merge_to_disk(method, families, tmp_path):
     fam = families("bf16_small")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import load_dir, mergekit_merge
 
-from evomerge.merging.kernel import merge_slerp, merge_task_arithmetic, prepare_expert
+from evomerge.merging.kernel.mix import merge_task_arithmetic, prepare_expert
+from evomerge.merging.methods.slerp import merge_slerp
 from evomerge.merging.to_disk import merge_to_disk, merged_tensors
 from evomerge.merging.methods import METHODS
 from evomerge.merging.recipe import Recipe
@@ -154,7 +155,8 @@ def test_slerp_of_parallel_and_nearly_parallel_tensors():
 def test_compiled_kernel_equals_eager(method, families, monkeypatch):
     """The fused, compiled kernel gives eager PyTorch's bits (and so mergekit's), and its first
     call per variant was checked against eager."""
-    from evomerge import kernel
+    from evomerge.merging.kernel import compile as kernel
+    from evomerge.merging.kernel import mix
 
     monkeypatch.setattr(kernel, "_verified", {})
     fam = families("bf16_small")
@@ -169,10 +171,11 @@ def test_compiled_kernel_equals_eager(method, families, monkeypatch):
 
 def test_a_compiler_that_rounds_differently_is_caught(families, monkeypatch, caplog):
     """A compiled variant whose first result differs from eager is logged and replaced by eager."""
-    from evomerge import kernel
+    from evomerge.merging.kernel import compile as kernel
+    from evomerge.merging.kernel import mix
 
     def sloppy(fn):
-        if fn is not kernel._mix:
+        if fn is not mix._mix:
             return fn
 
         def run(out, *args, **kwargs):
@@ -181,7 +184,7 @@ def test_a_compiler_that_rounds_differently_is_caught(families, monkeypatch, cap
         return run
 
     monkeypatch.setattr(kernel, "_verified", {})
-    monkeypatch.setattr(kernel, "_compiled", sloppy)
+    monkeypatch.setattr(kernel, "compiled", sloppy)
     fam = families("bf16_small")
     r = Recipe.from_dict(recipe_for("ties", fam, density=0.4))
     with caplog.at_level("WARNING", logger="evomerge.merging.kernel"):
@@ -196,7 +199,8 @@ def test_a_compiler_that_rounds_differently_is_caught(families, monkeypatch, cap
 def test_a_large_call_is_checked_on_its_first_elements(monkeypatch, caplog):
     """A large call's variant is checked against eager on a prefix only, and a sloppy compiler
     is still caught there; the full call then gives eager's result."""
-    from evomerge import kernel
+    from evomerge.merging.kernel import compile as kernel
+    from evomerge.merging.kernel import mix
 
     seen = []
 
@@ -213,8 +217,8 @@ def test_a_large_call_is_checked_on_its_first_elements(monkeypatch, caplog):
     d = torch.randn(n).to(torch.bfloat16)
     whole, view = torch.empty_like(d), torch.empty(n + 3, dtype=torch.bfloat16)[3:]
     with caplog.at_level("WARNING", logger="evomerge.merging.kernel"):
-        kernel._run(fn, sloppy, n, whole, d, torch.tensor(0.5), writes_first=True)
-        kernel._run(fn, sloppy, n, view, d[:n], torch.tensor(0.5), writes_first=True)
+        kernel.run(fn, sloppy, n, whole, d, torch.tensor(0.5), writes_first=True)
+        kernel.run(fn, sloppy, n, view, d[:n], torch.tensor(0.5), writes_first=True)
     assert "rounds differently from eager" in caplog.text
     k = kernel._VERIFY_NUMEL
     # the check (compiled, eager) on a copy of the prefix, then eagerly on everything; the view's
@@ -224,14 +228,14 @@ def test_a_large_call_is_checked_on_its_first_elements(monkeypatch, caplog):
     assert torch.equal(whole, expected) and torch.equal(view, expected)
 
     monkeypatch.setattr(kernel, "_verified", {})
-    kernel._run(fn, fn, n, whole, d, torch.tensor(2.0), writes_first=True)
+    kernel.run(fn, fn, n, whole, d, torch.tensor(2.0), writes_first=True)
     assert list(kernel._verified.values()) == [True] and torch.equal(whole, (d.float() * 2).to(d.dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_sampled_magnitude_order_finds_the_same_ties(dtype):
     """The engine's sampled order and the scan used by evomerge merge agree on every tie cut."""
-    from evomerge.merging.kernel import MagnitudeOrder, nth_equal_index
+    from evomerge.merging.kernel.sparsify import MagnitudeOrder, nth_equal_index
 
     g = torch.Generator().manual_seed(3)
     d = (torch.randn(300_000, generator=g) * 0.01).round(decimals=3).to(dtype)  # many equal magnitudes

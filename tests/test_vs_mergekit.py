@@ -7,7 +7,7 @@ from conftest import load_dir, mergekit_merge
 from evomerge.merging.to_disk import merge_to_disk
 from evomerge.merging.recipe import Recipe
 from evomerge.merging.architecture import layer_index
-from evomerge.merging.kernel import MagnitudeOrder
+from evomerge.merging.kernel.sparsify import MagnitudeOrder
 
 W = [0.5, -0.3, 0.8]  # a negative weight: task negation
 

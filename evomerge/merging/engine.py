@@ -27,10 +27,10 @@ from typing import Iterator, Optional
 import torch
 
 from evomerge.errors import ModelError, RecipeError
-from evomerge.merging.kernel import ExpertTensor, prepare_expert, stream_seed
+from evomerge.merging.kernel.mix import ExpertTensor
+from evomerge.merging.kernel.sparsify import stream_seed
 from evomerge.merging.to_disk import (merge_one, open_models, output_dtype, prepare_inputs, read_inputs, resolve_params,
                     tensor_meta, work_dtype)
-from evomerge.merging.methods import DELLA, MAGNITUDE, OUTLIERS, RANDOM
 from evomerge.merging.layout import build_layout
 from evomerge.merging.recipe import Recipe
 
@@ -95,8 +95,6 @@ class MergeEngine:
         """Bytes the cache will take: base + per-expert task vectors and trimming state."""
         sp = self.method.sparsifier
         cuda = self.device.type == "cuda"
-        # DELLA: float32 ranks; DARE on the CPU: float16-coded draws
-        per_elem_extra = 4 if sp == DELLA else (2 if sp == RANDOM and not cuda else 0)
         total = 0
         for ts in self.layout.tensors:
             shape, dtypes = self.shapes[ts.name]
@@ -106,11 +104,8 @@ class MergeEngine:
             dt = work_dtype(self.template, dtypes)
             esize = torch.empty((), dtype=dt).element_size()
             total += numel * esize * (1 + len(self.layout.experts))
-            total += numel * per_elem_extra * len(self.layout.experts)
-            if sp in (MAGNITUDE, OUTLIERS) and esize > 2:  # 32/64-bit floats keep sorted magnitudes
-                total += numel * esize * len(self.layout.experts)
-            if sp in (MAGNITUDE, OUTLIERS, RANDOM):  # magnitude histograms / L1-by-level tables, on the host
-                total += 65536 * 8 * len(self.layout.experts)
+            if sp is not None:  # what the sparsifier precomputes per expert
+                total += sp.cache_bytes(numel, esize, cuda) * len(self.layout.experts)
         return total
 
     def _choose_placement(self, cache: str, fraction: float) -> str:
@@ -153,17 +148,11 @@ class MergeEngine:
         self._seed = seed
 
     def _reseed(self, seed: int) -> None:
-        """Switch DARE/DELLA to another random seed: new stream seeds, and for DARE the draws and
-        the L1-by-draw-level tables that depend on them."""
+        """Switch DARE/DELLA to another random seed: new stream seeds, and whatever the sparsifier
+        derived from them (DARE's draws and L1-by-draw-level tables)."""
         for ts, entry in zip(self.layout.tensors, self._entries):
             for i, s in enumerate(entry.experts):
-                if self.method.sparsifier == RANDOM:
-                    fresh = prepare_expert(s.delta.to(self.device), self.method, seed=seed, tensor_name=ts.name,
-                                           expert_index=i, reuse=True, cache_draws=s.draws is not None)
-                    s.kept_l1 = fresh.kept_l1
-                    if fresh.draws is not None:
-                        s.draws = fresh.draws.to(s.delta.device)
-                s.seed = stream_seed(seed, ts.name, i)
+                self.method.sparsifier.reseed(s, stream_seed(seed, ts.name, i), self.device)
         self._seed = seed
 
     @property

@@ -64,7 +64,7 @@ def build_layout(recipe: Recipe, files: dict[str, ModelFiles], trust_remote_code
     in one error."""
     models = recipe.model_names()
     experts = recipe.expert_names()
-    base = recipe.base_model if recipe.method.family != "linear" else None
+    base = recipe.base_model if recipe.method.needs_base else None
     ref = base or models[0]
     ref_files = files[ref]
     problems: list[str] = []

@@ -17,7 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
 
 from evomerge.errors import RecipeError
 from evomerge.inputs import load_yaml, validate
-from evomerge.merging.methods import METHODS, MODEL_PARAM_DEFAULTS, MethodSpec, get_method
+from evomerge.merging.methods import METHODS, MergeMethod, get_method
 
 Scalar = Union[bool, int, float, str]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
@@ -54,8 +54,8 @@ class Slice(BaseModel):
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
-BOOL_PARAMS = {"normalize", "rescale", "int8_mask"}
-UNIT_PARAMS = {"density", "gamma", "epsilon", "t"}  # must lie in [0, 1]
+BOOL_PARAMS = {p.name for m in METHODS.values() for p in m.params.values() if p.flag}
+UNIT_PARAMS = {p.name for m in METHODS.values() for p in m.params.values() if p.unit}  # must lie in [0, 1]
 
 
 def _check_method(v: str) -> str:
@@ -117,7 +117,7 @@ class Recipe(BaseModel):
     # -- semantics ---------------------------------------------------------------------------
 
     @property
-    def method(self) -> MethodSpec:
+    def method(self) -> MergeMethod:
         return get_method(self.merge_method)
 
     def sources(self) -> list[tuple[str, str, Optional[ParamDict]]]:
@@ -139,7 +139,7 @@ class Recipe(BaseModel):
 
     def expert_names(self) -> list[str]:
         """The models whose task vectors are mixed (every model but the base)."""
-        if self.method.family == "linear":
+        if not self.method.needs_base:  # a base named here is one more model with a weight
             return [m for m in self.model_names() if m in {s[1] for s in self.sources()}]
         return [m for m in self.model_names() if m != self.base_model]
 
@@ -163,13 +163,14 @@ class Recipe(BaseModel):
                 raise RecipeError(f"{source}: slices: every slice must name the same models in the same order")
         if m.needs_base and not self.base_model:
             raise RecipeError(f"{source}: base_model: method {m.name!r} needs a base model")
-        if m.family == "linear" and self.base_model and self.base_model not in {s[1] for s in self.sources()}:
-            raise RecipeError(f"{source}: base_model: linear does not use a base model; list "
+        if not m.needs_base and self.base_model and self.base_model not in {s[1] for s in self.sources()}:
+            raise RecipeError(f"{source}: base_model: {m.name} does not use a base model; list "
                               f"{self.base_model!r} under models with a weight, or remove base_model")
         experts = self.expert_names()
-        if m.family == "slerp" and len(experts) != 1:
-            raise RecipeError(f"{source}: models: slerp needs the base model and exactly one other "
-                              f"model (got {len(experts)} others)")
+        if m.experts is not None and len(experts) != m.experts:
+            count = "one other model" if m.experts == 1 else f"{m.experts} other models"
+            raise RecipeError(f"{source}: models: {m.name} needs the base model and exactly {count} "
+                              f"(got {len(experts)} others)")
         if not experts:
             raise RecipeError(f"{source}: models: no model to merge besides the base")
         allowed_global = m.global_params | m.model_params
@@ -184,11 +185,12 @@ class Recipe(BaseModel):
                     raise RecipeError(f"{source}: {path}.parameters.{key}: not a per-model parameter of "
                                       f"{m.name!r} (allowed: {', '.join(sorted(m.model_params)) or 'none'})")
                 _check_values(f"{source}: {path}.parameters.{key}", key, value)
-        if m.family == "slerp" and "t" not in (self.parameters or {}):
-            raise RecipeError(f"{source}: parameters.t: slerp needs t (0 = base model, 1 = the other)")
-        if m.family != "slerp":
+        for p in m.globals_:
+            if p.required and p.name not in (self.parameters or {}):
+                raise RecipeError(f"{source}: parameters.{p.name}: {m.name} needs {p.name} ({p.summary})")
+        if "weight" in m.model_params:
             for path, model, params in self.sources():
-                if model == self.base_model and m.family != "linear":
+                if model == self.base_model and m.needs_base:
                     continue
                 if "weight" not in (params or {}) and "weight" not in (self.parameters or {}):
                     raise RecipeError(f"{source}: {path}.parameters.weight: missing ({model})")
@@ -199,10 +201,7 @@ class Recipe(BaseModel):
                      slice_index: int = 0) -> dict[str, Any]:
         """Per-model parameters for one tensor, with mergekit's precedence and defaults."""
         out = self._resolve(self.method.model_params, model, tensor_name, t, slice_index)
-        for key in self.method.model_params:
-            if key not in out and key in MODEL_PARAM_DEFAULTS:
-                out[key] = MODEL_PARAM_DEFAULTS[key]
-        return out
+        return out | {k: v for k, v in self.method.defaults().items() if k not in out}
 
     def global_params(self, tensor_name: str, t: float, slice_index: int = 0) -> dict[str, Any]:
         return self._resolve(self.method.global_params, None, tensor_name, t, slice_index)

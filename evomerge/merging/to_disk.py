@@ -13,8 +13,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from evomerge.errors import ModelError, RecipeError
-from evomerge.merging.kernel import ExpertTensor, merge_linear, merge_slerp, merge_task_arithmetic, prepare_expert
-from evomerge.merging.methods import DELLA
+from evomerge.merging.kernel.mix import ExpertTensor, prepare_expert
 from evomerge.merging.model_io import (ModelFiles, ShardedWriter, TensorSpec, atomic_directory, copy_generation_config,
                        copy_tokenizer, dtype_from_name)
 from evomerge.merging.layout import Layout, TensorSource, align_vocab, build_layout
@@ -38,17 +37,16 @@ def resolve_params(recipe: Recipe, layout: Layout) -> list[TensorParams]:
         per_model = []
         for m in layout.experts:
             p = recipe.model_params(m, ts.name, ts.t, ts.slice_index)
-            if method.family != "slerp" and "weight" not in p:
+            if "weight" in method.model_params and "weight" not in p:
                 raise RecipeError(f"parameter weight of model {m}: no value applies to tensor {ts.name}")
-            if method.sparsifier == DELLA and 0 < p["density"] < 1:
-                d, e = p["density"], p["epsilon"]
-                if not (0 < d - e and d + e < 1):
-                    raise RecipeError(f"della: density {d} +/- epsilon {e} must lie in (0, 1) "
-                                      f"(model {m}, tensor {ts.name})")
+            problem = method.sparsifier.check(p, f"model {m}, tensor {ts.name}") if method.sparsifier else None
+            if problem:
+                raise RecipeError(problem)
             per_model.append(p)
         g = recipe.global_params(ts.name, ts.t, ts.slice_index)
-        if method.family == "slerp" and "t" not in g:
-            raise RecipeError(f"parameter t: no value applies to tensor {ts.name}")
+        for param in method.globals_:
+            if param.required and param.name not in g:
+                raise RecipeError(f"parameter {param.name}: no value applies to tensor {ts.name}")
         out.append(TensorParams(per_model, g))
     return out
 
@@ -88,7 +86,7 @@ def expert_states(recipe: Recipe, layout: Layout, ts: TensorSource, tensors: lis
     base = by_model[layout.base] if layout.base else None
     states = []
     for i, m in enumerate(layout.experts):
-        if method.family == "task_arithmetic":
+        if method.task_vectors:
             delta = by_model[m] - base
             states.append(prepare_expert(delta, method, seed=recipe.random_seed, tensor_name=ts.name,
                                          expert_index=i, reuse=reuse,
@@ -117,14 +115,7 @@ def merge_one(recipe: Recipe, base: Optional[torch.Tensor], states: Sequence[Exp
               params: TensorParams, out: torch.Tensor) -> torch.Tensor:
     """Merge one tensor into ``out`` (its dtype is the output dtype)."""
     method = recipe.method
-    if method.family == "task_arithmetic":
-        return merge_task_arithmetic(method, base, states, params.model_params, params.global_params, out=out)
-    if method.family == "linear":
-        merged = merge_linear([s.delta for s in states], [p["weight"] for p in params.model_params],
-                              bool(params.global_params.get("normalize", method.normalize)))
-    else:
-        merged = merge_slerp(base, states[0].delta, float(params.global_params["t"]))
-    return out.copy_(merged)
+    return method.merge(method, base, states, params.model_params, params.global_params, out)
 
 
 def output_config(recipe: Recipe, layout: Layout, files: dict[str, ModelFiles], out_dtype: torch.dtype) -> dict:

@@ -42,6 +42,7 @@ from optuna.trial import TrialState
 
 from evomerge.config import DriverSpec
 from evomerge.errors import EvomergeError
+from evomerge.search.samplers import make_sampler
 from evomerge.rundb.store import UNIT, Owner, RunDB
 
 log = logging.getLogger(__name__)
@@ -207,24 +208,6 @@ class CmaDriver(Driver):
 
 # ---------------------------------------------------------------------------------------------
 # Optuna samplers
-
-
-def make_sampler(spec: DriverSpec, seed: int, x0: dict[str, float]):
-    s = spec.sampler
-    startup = spec.n_startup_trials
-    if s == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
-                                          **({"n_startup_trials": startup} if startup is not None else {}))
-    if s == "cmaes":
-        return optuna.samplers.CmaEsSampler(x0=x0, sigma0=spec.sigma0, seed=seed, popsize=spec.popsize,
-                                            n_startup_trials=startup or 0, warn_independent_sampling=False)
-    if s == "gp":
-        return optuna.samplers.GPSampler(seed=seed, **({"n_startup_trials": startup} if startup is not None else {}))
-    if s == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if s == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, **({"population_size": spec.popsize} if spec.popsize else {}))
-    raise EvomergeError(f"driver.sampler: unknown sampler {s!r}")
 
 
 class OptunaDriver(Driver):

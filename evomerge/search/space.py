@@ -28,18 +28,12 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from evomerge.errors import EvomergeError
 from evomerge.inputs import load_yaml, validate
-from evomerge.merging.methods import MethodSpec, get_method
+from evomerge.merging.methods import MergeMethod, get_method
 from evomerge.resources import presets_dir, shipped
 from evomerge.merging.recipe import KIND_FILTERS, Condition, Recipe, build
 
 SPACES_DIR = presets_dir()
 
-#: Bounds of a searched parameter when the spec does not give them.
-DEFAULT_BOUNDS = {"weight": (0.0, 1.0), "density": (0.1, 1.0), "t": (0.0, 1.0), "gamma": (0.0, 0.1),
-                  "epsilon": (0.0, 0.2), "lambda": (0.5, 1.5)}
-#: Parameters searched by default when a method has them.
-SEARCHED_BY_DEFAULT = ("weight", "density", "t")
-GLOBAL_SEARCHABLE = ("t", "lambda")
 MODULE_KINDS = ("attention", "mlp")  # per-slot kinds when modules is on
 SCALAR_KINDS = ("embed", "norm", "lm_head")  # one value each when modules is on
 
@@ -150,7 +144,7 @@ class SearchSpace:
                  num_layers: int, has_lm_head: bool = True, fixed_parameters: Optional[dict] = None,
                  dtype: Optional[str] = None, random_seed: int = 0):
         self.spec = spec
-        self.method: MethodSpec = get_method(method)
+        self.method: MergeMethod = get_method(method)
         self.base = base
         self.experts = list(experts)
         self.labels = expert_labels(self.experts)
@@ -158,8 +152,9 @@ class SearchSpace:
         self.has_lm_head = has_lm_head
         self.dtype = dtype
         self.random_seed = random_seed
-        if self.method.family == "slerp" and len(self.experts) != 1:
-            raise SpaceError(f"slerp merges the base with exactly one expert (got {len(self.experts)})")
+        if self.method.experts is not None and len(self.experts) != self.method.experts:
+            raise SpaceError(f"{self.method.name} merges the base with exactly {self.method.experts} expert(s) "
+                             f"(got {len(self.experts)})")
         self.fixed: dict[str, float] = {}
         self.bounds: dict[str, tuple[float, float]] = {}
         self._resolve_parameters(fixed_parameters or {})
@@ -182,11 +177,11 @@ class SearchSpace:
                 high = r.high if r.high is not None else high
                 if not low < high:
                     raise SpaceError(f"space parameters.{key}: low ({low}) must be below high ({high})")
-                if key in ("density", "t", "gamma", "epsilon") and not (0 <= low and high <= 1):
+                if self.method.params[key].unit and not (0 <= low and high <= 1):
                     raise SpaceError(f"space parameters.{key}: bounds must lie in [0, 1]")
                 self.bounds[key] = (low, high)
-        for key in SEARCHED_BY_DEFAULT:
-            if key in allowed and key not in self.fixed and key not in self.bounds:
+        for key in (p.name for p in self.method.params.values() if p.searched):
+            if key not in self.fixed and key not in self.bounds:
                 self.bounds[key] = self._default_bounds(key)
         for key, value in fixed.items():
             if key in self.bounds:
@@ -194,18 +189,13 @@ class SearchSpace:
             self.fixed.setdefault(key, value)
 
     def _default_bounds(self, key: str) -> tuple[float, float]:
-        low, high = DEFAULT_BOUNDS[key]
+        low, high = self.method.params[key].bounds
         if key == "weight" and self.spec.allow_negative_weights:
             low = -high
         return low, high
 
     def _searchable(self) -> set[str]:
-        m = self.method
-        out = {p for p in m.model_params if p in DEFAULT_BOUNDS}
-        if m.sparsifier is None:
-            out.discard("density")
-        out |= {p for p in m.global_params if p in GLOBAL_SEARCHABLE}
-        return out
+        return {p.name for p in self.method.params.values() if p.bounds is not None}
 
     def _slots(self) -> list[tuple[str, tuple[int, int]]]:
         n, s = self.num_layers, self.spec
@@ -223,7 +213,7 @@ class SearchSpace:
         out: list[Coordinate] = []
         global_slots = self.spec.granularity == "global"
         for param, (low, high) in self.bounds.items():
-            owners = [None] if param in GLOBAL_SEARCHABLE else list(zip(self.experts, self.labels))
+            owners = [None] if param in self.method.global_params else list(zip(self.experts, self.labels))
             for owner in owners:
                 expert, label = owner if owner else (None, None)
                 prefix = f"{label}.{param}" if label else param
@@ -317,13 +307,13 @@ class SearchSpace:
         for expert, label in zip(self.experts, self.labels):
             params: dict[str, Any] = {}
             for param in self.bounds:
-                if param not in GLOBAL_SEARCHABLE:
+                if param not in self.method.global_params:
                     params[param] = self._param_value(vals, f"{label}.{param}")
             for param, value in self.fixed.items():
                 if param in self.method.model_params:
                     params[param] = value
             per_model[expert] = params
-        glob: dict[str, Any] = {p: self._param_value(vals, p) for p in self.bounds if p in GLOBAL_SEARCHABLE}
+        glob: dict[str, Any] = {p: self._param_value(vals, p) for p in self.bounds if p in self.method.global_params}
         glob |= {p: v for p, v in self.fixed.items() if p in self.method.global_params and p not in glob}
         return self._build(per_model, glob)
 
@@ -335,7 +325,7 @@ class SearchSpace:
         return self._build(per_model, glob)
 
     def _build(self, per_model: dict[str, dict], glob: dict[str, Any]) -> Recipe:
-        if self.method.family == "slerp":  # slerp lists the base beside the other model, with no parameters
+        if not self.method.model:  # no per-model parameters (slerp): the base is listed beside the others
             per_model = {self.base: {}, **{e: {} for e in self.experts}}
         return build(self.method.name, self.base, per_model, parameters=glob or None, dtype=self.dtype,
                      random_seed=self.random_seed)
@@ -394,17 +384,9 @@ def expert_labels(paths: Sequence[str]) -> list[str]:
 
 
 def method_defaults(method: str, n_experts: int) -> dict[str, float]:
-    """The recipe a user tries first (the reference row 'default'): equal weights 1/n, density 0.5
-    (TIES keeps 0.5 when it trims by magnitude; DARE and DELLA draw with 0.5), SLERP t = 0.5."""
-    m = get_method(method)
-    out: dict[str, float] = {}
-    if "weight" in m.model_params:
-        out["weight"] = 1.0 / n_experts
-    if m.sparsifier is not None:
-        out["density"] = 0.5
-    if m.family == "slerp":
-        out["t"] = 0.5
-    return out
+    """The recipe a user tries first (the reference row 'default'): equal weights 1/n and each
+    parameter's reference value (density 0.5 where a sparsifier uses it, SLERP t = 0.5)."""
+    return get_method(method).reference_values(n_experts)
 
 
 __all__ = ["Coordinate", "SearchSpace", "SpaceError", "SpaceSpec", "load_spec",

@@ -1,0 +1,56 @@
+"""Model breadcrumbs: drop each task vector's largest ``gamma`` share of magnitudes (outliers) and
+its smallest, so that ``density`` remains; with or without TIES's sign election."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from evomerge.merging.kernel.mix import ExpertTensor, KeepRules, merge_task_arithmetic
+from evomerge.merging.kernel.sparsify import first_k_rule
+from evomerge.merging.methods.base import GTA_GLOBALS, WEIGHT, MergeMethod, Param, density
+from evomerge.merging.methods.ties import MagnitudeSparsifier
+
+
+class Outliers(MagnitudeSparsifier):
+    name = "magnitude_outliers"
+
+    def rules(self, experts: Sequence[ExpertTensor], params: Sequence[dict]) -> KeepRules:
+        v_hi, j_hi, v_lo, j_lo = [], [], [], []
+        for s, p in zip(experts, params):
+            d, n = p["density"], s.delta.numel()
+            if d >= 1:
+                bot, top = 0, n
+            else:
+                target = int(d * n)
+                bot = max(0, n - target - int(p["gamma"] * n))
+                top = bot + target
+            v, j = first_k_rule(s.delta, s.order, top, descending=False)
+            v_hi.append(v)
+            j_hi.append(j)
+            v, j = first_k_rule(s.delta, s.order, bot, descending=False)
+            v_lo.append(v)
+            j_lo.append(j)
+        dtype, dev = experts[0].delta.dtype, experts[0].delta.device
+        return KeepRules(v=torch.stack(v_hi).to(dtype), j=torch.tensor(j_hi, device=dev),
+                         v2=torch.stack(v_lo).to(dtype), j2=torch.tensor(j_lo, device=dev))
+
+    @staticmethod
+    def keep(i, d, r, offset, rank_norm, draws):
+        """Among the first ``top`` magnitudes in ascending order but not the first ``bot``."""
+        a = d.abs()
+        below_hi = (a < r.v[i]) | ((a == r.v[i]) & r.j[i])
+        below_lo = (a < r.v2[i]) | ((a == r.v2[i]) & r.j2[i])
+        return below_hi & ~below_lo
+
+
+GAMMA = Param("gamma", default=0.01, bounds=(0.0, 0.1), unit=True)
+_MODEL = (WEIGHT, density(searched=True), GAMMA)
+
+METHODS = (
+    MergeMethod("breadcrumbs", merge_task_arithmetic, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Outliers(),
+                summary="drop the largest gamma and the smallest magnitudes"),
+    MergeMethod("breadcrumbs_ties", merge_task_arithmetic, model=_MODEL, globals_=GTA_GLOBALS,
+                sparsifier=Outliers(), consensus=True, summary="breadcrumbs with sign election"),
+)
