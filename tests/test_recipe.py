@@ -124,3 +124,13 @@ def test_model_parameter_precedence_and_defaults():
 def test_per_kind_rejects_unknown_kind():
     with pytest.raises(RecipeError, match="unknown tensor kinds"):
         per_kind({"attn": 1.0})
+
+
+def test_readme_methods_table_is_the_registry():
+    """The README's table of methods is generated from the registry and kept in sync."""
+    from pathlib import Path
+
+    from evomerge.merging.methods import methods_table
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert methods_table() in readme

@@ -54,6 +54,10 @@ WORKERS_KEY = "evomerge:workers"
 OWNER_KEY = "worker"  # trial user attr: who evaluates it
 
 
+
+def _state_blob(state: Any) -> str:
+    return base64.b64encode(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)).decode()
+
 class RunDBError(EvomergeError):
     """The run database is missing, or does not hold the run asked for."""
 
@@ -315,8 +319,7 @@ class RunDB:
 
     def save_state(self, state: Any) -> None:
         """Pickled driver state (trusted: written by this run, read back by it)."""
-        blob = base64.b64encode(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)).decode()
-        self.storage.set_study_system_attr(self._study_id, STATE_KEY, blob)
+        self.storage.set_study_system_attr(self._study_id, STATE_KEY, _state_blob(state))
 
     def load_state(self) -> Any:
         """The saved driver state; the same object as last time while nobody saved another."""
@@ -410,9 +413,11 @@ class RunDB:
         if self.storage.heartbeat_interval:
             self.storage.record_heartbeat(trial_id)
 
-    def finish(self, trial_id: int, values: Optional[Sequence[float]], record: dict[str, Any]) -> bool:
+    def finish(self, trial_id: int, values: Optional[Sequence[float]], record: dict[str, Any],
+               driver_state: Any = None) -> bool:
         """Finish a claimed candidate in one transaction: COMPLETE with finite ``values``, else FAIL,
-        with its ``result`` record. Returns False (and writes nothing) when the candidate is no
+        with its ``result`` record and, when given, the driver state after it (so a kill cannot
+        land between the two). Returns False (and writes nothing) when the candidate is no
         longer RUNNING: another process failed it as stale and it is being redone elsewhere."""
         if values is not None and not all(math.isfinite(v) for v in values):
             record = record | {"error": record.get("error") or f"non-finite objective values {list(values)}"}
@@ -428,6 +433,8 @@ class RunDB:
                 self.storage.set_trial_state_values(trial_id, state, None if values is None else list(values))
             except optuna.exceptions.UpdateFinishedTrialError:
                 return False
+            if driver_state is not None:
+                self.save_state(driver_state)
             return True
         with self.storage.engine.begin() as conn:
             done = conn.execute(t["trials"].update()
@@ -443,6 +450,11 @@ class RunDB:
             conn.execute(t["trial_user_attributes"].delete().where(
                 t["trial_user_attributes"].c.trial_id == trial_id, t["trial_user_attributes"].c.key == "result"))
             self._insert_attrs(conn, t, trial_id, {"result": record})
+            if driver_state is not None:
+                a = t["study_system_attributes"]
+                conn.execute(a.delete().where(a.c.study_id == self._study_id, a.c.key == STATE_KEY))
+                conn.execute(a.insert(), [{"study_id": self._study_id, "key": STATE_KEY,
+                                           "value_json": json.dumps(_state_blob(driver_state))}])
         return True
 
     @staticmethod

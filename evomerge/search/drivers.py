@@ -238,9 +238,13 @@ class OptunaDriver(Driver):
             return False
         state = TrialState.FAIL if values is None else TrialState.COMPLETE
         self.sampler.after_trial(self.study, frozen, state, None if values is None else list(values))
-        ok = self.db.finish(proposal.trial_id, values, record)
-        if self.solo:
-            self._save(self.sampler)
+        if not self.solo:
+            return self.db.finish(proposal.trial_id, values, record)
+        saved = {"driver": self.kind, "blob": pickle.dumps(self.sampler, protocol=pickle.HIGHEST_PROTOCOL)}
+        ok = self.db.finish(proposal.trial_id, values, record, driver_state=saved)  # one transaction
+        if not ok:
+            self.db.save_state(saved)
+        self._saved_blob = saved["blob"]
         return ok
 
 
