@@ -156,7 +156,6 @@ def test_compiled_kernel_equals_eager(method, families, monkeypatch):
     """The fused, compiled kernel gives eager PyTorch's bits (and so mergekit's), and its first
     call per variant was checked against eager."""
     from evomerge.merging.kernel import compile as kernel
-    from evomerge.merging.kernel import mix
 
     monkeypatch.setattr(kernel, "_verified", {})
     fam = families("bf16_small")
@@ -200,7 +199,6 @@ def test_a_large_call_is_checked_on_its_first_elements(monkeypatch, caplog):
     """A large call's variant is checked against eager on a prefix only, and a sloppy compiler
     is still caught there; the full call then gives eager's result."""
     from evomerge.merging.kernel import compile as kernel
-    from evomerge.merging.kernel import mix
 
     seen = []
 

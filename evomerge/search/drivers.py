@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
-import optuna
 from optuna.trial import TrialState
 
 from evomerge.config import DriverSpec
