@@ -38,7 +38,8 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.fitness import Suite, get_backend
+    from evomerge.fitness.base import get_backend
+    from evomerge.fitness.suite import Suite
     from evomerge.fitness.lmeval import _task_name, task_config
     from evomerge.zoo import load_or_build_zoo
 

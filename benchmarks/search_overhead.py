@@ -34,11 +34,11 @@ def main() -> int:
     ap.add_argument("--suite", default="zoo-demo")
     args = ap.parse_args()
 
-    from evomerge import evaluator as evaluator_mod
-    from evomerge import search as search_mod
     from evomerge.demo import demo_config
-    from evomerge.search.drivers import CmaDriver
-    from evomerge.rundb.store import RunDB
+    from evomerge.rundb.leases import Leases
+    from evomerge.search import evaluator as evaluator_mod
+    from evomerge.search import loop as search_mod
+    from evomerge.search.claims import DriverClaims
     from evomerge.zoo import load_or_build_zoo
 
     zoo, _ = load_or_build_zoo(args.zoo, "small", seed=0)
@@ -60,18 +60,18 @@ def main() -> int:
 
     # time every phase where the loop calls it
     asked: list[float] = []
-    ask = CmaDriver.ask
+    ask = DriverClaims.ask
 
     def ask_stamped(self):
         asked.append(time.perf_counter())
         return ask(self)
 
-    CmaDriver.ask = timed("driver ask + database claim", ask_stamped)
-    RunDB.claim = timed("database claim (in ask)", RunDB.claim)
-    RunDB.finish = timed("database write (in tell)", RunDB.finish)
-    RunDB.reclaim = timed("lost-candidate check", RunDB.reclaim)
-    RunDB.counts = timed("budget check", RunDB.counts)
-    CmaDriver.tell = timed("driver tell + database write", CmaDriver.tell)
+    DriverClaims.ask = timed("driver ask + database claim", ask_stamped)
+    Leases.claim = timed("database claim (in ask)", Leases.claim)
+    Leases.finish = timed("database write (in tell)", Leases.finish)
+    Leases.reclaim = timed("lost-candidate check", Leases.reclaim)
+    Leases.counts = timed("budget check", Leases.counts)
+    DriverClaims.tell = timed("driver tell + database write", DriverClaims.tell)
     search_mod.SearchSpace.decode = timed("decode recipe", search_mod.SearchSpace.decode)
     evaluator_mod.Evaluator.score_recipe = timed("candidate (merge + fitness)", evaluator_mod.Evaluator.score_recipe)
     evaluator_mod.Evaluator.score_model = timed("fitness evaluation", evaluator_mod.Evaluator.score_model)

@@ -73,8 +73,8 @@ def run_setting(n: int, zoo: dict, work: Path, candidates: int, device: str, ser
         raise SystemExit(f"{n} workers: exit codes {codes}; logs in {work}")
     done = sorted(t.datetime_complete for t in run.db.trials() if t.datetime_complete and t.state.name == "COMPLETE")
     span = (done[-1] - done[0]).total_seconds()
-    workers = run.db.workers()
-    counted, _ = run.db.counts()
+    workers = run.db.registry.all()
+    counted, _ = run.db.leases.counts()
     run.db.close()
     return {"workers": n, "threads": threads, "candidates": counted, "wall_s": wall,
             "rate": (len(done) - 1) / span * 60, "own": [w["own"] for w in workers],

@@ -58,7 +58,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from evomerge.fitness import Suite, get_backend
+    from evomerge.fitness.base import get_backend
+    from evomerge.fitness.suite import Suite
 
     suite = Suite.load(args.suite)
     backend = get_backend(args.backend, model_dir=args.model_dir, batch_size=args.batch_size)
@@ -151,8 +152,9 @@ def _finish(run, summary: dict) -> int:
 
 def _cmd_space(args: argparse.Namespace) -> int:
     from evomerge.config import RunConfig
+    from evomerge.search.space import space_for
 
-    print(RunConfig.load(args.config).build_space().describe())
+    print(space_for(RunConfig.load(args.config)).describe())
     return 0
 
 

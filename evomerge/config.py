@@ -179,18 +179,6 @@ class RunConfig(_Strict):
 
     # -- pieces the run builds from it ---------------------------------------------------------
 
-    def suite(self):
-        from evomerge.fitness import Suite
-
-        if isinstance(self.fitness.suite, str):
-            return Suite.load(self.fitness.suite)
-        return Suite.from_dict(self.fitness.suite, source=None)
-
-    def space_spec(self):
-        from evomerge.search.space import load_spec
-
-        return load_spec(self.space, where="space")
-
     def check_objectives(self, n_objectives: int, where: str = "config") -> None:
         """Refuse a driver that cannot search several objectives."""
         if n_objectives > 1 and (self.driver.name == "cma" or self.driver.sampler == "cmaes"):
@@ -202,17 +190,6 @@ class RunConfig(_Strict):
         """The model whose tokenizer, config and architecture the live model takes: the base, or
         the first expert for a merge without one."""
         return self.models.base or self.models.experts[0]
-
-    def build_space(self):
-        from evomerge.merging.architecture import num_layers
-        from evomerge.merging.model_io import read_config, resolve_model_path
-        from evomerge.search.space import SearchSpace
-
-        hf = read_config(resolve_model_path(self.reference_model), self.reference_model)
-        return SearchSpace(self.space_spec(), method=self.merge_method, base=self.models.base,
-                           experts=self.models.experts, num_layers=num_layers(hf),
-                           has_lm_head=not hf.get("tie_word_embeddings", False),
-                           fixed_parameters=self.fixed_parameters, dtype=self.dtype, random_seed=self.seed)
 
 
 def check_device(v: str) -> str:

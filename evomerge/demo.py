@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("evomerge.merging.engine", "evomerge.merging.kernel", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from evomerge.fitness import Suite
+    from evomerge.fitness.suite import Suite
     from evomerge.search.evaluator import Evaluator
     from evomerge.run.report import comparison_table, export, status_text, write_plots
     from evomerge.search.loop import create_run, reference_recipes, run_search

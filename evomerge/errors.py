@@ -11,3 +11,7 @@ class RecipeError(EvomergeError):
 
 class ModelError(EvomergeError):
     """A model directory is missing, unreadable or incompatible with the others."""
+
+
+class SuiteError(EvomergeError):
+    """A suite or its data is malformed; the message names the suite, file and line."""

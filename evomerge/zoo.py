@@ -302,7 +302,7 @@ def measure(manifest: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.merging.engine import MergeEngine
-    from evomerge.fitness import Suite
+    from evomerge.fitness.suite import Suite
     from evomerge.fitness.native import NativeBackend
     from evomerge.merging.recipe import Recipe
 

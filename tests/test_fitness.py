@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
-from evomerge.fitness import Suite, SuiteError, get_backend
+from evomerge.errors import SuiteError
+from evomerge.fitness.base import get_backend
+from evomerge.fitness.suite import Suite
 from evomerge.fitness.native import NativeBackend
 
 ZOO_TASKS = ("rev", "enc", "fact")

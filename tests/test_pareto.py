@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from evomerge.config import ConfigError
-from evomerge.fitness import Suite
+from evomerge.fitness.suite import Suite
 from evomerge.fitness.suite import SuiteError
 from evomerge.run.report import export_pareto, status_text, write_plots
 from evomerge.rundb.store import Row, pareto_front

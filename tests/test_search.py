@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ def test_search_records_everything(tmp_path, zoo):
     assert r.recipe["merge_method"] == "ties" and r.result["host"]
     assert set(r.result["tasks"]) == {"rev", "enc", "fact"}
     assert r.result["merge_s"] > 0 and r.result["eval_s"] > 0
-    items = run.db.meta()["items"]
+    items = run.db.metadata.get()["items"]
     assert {k: len(v) for k, v in items.items()} == {"rev": 40, "enc": 40, "fact": 20}
     assert all(len(r.result["items"][k]) == len(items[k]) for k in items)
     refs = {x.name: x for x in run.db.references()}
@@ -81,7 +82,7 @@ def _kill_midway(cmd: list[str], db_path: Path, name: str, after: int, sig=signa
     while time.monotonic() < deadline and proc.poll() is None:
         if db_path.exists():
             try:
-                if RunDB(sqlite_url(db_path), name, create=False).evaluated_count() >= after:
+                if RunDB(sqlite_url(db_path), name, create=False).leases.counts()[0] >= after:
                     break
             except EvomergeError:
                 pass  # the run is still being created
@@ -125,7 +126,7 @@ def test_sigint_stops_cleanly_and_resumes(tmp_path, zoo):
     assert out.returncode == 130, out.stdout
     assert f"continue with: evomerge resume {tmp_path / 'run'}" in out.stdout
     run = open_run(tmp_path / "run")
-    done = run.db.evaluated_count()
+    done = run.db.leases.counts()[0]
     assert all(r.state != "running" for r in run.db.rows())
     summary = run_search(run, resume=True, max_candidates=done + 4, live=False)
     assert summary["evaluated"] == done + 4
@@ -154,7 +155,7 @@ def test_failed_candidates_are_recorded_and_the_search_goes_on(tmp_path, zoo):
     rows = run.db.rows()
     failed = [r for r in rows if r.state == "failed"]
     assert failed and all("non-finite" in r.error for r in failed)
-    assert len(rows) == 8 and run.db.evaluated_count() == 8
+    assert len(rows) == 8 and run.db.leases.counts()[0] == 8
 
 
 def test_wall_time_budget(tmp_path, zoo):
@@ -251,32 +252,50 @@ def test_progress_bar_keeps_candidate_lines_in_the_log_file(tmp_path):
     assert "candidate #0 (1/2): 0.5000" in logged and "failed (NaN logits)" in logged
 
 
-def _cma(db: RunDB, slot: int = 0, popsize: int = 4, restarts: int = 0):
-    from evomerge.config import DriverSpec
-    from evomerge.search.drivers import CmaDriver
-    from evomerge.rundb.store import Owner
+class _CmaView:
+    """A CMA driver bound to a run database as the search loop binds it, with its state at hand."""
 
-    return CmaDriver(db, ["a", "b"], DriverSpec(name="cma", popsize=popsize, restarts=restarts), 0, [0.5, 0.5],
-                     Owner.this_process(slot), solo=False)
+    def __init__(self, db: RunDB, slot: int, popsize: int, restarts: int, opts: dict):
+        from evomerge.config import DriverSpec
+        from evomerge.rundb.leases import Owner
+        from evomerge.search.claims import DriverClaims
+        from evomerge.search.drivers import CmaDriver
+
+        self.driver = CmaDriver(["a", "b"], DriverSpec(name="cma", popsize=popsize, restarts=restarts), 0,
+                                [0.5, 0.5], slot=slot, solo=False, opts=opts)
+        self.claims = DriverClaims(db, self.driver, Owner.this_process(slot))
+        self.db = db
+
+    def ask(self):
+        return self.claims.ask()
+
+    def tell(self, proposal, values, record):
+        return self.claims.tell(proposal, values, record)
+
+    def state(self):
+        """The saved state, and the strategy it rebuilds."""
+        self.claims._take(self.db.metadata.driver_state())
+        return self.driver.state, self.driver.es
+
+
+def _cma(db: RunDB, slot: int = 0, popsize: int = 4, restarts: int = 0, opts: Optional[dict] = None) -> _CmaView:
+    return _CmaView(db, slot, popsize, restarts, opts or {})
 
 
 @pytest.mark.parametrize("restarts", [0, 1])
 def test_cma_stop_restarts_or_samples_on(tmp_path, restarts):
     db = RunDB(sqlite_url(tmp_path / "run.db"), "x", create=True)
-    driver = _cma(db, restarts=restarts)
-    st = driver._state()
-    st.es.opts["maxiter"] = 1  # pycma stops after one generation
-    driver._save(st)
+    driver = _cma(db, restarts=restarts, opts={"maxiter": 1})  # pycma stops after one generation
     for i in range(4):
         p = driver.ask()
         driver.tell(p, [float(i)], {})
-    st = driver._state()
-    assert st.es.stop()["maxiter"] if restarts == 0 else not st.es.stop()
+    st, es = driver.state()
+    assert es.stop()["maxiter"] if restarts == 0 else not es.stop()
     nxt = driver.ask()
     if restarts == 0:  # no restart left: the budget decides; the stopped ES keeps proposing
-        assert nxt.attrs == {"generation": 1, "index": 0, "restart": 0} and driver._state().es.popsize == 4
+        assert nxt.tag == {"generation": 1, "index": 0, "restart": 0} and driver.state()[1].popsize == 4
     else:  # IPOP: a new ES with twice the population, numbered as restart 1
-        assert nxt.attrs == {"generation": 1, "index": 0, "restart": 1} and driver._state().es.popsize == 8
+        assert nxt.tag == {"generation": 1, "index": 0, "restart": 1} and driver.state()[1].popsize == 8
 
 
 def test_cma_workers_interleave_without_a_barrier(tmp_path):
@@ -287,26 +306,26 @@ def test_cma_workers_interleave_without_a_barrier(tmp_path):
 
     db = RunDB(sqlite_url(tmp_path / "run.db"), "x", create=True)
     a, b = _cma(db, 0), _cma(db, 1)
-    initial = a._state().es
+    initial = copy.deepcopy(a.state()[1])
     saved = copy.deepcopy(initial)
     expected = [list(map(float, x)) for x in saved.ask()] + [list(map(float, x)) for x in saved.ask()]
     p = [a.ask(), b.ask(), a.ask(), b.ask(), a.ask()]
-    assert [q.attrs["index"] for q in p] == [0, 1, 2, 3, 4]
+    assert [q.tag["index"] for q in p] == [0, 1, 2, 3, 4]
     assert [q.vector for q in p] == expected[:5]  # the same draws in every process
     for q, v in zip([p[4], p[0], p[1]], [4.0, 0.0, 1.0]):
         assert a.tell(q, [v], {}) if q is not p[1] else b.tell(q, [v], {})
-    assert a._state().generation == 0  # three finished, one short of popsize
+    assert a.state()[0]["generation"] == 0  # three finished, one short of popsize
     assert b.tell(p[2], [2.0], {})  # the fourth to finish: told by b
-    assert a._state().generation == 1
+    assert a.state()[0]["generation"] == 1
     nxt = b.ask()
-    assert nxt.attrs == {"generation": 1, "index": 0, "restart": 0}
+    assert nxt.tag == {"generation": 1, "index": 0, "restart": 0}
     assert b.tell(p[3], [3.0], {})  # late: recorded, generation unchanged
-    assert b._state().generation == 1
+    assert b.state()[0]["generation"] == 1
     # the told distribution is exactly pycma's tell of candidates 0, 1, 2 and 4
     batches = [initial.ask(), initial.ask()]
     initial.tell([batches[0][0], batches[0][1], batches[0][2], batches[1][0]], [-0.0, -1.0, -2.0, -4.0])
-    assert list(initial.mean) == pytest.approx(list(a._state().es.mean))
-    counted, running = db.counts()
+    assert list(initial.mean) == pytest.approx(list(a.state()[1].mean))
+    counted, running = db.leases.counts()
     assert (counted, running) == (5, 1)
 
 
@@ -318,28 +337,29 @@ def test_reclaim_fails_dead_and_silent_candidates(tmp_path):
 
     import sqlalchemy as sa
 
-    from evomerge.rundb.store import UNIT, Owner
+    from evomerge.rundb.leases import Owner
+    from evomerge.rundb.optuna_sql import UNIT
 
     db = RunDB(sqlite_url(tmp_path / "run.db"), "x", create=True, heartbeat_s=1, grace_s=5)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     gone = dataclasses.replace(Owner.this_process(0), pid=int(dead.stdout), started=-1)
     remote = dataclasses.replace(Owner.this_process(1), machine="elsewhere")
     with db.lock():
-        t_dead, _ = db.claim({"a": 0.1}, gone, {"cma": {"generation": 0, "index": 0, "restart": 0}})
-        t_remote, _ = db.claim({"a": 0.2}, remote)
-        t_alive, _ = db.claim({"a": 0.3}, Owner.this_process(2))
-        assert db.reclaim() == [0]  # the dead process's candidate only
-    assert db.counts() == (0, 2)
+        db.leases.claim({"a": 0.1}, gone, {"cma": {"generation": 0, "index": 0, "restart": 0}}).trial_id
+        t_remote = db.leases.claim({"a": 0.2}, remote).trial_id
+        t_alive = db.leases.claim({"a": 0.3}, Owner.this_process(2)).trial_id
+        assert db.leases.reclaim() == [0]  # the dead process's candidate only
+    assert db.leases.counts() == (0, 2)
     with db.storage.engine.begin() as conn:  # the remote worker went silent 10 s ago
         conn.execute(sa.text("UPDATE trial_heartbeats SET heartbeat = datetime('now', '-10 seconds') "
                              "WHERE trial_id = :t"), {"t": t_remote})
     with db.lock():
-        assert db.reclaim() == [1]
+        assert db.leases.reclaim() == [1]
     with db.lock():  # a process killed between Optuna's ask and taking ownership: reclaimed at once
         orphan = db.study().ask({"a": UNIT}).number
-        assert db.reclaim() == [orphan]
-    assert not db.finish(t_remote, [1.0], {"merge_s": 0})  # it came back: too late, nothing recorded
-    assert db.finish(t_alive, [1.0], {"merge_s": 0})
+        assert db.leases.reclaim() == [orphan]
+    assert not db.leases.finish(t_remote, [1.0], {"merge_s": 0})  # it came back: too late, nothing recorded
+    assert db.leases.finish(t_alive, [1.0], {"merge_s": 0})
     states = {r.number: r.state for r in db.rows()}
     assert states == {0: "interrupted", 1: "interrupted", 2: "complete", 3: "interrupted"}
-    assert db.counts() == (1, 0)
+    assert db.leases.counts() == (1, 0)

@@ -9,7 +9,7 @@ import yaml
 
 from evomerge.config import ConfigError, RunConfig
 from evomerge.merging.recipe import Recipe
-from evomerge.search.space import SearchSpace, SpaceError, load_spec, preset_names
+from evomerge.search.space import SearchSpace, SpaceError, load_spec, preset_names, space_for
 
 EXPERTS = ["/m/rev", "/m/enc"]
 
@@ -131,7 +131,7 @@ def test_config_relative_paths(tmp_path, zoo):
     (tmp_path / "zoo").symlink_to(root)
     cfg = RunConfig.load(write_config(tmp_path, zoo, models=rel))
     assert Path(cfg.models.base).is_absolute() and Path(cfg.models.base).exists()
-    assert cfg.build_space().num_layers == 2
+    assert space_for(cfg).num_layers == 2
 
 
 @pytest.mark.parametrize("over, message", [

@@ -43,7 +43,7 @@ def _worker(cfg: Path, url: str, run_dir: Path, host: str) -> subprocess.Popen:
 
 
 def _running_of(db, pid: int) -> list[int]:
-    return [r["number"] for r in db.running() if r["owner"] and r["owner"]["pid"] == pid]
+    return [r["number"] for r in db.leases.running() if r["owner"] and r["owner"]["pid"] == pid]
 
 
 @pytest.mark.parametrize("driver", [{"name": "cma", "popsize": 6},
@@ -65,7 +65,7 @@ def test_three_workers_one_killed(tmp_path, zoo, pg_url, driver):
             except RunDBError:
                 time.sleep(0.05)
                 continue
-        if _running_of(db, victim.pid) and db.counts()[0] >= 3:
+        if _running_of(db, victim.pid) and db.leases.counts()[0] >= 3:
             # freeze it first, so what it holds cannot change between the look and the kill (it may
             # finish its candidate meanwhile; a commit already sent lands during the pause)
             victim.send_signal(signal.SIGSTOP)
@@ -87,7 +87,7 @@ def test_three_workers_one_killed(tmp_path, zoo, pg_url, driver):
 
     rows = run.db.rows()
     counted = [r for r in rows if r.counted]
-    assert len(counted) == 36 and run.db.counts() == (36, 0)
+    assert len(counted) == 36 and run.db.leases.counts() == (36, 0)
     by_number = {r.number: r for r in rows}
     assert all(by_number[n].state == "interrupted" for n in killed_numbers)
     assert "lost their worker" in "".join(outs)
@@ -104,7 +104,7 @@ def test_three_workers_one_killed(tmp_path, zoo, pg_url, driver):
         assert {r.result["cma"]["generation"] for r in counted} >= {0, 1, 2}
     hosts = Counter(r.result["host"] for r in counted)
     assert hosts["host0"] > 0 and hosts["host2"] > 0
-    workers = run.db.workers()
+    workers = run.db.registry.all()
     assert len(workers) == 3 and sum(1 for w in workers if "ended" in w) == 2
     run.db.close()
 
@@ -116,11 +116,11 @@ def test_devices_share_the_sqlite_file(tmp_path, zoo):
                          timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     run = open_run(tmp_path / "run")
-    assert run.db.counts() == (10, 0)
+    assert run.db.leases.counts() == (10, 0)
     rows = [r for r in run.db.rows() if r.counted]
     slots = Counter(json.loads(json.dumps(r.result)).get("cma", {}).get("generation") for r in rows)
     assert sum(slots.values()) == 10
-    workers = run.db.workers()
+    workers = run.db.registry.all()
     assert [w["device"] for w in workers] == ["cpu", "cpu"] and all(w["own"] > 0 for w in workers)
     assert (tmp_path / "run" / "worker-0.log").read_text() and (tmp_path / "run" / "worker-1.log").read_text()
     assert "10/10 candidates" in out.stdout

@@ -1,10 +1,3 @@
-"""Fitness: suites of tasks and the backends that score a live model on them (see :mod:`.base`)."""
-
-from __future__ import annotations
-
-from evomerge.fitness.base import BACKENDS, FitnessBackend, get_backend
-from evomerge.fitness.result import FitnessResult, ItemResult, TaskResult
-from evomerge.fitness.suite import Suite, SuiteError
-
-__all__ = ["BACKENDS", "FitnessBackend", "FitnessResult", "ItemResult", "Suite", "SuiteError", "TaskResult",
-           "get_backend"]
+"""Fitness: suites of tasks (:mod:`.suite`), their results (:mod:`.result`) and the backends that
+score a live model on them (:mod:`.base`: the Protocol and the registry; :mod:`.native`,
+:mod:`.lmeval`). Nothing is imported here, so the registry stays cheap to read."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import TYPE_CHECKING, Optional, Protocol
 
-from evomerge.fitness.suite import SuiteError
+from evomerge.errors import SuiteError
 
 if TYPE_CHECKING:
     from evomerge.fitness.result import FitnessResult

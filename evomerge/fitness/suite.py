@@ -45,16 +45,12 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import SuiteError
 from evomerge.resources import shipped, suites_dir
 
 SUITES_DIR = suites_dir()
 SPLITS = ("search", "heldout")
 METRICS = ("acc", "acc_norm", "exact_match", "margin")
-
-
-class SuiteError(EvomergeError):
-    """A suite or its data is malformed; the message names the suite, file and line."""
 
 
 @dataclass(frozen=True)
@@ -211,6 +207,11 @@ class Suite:
         self.name = spec.name or (source.stem if source else "suite")
         root = source.parent if source else Path.cwd()
         self.tasks = [Task(t, self, (root / t.data).resolve() if t.data else None) for t in spec.tasks]
+
+    @classmethod
+    def resolve(cls, ref: "str | dict") -> "Suite":
+        """A config's ``fitness.suite``: a shipped suite's name or a file, or the suite inline."""
+        return cls.load(ref) if isinstance(ref, str) else cls.from_dict(ref, source=None)
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> "Suite":

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Optional
 
 from evomerge.errors import EvomergeError
-from evomerge.rundb.store import Row, best_row, pareto_front, redact
+from evomerge.fitness.suite import Suite
+from evomerge.rundb.secrets import redact
+from evomerge.rundb.store import Row, best_row, pareto_front
 from evomerge.search.loop import Run, parents, reference_recipes, versions
 
 
@@ -23,7 +25,7 @@ def status_text(run: Run, recent: int = 8) -> str:
     failed = [r for r in rows if r.state == "failed"]
     interrupted = [r for r in rows if r.state == "interrupted"]
     budget = run.cfg.budget
-    elapsed = run.db.elapsed()
+    elapsed = run.db.metadata.elapsed()
     lines = [f"run {run.name} ({run.run_dir}): {run.cfg.merge_method}, space {run.space.spec.name or 'inline'} "
              f"(dimension {run.space.dimension}), driver {run.cfg.driver.name}"
              + (f"/{run.cfg.driver.sampler}" if run.cfg.driver.sampler else "")]
@@ -52,7 +54,7 @@ def status_text(run: Run, recent: int = 8) -> str:
         lines.append(f"  best - default: {best.fitness - default.fitness:+.4f}")
     if run.db.n_objectives > 1:
         lines += [""] + pareto_text(run, rows, refs)
-    workers = run.db.workers()
+    workers = run.db.registry.all()
     if len(workers) > 1 or any(w.get("mode") == "worker" for w in workers):
         lines += ["", "processes (workers, or sessions of one search):"]
         for w in workers:
@@ -71,7 +73,7 @@ def status_text(run: Run, recent: int = 8) -> str:
 
 
 def objective_names(run: Run) -> list[str]:
-    return run.db.meta().get("objectives") or run.cfg.suite().objective_names
+    return run.db.metadata.get().get("objectives") or Suite.resolve(run.cfg.fitness.suite).objective_names
 
 
 def pareto_text(run: Run, rows: list[Row], refs: list[Row]) -> list[str]:
@@ -198,7 +200,7 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
     recipe = Recipe.from_dict(row.recipe, source=f"candidate #{row.number}")
     if row.params and run.space.decode([row.params[n] for n in run.space.names]).to_dict() != recipe.to_dict():
         raise EvomergeError(f"candidate #{row.number}: its recorded recipe differs from its decoded vector")
-    suite = run.cfg.suite()
+    suite = Suite.resolve(run.cfg.fitness.suite)
     evaluator = Evaluator(run.cfg, suite)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
@@ -223,7 +225,7 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
                 "subsample_ids": evaluator.items("search"),
                 "heldout_ids": evaluator.items("heldout") if heldout else None,
                 "versions": versions(), "exported": _dt.datetime.now().isoformat(timespec="seconds"),
-                "started": run.db.meta().get("started"),
+                "started": run.db.metadata.get().get("started"),
             },
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
@@ -284,7 +286,7 @@ def export_pareto(run: Run, out_dir: str | Path, overwrite: bool = False, heldou
     front = pareto_front(rows)
     if not front:
         raise EvomergeError(f"run {run.run_dir}: no candidate has completed yet")
-    evaluator = Evaluator(run.cfg, run.cfg.suite()) if heldout else None
+    evaluator = Evaluator(run.cfg, Suite.resolve(run.cfg.fitness.suite)) if heldout else None
     members = []
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         for r in front:

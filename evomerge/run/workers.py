@@ -71,7 +71,7 @@ def run_workers(run: Run, devices: list[str], storage: Optional[str] = None, pol
     last = -1
     try:
         while any(p.poll() is None for p, _ in procs):
-            done, running = run.db.counts()
+            done, running = run.db.leases.counts()
             if done != last:
                 log.info("%d%s candidates, %d running, %d/%d workers alive", done, f"/{budget}" if budget else "",
                          running, sum(p.poll() is None for p, _ in procs), len(procs))
@@ -84,7 +84,7 @@ def run_workers(run: Run, devices: list[str], storage: Optional[str] = None, pol
     failed = [(i, c, f) for i, (c, (_, f)) in enumerate(zip(codes, procs)) if c not in (0, 130)]
     for i, c, f in failed:
         log.error("worker %d (%s) exited with %d; see %s", i, devices[i], c, f)
-    done = run.db.counts()[0]
+    done = run.db.leases.counts()[0]
     stopped_by = "signal" if signals["count"] else ("budget" if not failed else "worker failure")
     return {"evaluated": done, "stopped_by": stopped_by, "worker_exit_codes": codes,
-            "elapsed_s": run.db.elapsed()}
+            "elapsed_s": run.db.metadata.elapsed()}

@@ -17,7 +17,9 @@ import torch
 
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError, ModelError
-from evomerge.fitness import FitnessResult, Suite, get_backend
+from evomerge.fitness.base import get_backend
+from evomerge.fitness.result import FitnessResult
+from evomerge.fitness.suite import Suite
 from evomerge.merging.model_io import dtype_from_name, resolve_model_path
 from evomerge.merging.recipe import Recipe
 

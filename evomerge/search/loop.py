@@ -30,12 +30,15 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from evomerge.config import RunConfig
-from evomerge.search.drivers import make_driver
 from evomerge.errors import EvomergeError
+from evomerge.fitness.suite import Suite
 from evomerge.search.evaluator import Evaluation, Evaluator
 from evomerge.search.progress import Progress
-from evomerge.rundb.store import Owner, RunDB, best_row, redact, sqlite_url
-from evomerge.search.space import SearchSpace, method_defaults
+from evomerge.rundb.leases import Owner
+from evomerge.rundb.secrets import has_secret, redact
+from evomerge.rundb.store import RunDB, best_row, sqlite_url
+from evomerge.search.claims import DriverClaims, make_driver
+from evomerge.search.space import SearchSpace, method_defaults, space_for
 
 log = logging.getLogger("evomerge.search")
 
@@ -73,7 +76,7 @@ def _heartbeat_options(cfg: RunConfig) -> dict:
 
 def _write_run_dir(run_dir: Path, cfg: RunConfig, name: str, url: str) -> None:
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    info = {"name": name, "storage": redact(url), "storage_has_password": redact(url) != url,
+    info = {"name": name, "storage": redact(url), "storage_has_password": has_secret(url),
             "created": _dt.datetime.now().isoformat(timespec="seconds")}
     tmp = run_dir / f"run.json.{threading.get_native_id()}.tmp"
     tmp.write_text(json.dumps(info, indent=2))
@@ -84,8 +87,8 @@ def _new_run_place(config_path: str | Path, run_dir: Optional[str | Path], stora
     """A config checked against its models, with the run's name, directory (created; default
     runs/NAME) and storage URL (default: SQLite in that directory), and its objective count."""
     cfg = RunConfig.load(config_path)
-    space = cfg.build_space()  # validates the space against the models before anything is written
-    n_objectives = len(cfg.suite().objectives)
+    space = space_for(cfg)  # validates the space against the models before anything is written
+    n_objectives = len(Suite.resolve(cfg.fitness.suite).objectives)
     cfg.check_objectives(n_objectives, str(config_path))
     name = cfg.name or Path(config_path).stem
     run_dir = Path(run_dir) if run_dir else Path("runs") / name
@@ -114,11 +117,11 @@ def open_run(run_dir: str | Path, storage: Optional[str] = None) -> Run:
         raise RunError(f"{run_dir}: the run's storage needs a password; pass --storage with the full URL")
     cfg = RunConfig.load(run_dir / "config.yaml")
     db = RunDB(url, info["name"], create=False, **_heartbeat_options(cfg))
-    return _checked_run(run_dir, cfg, cfg.build_space(), db, info["name"], run_dir / "config.yaml")
+    return _checked_run(run_dir, cfg, space_for(cfg), db, info["name"], run_dir / "config.yaml")
 
 
 def _checked_run(run_dir: Path, cfg: RunConfig, space: SearchSpace, db: RunDB, name: str, where: Path) -> Run:
-    if db.meta().get("coordinates") not in (None, space.names):
+    if db.metadata.get().get("coordinates") not in (None, space.names):
         raise RunError(f"{where}: its search space no longer matches the run database's coordinates; use "
                        "the config the run was started with")
     return Run(run_dir, cfg, db, space, name)
@@ -240,7 +243,7 @@ class _Heartbeat:
             trial_id = self.trial_id
             if trial_id is not None:
                 try:
-                    self.db.heartbeat(trial_id)
+                    self.db.leases.heartbeat(trial_id)
                 except Exception as e:  # noqa: BLE001 - a lost beat is retried; the database may come back
                     log.warning("heartbeat for trial %d failed: %s", trial_id, e)
 
@@ -259,23 +262,24 @@ class _Search:
         minutes = max_minutes if max_minutes is not None else cfg.budget.max_minutes
         self.max_seconds = minutes * 60 if minutes is not None else None
         self.live = live
-        self.suite = cfg.suite()
+        self.suite = Suite.resolve(cfg.fitness.suite)
         self.evaluator = Evaluator(cfg, self.suite)
         db = run.db
         if worker and not db.shareable:
             raise RunError(f"storage {redact(db.url)}: several workers need a SQLite file (one host) or PostgreSQL")
         items = self.evaluator.items()
         with db.lock():
-            meta = db.meta()
+            meta = db.metadata.get()
             if "items" in meta and meta["items"] != items:
                 raise RunError(f"suite {self.suite.name}: its search subsample differs from the one the run started "
                                "with (were the data files or the suite changed?); candidates would not be comparable")
             if not meta:
-                db.set_meta({"config": cfg.to_dict(), "coordinates": run.space.names, "items": items,
-                             "objectives": self.suite.objective_names, "versions": versions(),
-                             "suite": self.suite.name, "started": _dt.datetime.now().isoformat(timespec="seconds")})
+                db.metadata.set({"config": cfg.to_dict(), "coordinates": run.space.names, "items": items,
+                                 "objectives": self.suite.objective_names,
+                                 "versions": versions(), "suite": self.suite.name,
+                                 "started": _dt.datetime.now().isoformat(timespec="seconds")})
         self.items = items
-        self.slot = db.register_worker({"host": db.host, "device": cfg.device, "pid": os.getpid(),
+        self.slot = db.registry.register({"host": db.host, "device": cfg.device, "pid": os.getpid(),
                                         "mode": "worker" if worker else ("resume" if resume else "search")})
         self.owner = Owner.this_process(self.slot, cfg.device)
         self.tag = f"w{self.slot} " if worker else ""
@@ -289,9 +293,9 @@ class _Search:
             return True
         db = self.run.db
         with db.lock():
-            by = db.meta().get("references_by")
+            by = db.metadata.get().get("references_by")
             if by is None:
-                db.set_meta({"references_by": self.slot})
+                db.metadata.set({"references_by": self.slot})
                 return True
             return by == self.slot
 
@@ -320,15 +324,14 @@ class _Search:
         self.references()
         if self.evaluator.engine is None:
             self.evaluator.prepare(next(iter(reference_recipes(run).values())))
-        with db.lock():
-            driver = make_driver(db, run.space.names, cfg.driver, cfg.seed, x0_vector(run), self.owner,
-                                 solo=not self.worker)
+        driver = DriverClaims(db, make_driver(db, run.space.names, cfg.driver, cfg.seed, x0_vector(run),
+                                              self.slot, solo=not self.worker), self.owner)
         # a lost candidate is re-queued and redone; one Optuna process instead re-proposes it from
         # its restored sampler (a re-queued trial would skip the draws the sampler made for it)
         retry = self.worker or cfg.driver.name == "cma"
         rows = db.rows()
         done = sum(r.counted for r in rows)
-        elapsed0, session0 = db.elapsed(), time.perf_counter()
+        elapsed0, session0 = db.metadata.elapsed(), time.perf_counter()
         setup_s = session0 - t_setup
 
         def elapsed() -> float:  # search seconds of the run (see RunDB.save_elapsed)
@@ -354,11 +357,11 @@ class _Search:
                         stopped_by = "signal"
                         break
                     with db.lock():
-                        gone = db.reclaim(retry=retry)
+                        gone = db.leases.reclaim(retry=retry)
                         if gone:
                             log.info("%scandidate(s) %s lost their worker; they are redone", self.tag,
                                      ", ".join(f"#{n}" for n in gone))
-                        done, running = db.counts()
+                        done, running = db.leases.counts()
                         full = self.max_candidates is not None and done + running >= self.max_candidates
                         current = None if full else driver.ask()
                     if current is None:
@@ -386,23 +389,23 @@ class _Search:
                     progress.update(number, ev.fitness, ev.error, ev.merge_seconds, ev.eval_seconds,
                                     tag=self.tag)
                     if time.perf_counter() - last_save > 5:
-                        db.save_elapsed(elapsed())
+                        db.metadata.save_elapsed(elapsed())
                         last_save = time.perf_counter()
             except KeyboardInterrupt:
                 stopped_by = "signal (candidate abandoned)"
                 if current is not None:
-                    db.abandon(current.trial_id)
+                    db.leases.abandon(current.trial_id)
             finally:
                 heartbeat.close()
                 progress.close()
                 mine = time.perf_counter() - session0
-                db.save_elapsed(elapsed())
-                done = db.counts()[0]
-        summary = {"evaluated": done, "stopped_by": stopped_by, "elapsed_s": db.elapsed(), "slot": self.slot,
+                db.metadata.save_elapsed(elapsed())
+                done = db.leases.counts()[0]
+        summary = {"evaluated": done, "stopped_by": stopped_by, "elapsed_s": db.metadata.elapsed(), "slot": self.slot,
                    "own": own, "dropped": dropped, "wall_s": round(mine, 3), "busy_s": round(busy, 3),
                    "waited_s": round(waited, 3), "setup_s": round(setup_s, 3),
                    "idle_share": round(1 - busy / mine, 4) if mine > 0 else None}
-        db.update_worker(self.slot, {k: v for k, v in summary.items() if k not in ("evaluated", "slot")}
+        db.registry.update(self.slot, {k: v for k, v in summary.items() if k not in ("evaluated", "slot")}
                          | {"ended": _dt.datetime.now().isoformat(timespec="seconds")})
         if stopped_by.startswith("signal"):
             print(f"stopped after {done} candidate(s); continue with: evomerge resume {run.run_dir}", file=sys.stderr)

@@ -22,7 +22,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -31,6 +31,9 @@ from evomerge.inputs import load_yaml, validate
 from evomerge.merging.methods import MergeMethod, get_method
 from evomerge.resources import presets_dir, shipped
 from evomerge.merging.recipe import KIND_FILTERS, Condition, Recipe, build
+
+if TYPE_CHECKING:
+    from evomerge.config import RunConfig
 
 SPACES_DIR = presets_dir()
 
@@ -351,6 +354,18 @@ class SearchSpace:
 
     def _label(self, expert: str) -> str:
         return self.labels[self.experts.index(expert)]
+
+
+def space_for(cfg: "RunConfig") -> SearchSpace:
+    """The config's search space, checked against its models (their configs are read)."""
+    from evomerge.merging.architecture import num_layers
+    from evomerge.merging.model_io import read_config, resolve_model_path
+
+    hf = read_config(resolve_model_path(cfg.reference_model), cfg.reference_model)
+    return SearchSpace(load_spec(cfg.space, where="space"), method=cfg.merge_method, base=cfg.models.base,
+                       experts=cfg.models.experts, num_layers=num_layers(hf),
+                       has_lm_head=not hf.get("tie_word_embeddings", False),
+                       fixed_parameters=cfg.fixed_parameters, dtype=cfg.dtype, random_seed=cfg.seed)
 
 
 def _at_layer(values: list[float], i: int, n: int) -> float:

@@ -1,0 +1,197 @@
+"""Candidate leases: claim, heartbeat, finish, reclaim.
+
+Each candidate is a RUNNING trial from the moment it is claimed. Its owner records a heartbeat for
+it (Optuna's ``trial_heartbeats``) and finishes it in one transaction that only succeeds while it
+is still RUNNING. A candidate whose heartbeat is older than the grace period, or whose process is
+gone from this machine, is failed without a result ("interrupted"), does not count against the
+budget, and is redone. Claims and reclaims run under the run lock (:mod:`.lock`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import optuna
+from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.trial import TrialState
+
+from evomerge.rundb.optuna_sql import OptunaTables
+
+OWNER_KEY = "worker"  # trial user attr: who evaluates it
+
+
+def _machine_key(host: str) -> str:
+    """The host name, boot id and pid namespace: equal for processes that see each other's pids."""
+    parts = [host]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    except OSError:
+        pass
+    try:
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        pass
+    return "|".join(parts)
+
+
+HOST = os.environ.get("EVOMERGE_HOST") or socket.gethostname()
+MACHINE = _machine_key(HOST)
+
+
+def _process_start(pid: int) -> Optional[int]:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22, counted after the command name
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The process evaluating a candidate. ``machine`` tells processes that can see each other's
+    pids apart from those that cannot (same host name, boot and pid namespace)."""
+    host: str
+    machine: str
+    pid: int
+    started: Optional[int]  # the process's start time in clock ticks since boot (Linux), against pid reuse
+    slot: int = 0
+    device: str = ""
+
+    @classmethod
+    def this_process(cls, slot: int = 0, device: str = "") -> "Owner":
+        return cls(HOST, MACHINE, os.getpid(), _process_start(os.getpid()), slot, device)
+
+    def to_dict(self) -> dict:
+        return {"host": self.host, "machine": self.machine, "pid": self.pid, "started": self.started,
+                "slot": self.slot, "device": self.device}
+
+    def gone(self) -> bool:
+        """True only when this process can tell for sure that the owner process has ended."""
+        if self.machine != MACHINE:
+            return False
+        return _process_start(self.pid) != self.started if self.started is not None else not _pid_exists(self.pid)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A claimed candidate."""
+    trial_id: int
+    number: int
+    params: dict[str, float]
+    attrs: dict
+
+
+class Leases:
+    def __init__(self, storage: RDBStorage, tables: OptunaTables, study: Callable[[], optuna.Study],
+                 grace_s: Optional[int]):
+        self.storage = storage
+        self.tables = tables
+        self.study = study
+        self.grace_s = grace_s
+
+    @property
+    def heartbeats(self) -> bool:
+        return bool(self.storage.heartbeat_interval)
+
+    def claim(self, params: dict[str, float], owner: Owner, attrs: Optional[dict[str, Any]] = None) -> Lease:
+        """A RUNNING candidate with its params, owner and first heartbeat, in one transaction."""
+        attrs = attrs or {}
+        with self.storage.engine.begin() as conn:
+            trial_id, number = self.tables.insert_running(conn, params, {OWNER_KEY: owner.to_dict()} | attrs,
+                                                          self.heartbeats)
+        return Lease(trial_id, number, dict(params), attrs)
+
+    def pop_waiting(self, owner: Owner, attr: str) -> Optional[Lease]:
+        """Claim a re-queued candidate (WAITING, with its params and ``attr``), as ``study.ask``
+        does; None when there is none."""
+        if not self.tables.has_waiting():
+            return None
+        for t in self.storage.get_all_trials(self.tables.study_id, deepcopy=False, states=(TrialState.WAITING,)):
+            try:
+                if self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                    self.adopt(t._trial_id, owner)
+                    return Lease(t._trial_id, t.number, dict(t.params), dict(t.user_attrs.get(attr) or {}))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        return None
+
+    def adopt(self, trial_id: int, owner: Owner) -> None:
+        """Mark a trial Optuna created (``study.ask``) as this owner's, after its first heartbeat
+        (so a trial with an owner always has a heartbeat; see :meth:`reclaim`)."""
+        if self.heartbeats:
+            self.storage.record_heartbeat(trial_id)
+        self.storage.set_trial_user_attr(trial_id, OWNER_KEY, owner.to_dict())
+
+    def heartbeat(self, trial_id: int) -> None:
+        self.storage.record_heartbeat(trial_id)
+
+    def finish(self, trial_id: int, values: Optional[Sequence[float]], record: dict[str, Any],
+               system_attrs: Optional[dict[str, Any]] = None) -> bool:
+        """Finish a claimed candidate in one transaction: COMPLETE with finite ``values``, else FAIL,
+        with its ``result`` record and the study ``system_attrs`` given (the driver's state after
+        it, so a kill cannot land between the two). Returns False, writing nothing, when the
+        candidate is no longer RUNNING: it was reclaimed and is being redone elsewhere."""
+        if values is not None and not all(math.isfinite(v) for v in values):
+            record = record | {"error": record.get("error") or f"non-finite objective values {list(values)}"}
+            values = None
+        record = record | {"host": HOST}
+        with self.storage.engine.begin() as conn:
+            if not self.tables.finish(conn, trial_id, values, record):
+                return False  # nothing was written
+            for key, value in (system_attrs or {}).items():
+                self.tables.set_system_attr(conn, key, value)
+        return True
+
+    def abandon(self, trial_id: int) -> bool:
+        """Fail a RUNNING candidate as interrupted (without a result); False if it had finished."""
+        try:
+            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        return True
+
+    def reclaim(self, retry: bool = False) -> list[int]:
+        """Fail (as interrupted, without a result) the RUNNING candidates whose process is gone: its
+        heartbeat is older than the grace period, its owner ran on this machine and has ended, or
+        the claim is incomplete. A claim gets its first heartbeat and then its owner under the run
+        lock this runs under, so one without either is a process that died between Optuna's
+        ``ask`` (or a re-queued trial's pop) and :meth:`adopt`. With ``retry``, each is re-queued
+        (WAITING) with the same params and attrs (Optuna's RetryFailedTrialCallback), for the next
+        claim to redo. Returns the failed trial numbers."""
+        out = []
+        for r in self.running():
+            owner = Owner(**r["owner"]) if r["owner"] else None
+            incomplete = owner is None or (self.heartbeats and not r["beat"])
+            stale = self.grace_s is not None and r["age"] is not None and r["age"] > self.grace_s
+            if not (incomplete or stale or owner.gone()):
+                continue
+            if not self.abandon(r["trial_id"]):
+                continue  # it finished, or another process failed it first
+            out.append(r["number"])
+            if retry:
+                RetryFailedTrialCallback(max_retry=None)(self.study(), self.storage.get_trial(r["trial_id"]))
+        return out
+
+    def running(self) -> list[dict]:
+        """The RUNNING candidates: trial id, number, owner (a dict or None), whether a heartbeat was
+        recorded and the seconds since the last one by the database's clock (None if none)."""
+        return self.tables.running(OWNER_KEY)
+
+    def counts(self) -> tuple[int, int]:
+        """(candidates that count against the budget: completed, or failed on their own; running now)."""
+        return self.tables.counts()
