@@ -56,20 +56,20 @@ def _cmd_zoo_build(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from evomerge.fitness.base import get_backend
     from evomerge.fitness.suite import Suite
+    from evomerge.merging.model_io import first_line, load_causal_lm
 
     suite = Suite.load(args.suite)
     backend = get_backend(args.backend, model_dir=args.model_dir, batch_size=args.batch_size)
+    model = load_causal_lm(args.model_dir, device=args.device, trust_remote_code=args.trust_remote_code,
+                           allow_pickle=args.allow_pickle)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=args.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype="auto",
-                                                     trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise EvomergeError(f"model {args.model_dir}: cannot be loaded ({str(e).splitlines()[0]})") from None
-    model = model.to(args.device).eval()
+        raise EvomergeError(f"model {args.model_dir}: its tokenizer cannot be loaded ({first_line(e)})") from None
     result = backend.score(model, tokenizer, suite, split=args.split)
     if result.failed:
         print(f"failed: {result.failed}")
@@ -197,6 +197,7 @@ def _storage_option(parser: argparse.ArgumentParser,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evomerge", description="Evolutionary merge-recipe optimizer for LLMs.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("merge", help="merge models from a mergekit-style YAML recipe")
@@ -233,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--trust-remote-code", action="store_true")
+    e.add_argument("--allow-pickle", action="store_true",
+                   help="also read .bin pickle checkpoints; they can run code when loaded")
     e.set_defaults(func=_cmd_eval)
 
     s = sub.add_parser("search", help="start a search from a run config")
@@ -285,6 +288,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _storage_urls(args: argparse.Namespace) -> list[str]:
+    return [u for u in (getattr(args, "storage", None), os.environ.get("EVOMERGE_STORAGE")) if u]
+
+
+def _os_error_text(e: OSError) -> str:
+    """An OS error as one line naming its file, with what to do when the disk is full."""
+    import errno
+
+    where = e.filename if e.filename is not None else "(unnamed file)"
+    text = f"{where}: {e.strerror or e}"
+    return text + (DISK_FULL_HINT if e.errno == errno.ENOSPC else "")
+
+
+DISK_FULL_HINT = ("; free some space, then run the command again (a search continues with "
+                  "'evomerge resume RUN_DIR'; every candidate recorded so far is kept)")
+
+
+def _one_line(text: str, args: argparse.Namespace) -> str:
+    from evomerge.rundb.secrets import scrub
+
+    for url in _storage_urls(args):
+        text = scrub(text, url)
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -292,8 +320,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except EvomergeError as e:
-        print(f"evomerge: error: {e}", file=sys.stderr)
-        return 2
+        text = str(e)
+    except KeyboardInterrupt:
+        print("evomerge: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if args.debug:
+            raise
+        text = _os_error_text(e)
+    except Exception as e:  # noqa: BLE001 - one line for the user; the traceback behind --debug
+        if args.debug:
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        text = f"{type(e).__name__}: {first}"
+        full = "disk is full" in first or "No space left" in first
+        text += DISK_FULL_HINT if full else " (run with --debug for the traceback)"
+    print(f"evomerge: error: {_one_line(text, args)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

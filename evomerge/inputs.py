@@ -15,11 +15,26 @@ def load_yaml(path: str | Path, error: type[EvomergeError], what: str) -> Any:
     """The parsed file, or ``error`` naming the file when it is missing or not YAML."""
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(read_text(path, error, what))
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise error(f"{path}: nested too deeply") from None
+
+
+def read_text(path: str | Path, error: type[EvomergeError], what: str) -> str:
+    """A UTF-8 text file, or ``error`` naming it when it is missing, unreadable or not text."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise error(f"{path}: no such {what} file") from None
-    except yaml.YAMLError as e:
-        raise error(f"{path}: not valid YAML: {e}") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a directory, not a {what} file") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -39,9 +54,15 @@ def describe_validation(e: ValidationError) -> str:
     """One ``key.path: message`` per problem; pydantic's union branches and type tags dropped."""
     parts = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]
+        loc = ".".join(key_text(x) for x in err["loc"]
                        if not str(x).startswith(("function-", "list[", "union[", "dict[")))
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown key" if err["type"] == "extra_forbidden" else " ".join(str(err["msg"]).split())
         parts.append(f"{loc or 'top level'}: {msg}")
     # pydantic reports one error per union branch; keep each distinct message once
     return "; ".join(dict.fromkeys(parts))
+
+
+def key_text(key: Any) -> str:
+    """A key as written in a message: quoted when it is empty or holds spaces or control characters."""
+    text = str(key)
+    return text if text and text.isprintable() and " " not in text else repr(text)

@@ -17,6 +17,20 @@ from evomerge.fitness.result import CandidateFailed, FitnessResult, ItemResult, 
 from evomerge.fitness.suite import Suite, SuiteError, Task
 
 
+def check_task_names(suite: Suite, manager=None) -> None:
+    """Refuse a suite naming lm-eval tasks that the installed lm-eval does not know."""
+    named = [t.spec.lm_eval for t in suite.tasks if not t.local]
+    if not named:
+        return
+    if manager is None:
+        from lm_eval.tasks import TaskManager
+
+        manager = TaskManager()
+    unknown = [n for n in named if n not in manager.all_tasks]
+    if unknown:
+        raise SuiteError(f"suite {suite.name}: lm-eval does not know task(s) {', '.join(unknown)}")
+
+
 def _task_name(task: Task) -> str:
     return f"evomerge_{task.suite.name}_{task.name}".replace("-", "_") if task.local else task.spec.lm_eval
 
@@ -81,10 +95,7 @@ class LmEvalBackend:
                                      "computed by the native backend only")
             named = [t.spec.lm_eval for t in suite.tasks if not t.local]
             manager = TaskManager(include_defaults=bool(named))
-            if named:
-                unknown = [n for n in named if n not in manager.all_tasks]
-                if unknown:
-                    raise SuiteError(f"suite {suite.name}: lm-eval does not know task(s) {', '.join(unknown)}")
+            check_task_names(suite, manager)
             entries = [task_config(t) if t.local else t.spec.lm_eval for t in suite.tasks]
             self._task_dicts[id(suite)] = manager.load(entries)["tasks"]  # leaf tasks by name
         return self._task_dicts[id(suite)]

@@ -42,10 +42,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import SuiteError
+from evomerge.inputs import key_text, load_yaml
 from evomerge.resources import shipped, suites_dir
 
 SUITES_DIR = suites_dir()
@@ -208,6 +208,13 @@ class Suite:
         root = source.parent if source else Path.cwd()
         self.tasks = [Task(t, self, (root / t.data).resolve() if t.data else None) for t in spec.tasks]
 
+    def check(self) -> None:
+        """Read every local task's data and both splits now, so bad data fails before a run starts."""
+        for t in self.tasks:
+            if t.local:
+                for split in SPLITS:
+                    t.items(split)
+
     @classmethod
     def resolve(cls, ref: "str | dict") -> "Suite":
         """A config's ``fitness.suite``: a shipped suite's name or a file, or the suite inline."""
@@ -221,11 +228,7 @@ class Suite:
             p = SUITES_DIR / f"{p.name}.yaml"
         if not p.exists():
             raise SuiteError(f"suite {name_or_path}: no such file (shipped suites: {', '.join(shipped(SUITES_DIR))})")
-        try:
-            raw = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise SuiteError(f"suite {p}: not valid YAML: {e}") from None
-        return cls.from_dict(raw, source=p)
+        return cls.from_dict(load_yaml(p, SuiteError, "suite"), source=p)
 
     @classmethod
     def from_dict(cls, raw: object, source: Optional[Path] = None) -> "Suite":
@@ -235,8 +238,8 @@ class Suite:
         try:
             spec = SuiteSpec.model_validate(raw)
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'suite'}: {err['msg']}"
-                                 for err in e.errors())
+            problems = "; ".join(f"{'.'.join(key_text(x) for x in err['loc']) or 'suite'}: "
+                                 f"{' '.join(str(err['msg']).split())}" for err in e.errors())
             raise SuiteError(f"suite {where}: {problems}") from None
         suite = cls(spec, Path(source) if source else None)
         for t in suite.tasks:
@@ -279,42 +282,47 @@ def _read_jsonl(task: Task) -> list[tuple[str, Item]]:
     out: list[tuple[str, Item]] = []
     mc = task.spec.kind == "multiple_choice"
     ids: set[str] = set()
-    with open(task.path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SuiteError(f"{where}, line {lineno}: not valid JSON ({e.msg})") from None
+    try:
+        text = task.path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SuiteError(f"{where}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise SuiteError(f"{where}: cannot read ({e.strerror or e})") from None
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SuiteError(f"{where}, line {lineno}: not valid JSON ({e.msg})") from None
 
-            def bad(msg: str) -> SuiteError:
-                return SuiteError(f"{where}, line {lineno}: {msg}")
+        def bad(msg: str) -> SuiteError:
+            return SuiteError(f"{where}, line {lineno}: {msg}")
 
-            if not isinstance(row, dict):
-                raise bad("expected a JSON object")
-            missing = [k for k in ("split", "prompt", "answer") + (("choices",) if mc else ()) if k not in row]
-            if missing:
-                raise bad(f"missing key(s) {', '.join(missing)}")
-            if row["split"] not in SPLITS:
-                raise bad(f"split {row['split']!r} is not one of {', '.join(SPLITS)}")
-            if not isinstance(row["prompt"], str) or not row["prompt"]:
-                raise bad("prompt must be a non-empty string")
-            choices = None
-            if mc:
-                choices = row["choices"]
-                if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
-                    raise bad("choices must be a list of at least two strings")
-                if not (isinstance(row["answer"], int) and 0 <= row["answer"] < len(choices)):
-                    raise bad(f"answer must be the index of the right choice (0..{len(choices) - 1})")
-            elif not isinstance(row["answer"], str):
-                raise bad("answer must be a string for a generate task")
-            item_id = str(row.get("id", f"{task.name}-{len(out)}"))
-            if item_id in ids:
-                raise bad(f"duplicate id {item_id!r}")
-            ids.add(item_id)
-            out.append((row["split"], Item(item_id, len(out), row["prompt"], row["answer"],
-                                           tuple(choices) if choices else None)))
+        if not isinstance(row, dict):
+            raise bad("expected a JSON object")
+        missing = [k for k in ("split", "prompt", "answer") + (("choices",) if mc else ()) if k not in row]
+        if missing:
+            raise bad(f"missing key(s) {', '.join(missing)}")
+        if row["split"] not in SPLITS:
+            raise bad(f"split {row['split']!r} is not one of {', '.join(SPLITS)}")
+        if not isinstance(row["prompt"], str) or not row["prompt"]:
+            raise bad("prompt must be a non-empty string")
+        choices = None
+        if mc:
+            choices = row["choices"]
+            if not (isinstance(choices, list) and len(choices) >= 2 and all(isinstance(c, str) for c in choices)):
+                raise bad("choices must be a list of at least two strings")
+            if not (isinstance(row["answer"], int) and 0 <= row["answer"] < len(choices)):
+                raise bad(f"answer must be the index of the right choice (0..{len(choices) - 1})")
+        elif not isinstance(row["answer"], str):
+            raise bad("answer must be a string for a generate task")
+        item_id = str(row.get("id", f"{task.name}-{len(out)}"))
+        if item_id in ids:
+            raise bad(f"duplicate id {item_id!r}")
+        ids.add(item_id)
+        out.append((row["split"], Item(item_id, len(out), row["prompt"], row["answer"],
+                                       tuple(choices) if choices else None)))
     if not out:
         raise SuiteError(f"{where}: the file has no items")
     return out

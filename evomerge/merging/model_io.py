@@ -12,17 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from safetensors import safe_open
 
 from evomerge.errors import ModelError
+from evomerge.procs import HOST, ended, this_process_tag
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,33 @@ def resolve_model_path(ref: str, *, allow_download: bool = True) -> Path:
     except Exception as e:  # offline mode, unknown repo, network failure
         raise ModelError(f"model {ref}: not a local directory, and fetching it from the hub failed: {e}") from None
     return Path(path)
+
+
+def load_causal_lm(ref: str, *, device: str = "cpu", dtype: Optional[str] = None, trust_remote_code: bool = False,
+                   allow_pickle: bool = False):
+    """A saved model as transformers loads it, with evomerge's safety defaults: safetensors only
+    unless ``allow_pickle``, no remote code unless ``trust_remote_code``. Errors name the model."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        path = resolve_model_path(ref)
+    except ModelError as e:
+        raise ModelError(f"model {ref}: cannot be loaded ({str(e).removeprefix(f'model {ref}: ')})") from None
+    if not allow_pickle and not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+        raise ModelError(f"model {ref}: only pickle checkpoints (.bin); loading them can run arbitrary code: "
+                         "convert to safetensors, or pass --allow-pickle")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype_from_name(dtype) if dtype else "auto", trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"model {ref}: cannot be loaded ({type(e).__name__}: {first_line(e)})") from None
+    return model.to(device).eval()
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else ""
 
 
 def read_config(path: Path, ref: str) -> dict:
@@ -162,11 +191,16 @@ class ModelFiles:
         if file is None:
             raise ModelError(f"model {self.ref}: has no tensor {name}")
         if file.endswith(".bin"):
-            return self._pickle(file)[name]
-        try:
-            return self._handle(file).get_tensor(name)
-        except Exception as e:
-            raise ModelError(f"model {self.ref}: tensor {name} in {file} is unreadable: {e}") from None
+            t = self._pickle(file)[name]
+        else:
+            try:
+                t = self._handle(file).get_tensor(name)
+            except Exception as e:
+                raise ModelError(f"model {self.ref}: tensor {name} in {file} is unreadable: {first_line(e)}") from None
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelError(f"model {self.ref}: tensor {name} in {file} holds NaN or inf values; a merge of it "
+                             "would be meaningless (repair or replace the checkpoint)")
+        return t
 
     @property
     def tied_embeddings(self) -> bool:
@@ -291,7 +325,9 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ModelError(f"output {out}: exists and is not empty (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    sweep_stale(out.parent)
+    tag = this_process_tag()
+    tmp = out.parent / f".{out.name}.partial-{tag}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -302,11 +338,26 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
         raise
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = out.parent / f".{out.name}.old-{tag}"
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_STALE = re.compile(r"^\..+\.(?:partial|old)-(?P<host>.+)-(?P<pid>\d+)-(?P<started>\d+)$")
+
+
+def sweep_stale(parent: Path) -> list[Path]:
+    """Remove the temporary directories (``.NAME.partial-*``, ``.NAME.old-*``) that killed merges
+    and exports on this host left in ``parent``, once their process is gone; returns them."""
+    removed = []
+    for p in parent.iterdir():
+        m = _STALE.match(p.name)
+        if m and m["host"] == HOST and p.is_dir() and ended(int(m["pid"]), int(m["started"]) or None):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def copy_tokenizer(src: ModelFiles, dst: Path) -> None:

@@ -18,12 +18,20 @@ def _fmt(v: Optional[float]) -> str:
     return f"{v:.4f}" if v is not None else "failed"
 
 
+def _fitness_cell(r: Row) -> str:
+    """A row's fitness, or what it is doing instead: running, waiting (to be redone), failed, -."""
+    if r.fitness is not None:
+        return f"{r.fitness:.4f}"
+    return {"running": "running", "waiting": "waiting", "interrupted": "-"}.get(r.state, "failed")
+
+
 def status_text(run: Run, recent: int = 8) -> str:
     rows = run.db.rows()
     refs = run.db.references()
     counted = [r for r in rows if r.counted]
     failed = [r for r in rows if r.state == "failed"]
     interrupted = [r for r in rows if r.state == "interrupted"]
+    running = [r for r in rows if r.state == "running"]
     budget = run.cfg.budget
     elapsed = run.db.metadata.elapsed()
     lines = [f"run {run.name} ({run.run_dir}): {run.cfg.merge_method}, space {run.space.spec.name or 'inline'} "
@@ -31,6 +39,7 @@ def status_text(run: Run, recent: int = 8) -> str:
              + (f"/{run.cfg.driver.sampler}" if run.cfg.driver.sampler else "")]
     progress = f"{len(counted)}" + (f"/{budget.max_candidates}" if budget.max_candidates else "") + " candidates"
     progress += f" ({len(failed)} failed, {len(interrupted)} interrupted and redone)"
+    progress += f", {len(running)} running" if running else ""
     progress += f"; search time {elapsed / 60:.1f} min" + (f" of {budget.max_minutes:g}" if budget.max_minutes else "")
     lines.append(progress)
     if counted and elapsed > 0:
@@ -67,7 +76,7 @@ def status_text(run: Run, recent: int = 8) -> str:
         lines += ["", f"recent candidates (of {len(rows)}):"]
         for r in rows[-recent:]:
             extra = f"  {r.error}" if r.error else ""
-            lines.append(f"  #{r.number:<6d}{r.state:12s}{_fmt(r.fitness):>10s}  merge {r.result.get('merge_s', 0) * 1e3:5.0f} ms"
+            lines.append(f"  #{r.number:<6d}{r.state:12s}{_fitness_cell(r):>10s}  merge {r.result.get('merge_s', 0) * 1e3:5.0f} ms"
                          f"  eval {r.result.get('eval_s', 0) * 1e3:6.0f} ms{extra}")
     return "\n".join(lines)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -20,6 +19,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryFailedTrialCallback
 from optuna.trial import TrialState
 
+from evomerge.procs import HOST, ended, process_start
 from evomerge.rundb.optuna_sql import OptunaTables
 
 OWNER_KEY = "worker"  # trial user attr: who evaluates it
@@ -39,26 +39,7 @@ def _machine_key(host: str) -> str:
     return "|".join(parts)
 
 
-HOST = os.environ.get("EVOMERGE_HOST") or socket.gethostname()
 MACHINE = _machine_key(HOST)
-
-
-def _process_start(pid: int) -> Optional[int]:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22, counted after the command name
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)
@@ -74,7 +55,7 @@ class Owner:
 
     @classmethod
     def this_process(cls, slot: int = 0, device: str = "") -> "Owner":
-        return cls(HOST, MACHINE, os.getpid(), _process_start(os.getpid()), slot, device)
+        return cls(HOST, MACHINE, os.getpid(), process_start(os.getpid()), slot, device)
 
     def to_dict(self) -> dict:
         return {"host": self.host, "machine": self.machine, "pid": self.pid, "started": self.started,
@@ -84,7 +65,7 @@ class Owner:
         """True only when this process can tell for sure that the owner process has ended."""
         if self.machine != MACHINE:
             return False
-        return _process_start(self.pid) != self.started if self.started is not None else not _pid_exists(self.pid)
+        return ended(self.pid, self.started)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,8 @@ def sqlite_url(path) -> str:
 def _creation_race(e: Exception) -> bool:
     """Another process created the same tables at the same moment (SQLite, PostgreSQL)."""
     text = str(e).lower()
-    return isinstance(e, sa.exc.SQLAlchemyError) and ("already exists" in text or "duplicate" in text)
+    return isinstance(e, sa.exc.SQLAlchemyError) and any(
+        k in text for k in ("already exists", "duplicate", "unique constraint"))
 
 
 def open_storage(url: str, heartbeat_s: Optional[int] = None, grace_s: Optional[int] = None) -> RDBStorage:
@@ -130,7 +131,11 @@ class RunDB:
         if not create and not exists:
             raise RunDBError(f"storage {redact(url)} holds no run named {name!r}")
         if create:
-            optuna.create_study(storage=self.storage, study_name=name, directions=["maximize"] * n_objectives)
+            try:
+                optuna.create_study(storage=self.storage, study_name=name, directions=["maximize"] * n_objectives)
+            except optuna.exceptions.DuplicatedStudyError:
+                raise RunDBError(f"storage {redact(url)}: another process has just created a run named {name!r}; "
+                                 "resume it with 'evomerge resume', or pick another name") from None
         self._study_id = self.storage.get_study_id_from_name(name)
         self.n_objectives = len(self.storage.get_study_directions(self._study_id))
         # created second, so a process joining right after the first may not see it yet
@@ -175,6 +180,12 @@ class RunDB:
         """The run-wide lock (re-entrant): claims, tells and budget checks of every process."""
         with self._lock.held():
             yield
+
+    def delete_run(self) -> None:
+        """Remove this run's studies (a run whose start failed) and close."""
+        for study in (self.name, self.references_name):
+            optuna.delete_study(study_name=study, storage=self.storage)
+        self.close()
 
     def close(self) -> None:
         self._lock.close()

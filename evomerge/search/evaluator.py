@@ -20,7 +20,7 @@ from evomerge.errors import EvomergeError, ModelError
 from evomerge.fitness.base import get_backend
 from evomerge.fitness.result import FitnessResult
 from evomerge.fitness.suite import Suite
-from evomerge.merging.model_io import dtype_from_name, resolve_model_path
+from evomerge.merging.model_io import load_causal_lm, resolve_model_path
 from evomerge.merging.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -63,15 +63,8 @@ class Evaluation:
 
 
 def _load_model(path: str, cfg: RunConfig):
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(resolve_model_path(path)), dtype=dtype_from_name(cfg.dtype) if cfg.dtype else "auto",
-            trust_remote_code=cfg.trust_remote_code, use_safetensors=None if cfg.allow_pickle else True)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"model {path}: cannot be loaded ({str(e).splitlines()[0]})") from None
-    return model.to(cfg.device).eval()
+    return load_causal_lm(path, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                          allow_pickle=cfg.allow_pickle)
 
 
 def _describe(e: BaseException) -> str:

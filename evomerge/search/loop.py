@@ -33,6 +33,7 @@ from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.fitness.suite import Suite
 from evomerge.search.evaluator import Evaluation, Evaluator
+from evomerge.search.fingerprint import changes, fingerprint
 from evomerge.search.progress import Progress
 from evomerge.rundb.leases import Owner
 from evomerge.rundb.secrets import has_secret, redact
@@ -83,13 +84,30 @@ def _write_run_dir(run_dir: Path, cfg: RunConfig, name: str, url: str) -> None:
     tmp.replace(run_dir / "run.json")
 
 
+def _preflight(cfg: RunConfig, space: SearchSpace, suite: Suite) -> None:
+    """Check everything a run needs before anything is written: the suite's data (both splits)
+    and its lm-eval task names, and the models' compatibility (tensor names and shapes)."""
+    from evomerge.merging.layout import build_layout
+    from evomerge.merging.to_disk import open_models
+
+    suite.check()
+    if any(not t.local for t in suite.tasks):
+        from evomerge.fitness.lmeval import check_task_names
+
+        check_task_names(suite)
+    recipe = space.recipe_from(method_defaults(cfg.merge_method, len(cfg.models.experts)))
+    build_layout(recipe, open_models(recipe, cfg.allow_pickle), cfg.trust_remote_code)
+
+
 def _new_run_place(config_path: str | Path, run_dir: Optional[str | Path], storage: Optional[str]):
     """A config checked against its models, with the run's name, directory (created; default
     runs/NAME) and storage URL (default: SQLite in that directory), and its objective count."""
     cfg = RunConfig.load(config_path)
-    space = space_for(cfg)  # validates the space against the models before anything is written
-    n_objectives = len(Suite.resolve(cfg.fitness.suite).objectives)
+    space = space_for(cfg)
+    suite = Suite.resolve(cfg.fitness.suite)
+    n_objectives = len(suite.objectives)
     cfg.check_objectives(n_objectives, str(config_path))
+    _preflight(cfg, space, suite)
     name = cfg.name or Path(config_path).stem
     run_dir = Path(run_dir) if run_dir else Path("runs") / name
     url = storage or sqlite_url((run_dir / "run.db").resolve())
@@ -100,9 +118,19 @@ def create_run(config_path: str | Path, run_dir: Optional[str | Path] = None, st
     cfg, space, n_objectives, name, run_dir, url = _new_run_place(config_path, run_dir, storage)
     if (run_dir / "run.json").exists():
         raise RunError(f"{run_dir}: a run already lives here; continue it with: evomerge resume {run_dir}")
+    fresh = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    db = RunDB(url, name, create=True, n_objectives=n_objectives, **_heartbeat_options(cfg))
-    _write_run_dir(run_dir, cfg, name, url)
+    try:
+        db = RunDB(url, name, create=True, n_objectives=n_objectives, **_heartbeat_options(cfg))
+    except BaseException:
+        if fresh and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # ours and empty: nothing may block the corrected command
+        raise
+    try:
+        _write_run_dir(run_dir, cfg, name, url)
+    except BaseException:
+        db.delete_run()  # the run is ours: without its run directory it could never be resumed
+        raise
     return Run(run_dir, cfg, db, space, name)
 
 
@@ -268,14 +296,20 @@ class _Search:
         if worker and not db.shareable:
             raise RunError(f"storage {redact(db.url)}: several workers need a SQLite file (one host) or PostgreSQL")
         items = self.evaluator.items()
+        inputs = fingerprint(cfg, self.suite)
         with db.lock():
             meta = db.metadata.get()
             if "items" in meta and meta["items"] != items:
                 raise RunError(f"suite {self.suite.name}: its search subsample differs from the one the run started "
                                "with (were the data files or the suite changed?); candidates would not be comparable")
+            changed = changes(meta["fingerprint"], inputs) if "fingerprint" in meta else []
+            if changed:
+                raise RunError(f"{run.run_dir}: the run's inputs changed since it started: {'; '.join(changed)}. "
+                               "Candidates scored before and after would not be comparable: restore them, or "
+                               "start a new run")
             if not meta:
                 db.metadata.set({"config": cfg.to_dict(), "coordinates": run.space.names, "items": items,
-                                 "objectives": self.suite.objective_names,
+                                 "fingerprint": inputs, "objectives": self.suite.objective_names,
                                  "versions": versions(), "suite": self.suite.name,
                                  "started": _dt.datetime.now().isoformat(timespec="seconds")})
         self.items = items
