@@ -1,20 +1,88 @@
-"""What a tensor name says: its decoder layer and its kind (attention, MLP, norm, embeddings, lm_head).
+"""What a tensor name says: its decoder layer, and its kind in one vocabulary for every family.
 
-evomerge is architecture-agnostic: any tensor present in every model is merged. Layer-dependent
-parameters (gradients across depth) use the layer index found in the name, as mergekit does for the
-decoder layers of the architectures it knows; tensors outside the layers get t = 0.
+The kinds are ``attention``, ``mlp``, ``norm``, ``embed`` and ``lm_head``. Each family (a group of
+``model_type`` values whose checkpoints name their tensors alike) is one :class:`Family` entry:
+for each kind, the substrings of checkpoint tensor names that mark it, tried in the entry's order
+(first match wins). They are mergekit ``filter`` strings, so a recipe the search space writes
+reaches the same tensors in ``mergekit-yaml``. A new family is one entry in ``FAMILIES``; a
+``model_type`` with no entry is read as Llama-like.
+
+evomerge merges any tensor present in every model. Layer-dependent parameters (gradients across
+depth) use the layer index found in the name, as mergekit does; tensors outside the layers get t = 0.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
-_EMBED_MARKERS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
-_LM_HEAD_MARKERS = ("lm_head", "embed_out", "output.weight")
 
-TENSOR_KINDS = ("embed", "lm_head", "attention", "mlp", "norm", "other")
+KINDS = ("attention", "mlp", "norm", "embed", "lm_head")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    filters: dict[str, tuple[str, ...]]  # kind -> name substrings, in match order
+    vocab: tuple[str, ...] = ()  # tensors indexed by token along axis 0 (default: embed + lm_head filters)
+    prefix: str = ""  # a wrapper prefix some checkpoints of the family are stored without (GPT-2: transformer.)
+
+    def kind_of(self, name: str) -> Optional[str]:
+        """The tensor's kind, or None for a tensor of no known kind (it follows the MLP's values)."""
+        for kind, marks in self.filters.items():
+            if any(m in name for m in marks):
+                return kind
+        return None
+
+    def is_vocab(self, name: str) -> bool:
+        marks = self.vocab or self.filters.get("embed", ()) + self.filters.get("lm_head", ())
+        return any(m in name for m in marks)
+
+
+    def aliases(self, name: str) -> tuple[str, ...]:
+        """Other names the same tensor has in checkpoints of this family (with or without the prefix)."""
+        if not self.prefix:
+            return ()
+        return (name.removeprefix(self.prefix),) if name.startswith(self.prefix) else (self.prefix + name,)
+
+
+def _family(name: str, model_types: tuple[str, ...], vocab: tuple[str, ...] = (), prefix: str = "",
+            **filters: tuple[str, ...]) -> Family:
+    assert set(filters) == set(KINDS), name
+    return Family(name, model_types, dict(filters), vocab, prefix)
+
+
+LLAMA = _family("llama", (), attention=("self_attn",), mlp=("mlp",), norm=("norm",), embed=("embed_tokens",),
+                lm_head=("lm_head",))
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    LLAMA,
+    _family("mixtral", ("mixtral",), attention=("self_attn",), mlp=("block_sparse_moe",), norm=("norm",),
+            embed=("embed_tokens",), lm_head=("lm_head",)),
+    _family("gpt2", ("gpt2",), vocab=("wte", "lm_head"), prefix="transformer.", attention=(".attn.",), mlp=(".mlp.",), norm=("ln_",),
+            embed=("wte", "wpe"), lm_head=("lm_head",)),
+    _family("gpt_neox", ("gpt_neox",), attention=(".attention.",), mlp=(".mlp.",),
+            norm=("layernorm", "layer_norm"), embed=("embed_in",), lm_head=("embed_out",)),
+    _family("bloom", ("bloom", "falcon"), norm=("layernorm", "ln_"), attention=("self_attention",), mlp=(".mlp.",),
+            embed=("word_embeddings",), lm_head=("lm_head",)),
+    _family("opt", ("opt",), vocab=("embed_tokens", "lm_head"), norm=("layer_norm",), attention=("self_attn",),
+            mlp=("fc1", "fc2"), embed=("embed_tokens", "embed_positions"), lm_head=("lm_head",)),
+)}
+
+
+def family_of(config: Mapping[str, Any]) -> Family:
+    """The family of a Hugging Face config dict (by ``model_type``; Llama-like when unknown)."""
+    types = [config.get("model_type")]
+    text = config.get("text_config")
+    if isinstance(text, Mapping):
+        types.append(text.get("model_type"))
+    for family in FAMILIES.values():
+        if any(t in family.model_types for t in types if t):
+            return family
+    return LLAMA
 
 
 def layer_index(name: str) -> int | None:
@@ -23,24 +91,10 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def tensor_kind(name: str) -> str:
-    """Classify a tensor name into one of TENSOR_KINDS."""
-    if any(k in name for k in _EMBED_MARKERS):
-        return "embed"
-    if any(k in name for k in _LM_HEAD_MARKERS):
-        return "lm_head"
-    if "norm" in name or name.endswith("ln_f.weight") or ".ln_" in name:
-        return "norm"
-    if "attn" in name or "attention" in name:
-        return "attention"
-    if "mlp" in name or "feed_forward" in name or "ffn" in name:
-        return "mlp"
-    return "other"
-
-
 def is_vocab_tensor(name: str) -> bool:
-    """Whether the tensor is indexed by token along axis 0 (input embeddings or output head)."""
-    return tensor_kind(name) in ("embed", "lm_head")
+    """Whether the tensor is indexed by token along axis 0 (input embeddings or output head), in
+    any family."""
+    return any(f.is_vocab(name) for f in FAMILIES.values())
 
 
 def num_layers(config: Mapping[str, Any]) -> int:

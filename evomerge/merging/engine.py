@@ -27,6 +27,7 @@ from typing import Iterator, Optional
 import torch
 
 from evomerge.errors import ModelError, RecipeError
+from evomerge.merging.architecture import family_of
 from evomerge.merging.kernel.mix import ExpertTensor
 from evomerge.merging.kernel.sparsify import stream_seed
 from evomerge.merging.to_disk import (merge_one, open_models, output_dtype, prepare_inputs, read_inputs, resolve_params,
@@ -203,8 +204,12 @@ class MergeEngine:
     def apply(self, recipe: Recipe, module: torch.nn.Module) -> float:
         """Write the recipe's merged weights into ``module``'s parameters in place; returns seconds."""
         t0 = time.perf_counter()
-        targets = dict(module.named_parameters(remove_duplicate=False))
-        targets.update(dict(module.named_buffers(remove_duplicate=False)))
+        live = dict(module.named_parameters(remove_duplicate=False))
+        live.update(dict(module.named_buffers(remove_duplicate=False)))
+        family = family_of(self.files[self.layout.models[0]].config)
+        targets = {ts.name: live[n] for ts in self.layout.tensors
+                   for n in (ts.name, *family.aliases(ts.name)) if n in live}
+        targets.update({n: t for n, t in live.items() if n == "lm_head.weight"})
         missing = [ts.name for ts in self.layout.tensors if ts.name not in targets]
         if missing:
             raise ModelError(f"the live model has no parameter for merged tensors: {', '.join(missing[:5])}"

@@ -6,12 +6,12 @@ slices, tokenizer source), never on parameter values, so the engine builds it on
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from evomerge.merging.architecture import is_vocab_tensor, layer_index, layer_t, num_layers
+from evomerge.merging.architecture import family_of, is_vocab_tensor, layer_index, layer_t, num_layers
 from evomerge.errors import ModelError, RecipeError
 from evomerge.merging.model_io import ModelFiles
 from evomerge.merging.recipe import Recipe
@@ -35,6 +35,7 @@ class Layout:
     output_num_layers: Optional[int] = None
     vocab_perms: Optional[torch.Tensor] = None  # (n_models, out_vocab) row of each token, -1 if absent
     lm_head_added: bool = False  # base ties embeddings, but an expert has its own lm_head
+    copied: list[TensorSource] = field(default_factory=list)  # non-floating buffers, copied from the reference
 
 
 _LAYER_SUB = re.compile(r"((?:^|\.)(?:layers|h|blocks|block|layer)\.)(\d+)(\.)")
@@ -83,10 +84,14 @@ def build_layout(recipe: Recipe, files: dict[str, ModelFiles], trust_remote_code
         ref_names = ref_names + ["lm_head.weight"]
     ref_names = sorted(ref_names, key=_depth_order)
 
+    family = family_of(ref_files.config)
+
     def source_name(model: str, name: str) -> str:
         if name == "lm_head.weight" and not lm_heads[model]:
             emb = _embed_name(files[model].names())
             return emb or name
+        if name not in files[model]:  # stored under the family's other spelling (GPT-2 without transformer.)
+            return next((alias for alias in family.aliases(name) if alias in files[model]), name)
         return name
 
     vocab = recipe.tokenizer_source is not None
@@ -160,8 +165,12 @@ def build_layout(recipe: Recipe, files: dict[str, ModelFiles], trust_remote_code
     if problems:
         raise ModelError("models are not compatible:\n  " + "\n  ".join(problems))
 
+    # non-floating buffers (masks, counters) are not merged: copied through, as mergekit does
+    ref_at = models.index(ref)
+    copied = [ts for ts in tensors if not files[ref].meta(ts.inputs[ref_at])[1].is_floating_point]
+    tensors = [ts for ts in tensors if ts not in copied]
     layout = Layout(models=models, base=base, experts=experts, tensors=tensors,
-                    output_num_layers=n_out_layers, lm_head_added=lm_head_added)
+                    output_num_layers=n_out_layers, lm_head_added=lm_head_added, copied=copied)
     if vocab:
         layout.vocab_perms = _vocab_permutations(recipe, files, models, trust_remote_code)
     return layout

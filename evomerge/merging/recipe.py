@@ -16,6 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, field_validator
 
 from evomerge.errors import RecipeError
+from evomerge.merging.architecture import KINDS, LLAMA, Family
 from evomerge.inputs import load_yaml, validate
 from evomerge.merging.methods import METHODS, MergeMethod, get_method
 
@@ -306,31 +307,28 @@ def evaluate(tensor_name: str, setting: ParamValue, t: float, validate: Callable
 
 # -- Python API for building recipes ------------------------------------------------------------
 
-#: Substring filters of the tensor kinds, in the order they are tried (first match wins).
-KIND_FILTERS: dict[str, str] = {
-    "embed": "embed_tokens",
-    "lm_head": "lm_head",
-    "norm": "norm",
-    "attention": "self_attn",
-    "mlp": "mlp",
-}
-
-
 def gradient(values: Sequence[float]) -> list[float]:
     """Per-layer values: with one value per layer, layer i gets values[i] exactly."""
     return [float(v) for v in values]
 
 
-def per_kind(values: dict[str, Any], default: Any = None) -> ParamValue:
-    """A parameter that differs by tensor kind (keys of KIND_FILTERS); each value may be a scalar or
-    a per-layer list. ``default`` covers tensors matching no kind."""
-    unknown = set(values) - set(KIND_FILTERS)
+def per_kind(values: dict[str, Any], default: Any = None, family: Family = LLAMA) -> ParamValue:
+    """A parameter that differs by tensor kind (see :mod:`.architecture`: attention, mlp, norm,
+    embed, lm_head), written as the family's mergekit filters; each value may be a scalar or a
+    per-layer list. ``default`` covers tensors matching no kind."""
+    unknown = set(values) - set(KINDS)
     if unknown:
-        raise RecipeError(f"per_kind: unknown tensor kinds {sorted(unknown)}; known: {list(KIND_FILTERS)}")
-    conds = [Condition(filter=KIND_FILTERS[k], value=values[k]) for k in KIND_FILTERS if k in values]
+        raise RecipeError(f"per_kind: unknown tensor kinds {sorted(unknown)}; known: {list(KINDS)}")
+    conds = kind_conditions(values, family)
     if default is not None:
         conds.append(Condition(value=default))
     return conds
+
+
+def kind_conditions(values: dict[str, Any], family: Family) -> list[Condition]:
+    """One condition per filter of each kind given, in the family's match order."""
+    return [Condition(filter=mark, value=values[kind]) for kind, marks in family.filters.items() if kind in values
+            for mark in marks]
 
 
 def build(method: str, base_model: Optional[str], experts: dict[str, ParamDict], *,

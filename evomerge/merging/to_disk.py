@@ -123,8 +123,10 @@ def output_config(recipe: Recipe, layout: Layout, files: dict[str, ModelFiles], 
     config = json.loads(json.dumps(files[ref].config))
     dtype_name = str(out_dtype).removeprefix("torch.")
     config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = dtype_name
-    if layout.output_num_layers is not None:
-        config["num_hidden_layers"] = layout.output_num_layers
+    if layout.output_num_layers is not None:  # every key that holds the layer count (GPT-2: n_layer)
+        keys = [k for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config] or ["num_hidden_layers"]
+        for key in keys:
+            config[key] = layout.output_num_layers
     if layout.vocab_perms is not None:
         config["vocab_size"] = int(layout.vocab_perms.shape[1])
     if layout.lm_head_added:
@@ -141,6 +143,17 @@ def tensor_meta(layout: Layout, files: dict[str, ModelFiles], ts: TensorSource
     if ts.vocab:
         shape = (int(layout.vocab_perms.shape[1]), *shape[1:])
     return shape, [d for _, d in metas]
+
+
+def copied_tensor(files: dict[str, ModelFiles], layout: Layout, ts: TensorSource) -> torch.Tensor:
+    """A non-floating buffer, as the reference model holds it; every model must hold the same."""
+    raw = read_inputs(files, layout, ts)
+    ref = layout.models.index(layout.base or layout.models[0])
+    differ = [m for m, t in zip(layout.models, raw) if t.dtype != raw[ref].dtype or not torch.equal(t, raw[ref])]
+    if differ:
+        raise ModelError(f"tensor {ts.name}: a non-floating buffer (not merged, copied through) that differs "
+                         f"between {layout.models[ref]} and {', '.join(differ)}")
+    return raw[ref]
 
 
 def open_models(recipe: Recipe, allow_pickle: bool = False) -> dict[str, ModelFiles]:
@@ -163,6 +176,9 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", a
     for ts in layout.tensors:
         shape, dtypes = tensor_meta(layout, files, ts)
         specs.append(TensorSpec(ts.name, shape, output_dtype(recipe, work_dtype(recipe, dtypes))))
+    for ts in layout.copied:
+        shape, dtypes = tensor_meta(layout, files, ts)
+        specs.append(TensorSpec(ts.name, shape, dtypes[layout.models.index(layout.base or layout.models[0])]))
     tok_src = layout.base or layout.models[0]
     if recipe.tokenizer_source and recipe.tokenizer_source != "base":
         tok_src = recipe.tokenizer_source
@@ -182,6 +198,8 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", a
                                    torch.empty(spec.shape, dtype=spec.dtype, device=dev))
                 del base, states
                 writer.write(ts.name, merged)
+            for ts in layout.copied:
+                writer.write(ts.name, copied_tensor(files, layout, ts))
             writer.finish()
         finally:
             writer.close()
@@ -202,3 +220,5 @@ def merged_tensors(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = 
         base, states, dtype = prepare_inputs(recipe, layout, ts, read_inputs(files, layout, ts), torch.device(device))
         out = torch.empty(tensor_meta(layout, files, ts)[0], dtype=output_dtype(recipe, dtype), device=device)
         yield ts.name, merge_one(recipe, base, states, p, out)
+    for ts in layout.copied:
+        yield ts.name, copied_tensor(files, layout, ts).to(device)

@@ -84,19 +84,14 @@ def _write_run_dir(run_dir: Path, cfg: RunConfig, name: str, url: str) -> None:
     tmp.replace(run_dir / "run.json")
 
 
-def _preflight(cfg: RunConfig, space: SearchSpace, suite: Suite) -> None:
-    """Check everything a run needs before anything is written: the suite's data (both splits)
-    and its lm-eval task names, and the models' compatibility (tensor names and shapes)."""
-    from evomerge.merging.layout import build_layout
-    from evomerge.merging.to_disk import open_models
-
+def _preflight(suite: Suite) -> None:
+    """Check what a run needs before anything is written, beyond what ``space_for`` checked (the
+    models' compatibility): the suite's data (both splits) and its lm-eval task names."""
     suite.check()
     if any(not t.local for t in suite.tasks):
         from evomerge.fitness.lmeval import check_task_names
 
         check_task_names(suite)
-    recipe = space.recipe_from(method_defaults(cfg.merge_method, len(cfg.models.experts)))
-    build_layout(recipe, open_models(recipe, cfg.allow_pickle), cfg.trust_remote_code)
 
 
 def _new_run_place(config_path: str | Path, run_dir: Optional[str | Path], storage: Optional[str]):
@@ -107,7 +102,7 @@ def _new_run_place(config_path: str | Path, run_dir: Optional[str | Path], stora
     suite = Suite.resolve(cfg.fitness.suite)
     n_objectives = len(suite.objectives)
     cfg.check_objectives(n_objectives, str(config_path))
-    _preflight(cfg, space, suite)
+    _preflight(suite)
     name = cfg.name or Path(config_path).stem
     run_dir = Path(run_dir) if run_dir else Path("runs") / name
     url = storage or sqlite_url((run_dir / "run.db").resolve())

@@ -18,6 +18,7 @@ them their own (mergekit evaluates gradients at t = 0 there).
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -30,12 +31,15 @@ from evomerge.errors import EvomergeError
 from evomerge.inputs import load_yaml, validate
 from evomerge.merging.methods import MergeMethod, get_method
 from evomerge.resources import presets_dir, shipped
-from evomerge.merging.recipe import KIND_FILTERS, Condition, Recipe, build
+from evomerge.merging.architecture import LLAMA, Family
+from evomerge.merging.recipe import Condition, Recipe, build, kind_conditions
 
 if TYPE_CHECKING:
     from evomerge.config import RunConfig
 
 SPACES_DIR = presets_dir()
+
+log = logging.getLogger(__name__)
 
 MODULE_KINDS = ("attention", "mlp")  # per-slot kinds when modules is on
 SCALAR_KINDS = ("embed", "norm", "lm_head")  # one value each when modules is on
@@ -145,8 +149,17 @@ class SearchSpace:
 
     def __init__(self, spec: SpaceSpec, *, method: str, base: Optional[str], experts: Sequence[str],
                  num_layers: int, has_lm_head: bool = True, fixed_parameters: Optional[dict] = None,
-                 dtype: Optional[str] = None, random_seed: int = 0):
+                 dtype: Optional[str] = None, random_seed: int = 0, family: Family = LLAMA,
+                 tensor_names: Optional[Sequence[str]] = None):
+        """``tensor_names`` (the reference model's): coordinates are made only for the kinds they
+        have, and the LM head is detected from them (``has_lm_head`` is then ignored)."""
         self.spec = spec
+        self.family = family
+        kinds = None if tensor_names is None else {family.kind_of(n) for n in tensor_names}
+        self.kinds = [k for k in MODULE_KINDS + SCALAR_KINDS if kinds is None or k in kinds]
+        if tensor_names is not None:
+            has_lm_head = "lm_head" in kinds
+        self.reach: Optional[list[int]] = None  # tensors each coordinate changes (see coordinate_reach)
         self.method: MergeMethod = get_method(method)
         self.base = base
         self.experts = list(experts)
@@ -220,7 +233,7 @@ class SearchSpace:
             for owner in owners:
                 expert, label = owner if owner else (None, None)
                 prefix = f"{label}.{param}" if label else param
-                kinds = MODULE_KINDS if self.spec.modules else (None,)
+                kinds = [k for k in MODULE_KINDS if k in self.kinds] if self.spec.modules else [None]
                 for kind in kinds:
                     for slot, layers in self.slots:
                         parts = [prefix] + ([kind] if kind else []) + ([slot] if slot else [])
@@ -228,7 +241,7 @@ class SearchSpace:
                                               None if global_slots and kind is None else layers, low, high))
                 if self.spec.modules:
                     for kind in SCALAR_KINDS:
-                        if kind == "lm_head" and not self.has_lm_head:
+                        if kind not in self.kinds or (kind == "lm_head" and not self.has_lm_head):
                             continue
                         out.append(Coordinate(f"{prefix}.{kind}", param, expert, kind, None, low, high))
         names = [c.name for c in out]
@@ -251,11 +264,14 @@ class SearchSpace:
         head = [f"search space {s.name or '(inline)'}: {s.granularity}"
                 + (f", {s.layers_per_group} layers per group" if s.layers_per_group else "")
                 + (f", {s.knots} knots" if s.knots else "") + (", attention/MLP separately" if s.modules else "")
-                + f"; method {self.method.name}, {len(self.experts)} expert(s), {self.num_layers} layers",
+                + f"; method {self.method.name}, {len(self.experts)} expert(s), {self.num_layers} layers, "
+                f"family {self.family.name}",
                 f"dimension {self.dimension}" + ("; fixed: " + ", ".join(f"{k}={v:g}" for k, v in self.fixed.items())
                                                  if self.fixed else "")]
         width = max((len(c.name) for c in self.coordinates), default=4)
-        rows = [f"  {i:4d}  {c.name:{width}s}  {c.describe()}" for i, c in enumerate(self.coordinates)]
+        reach = self.reach or [None] * self.dimension
+        rows = [f"  {i:4d}  {c.name:{width}s}  {c.describe()}" + (f"; {n} tensor(s)" if n is not None else "")
+                for i, (c, n) in enumerate(zip(self.coordinates, reach))]
         labels = [f"  expert {lab}: {e}" for e, lab in zip(self.experts, self.labels)]
         return "\n".join(head + labels + rows)
 
@@ -295,13 +311,14 @@ class SearchSpace:
 
         if not self.spec.modules:
             return across(None)
-        conds = {kind: across(kind) for kind in MODULE_KINDS}
+        conds = {kind: across(kind) for kind in MODULE_KINDS if kind in self.kinds}
         for kind in SCALAR_KINDS:
             key = f"{prefix}.{kind}"
             if key in vals:
                 conds[kind] = _round(vals[key])
-        ordered = [Condition(filter=KIND_FILTERS[k], value=conds[k]) for k in KIND_FILTERS if k in conds]
-        ordered.append(Condition(value=conds["mlp"]))  # tensors of no known kind follow the MLP values
+        ordered = kind_conditions(conds, self.family)
+        rest = conds.get("mlp", next(iter(conds.values())))
+        ordered.append(Condition(value=rest))  # tensors of no known kind follow the MLP values
         return ordered
 
     def decode(self, x: Sequence[float]) -> Recipe:
@@ -357,15 +374,48 @@ class SearchSpace:
 
 
 def space_for(cfg: "RunConfig") -> SearchSpace:
-    """The config's search space, checked against its models (their configs are read)."""
-    from evomerge.merging.architecture import num_layers
-    from evomerge.merging.model_io import read_config, resolve_model_path
+    """The config's search space for its models' family and tensors, with each coordinate's reach
+    (how many tensors it changes); a coordinate that changes none is an error."""
+    from evomerge.merging.architecture import family_of, num_layers
+    from evomerge.merging.layout import build_layout
+    from evomerge.merging.model_io import ModelFiles
+    from evomerge.merging.to_disk import open_models
 
-    hf = read_config(resolve_model_path(cfg.reference_model), cfg.reference_model)
-    return SearchSpace(load_spec(cfg.space, where="space"), method=cfg.merge_method, base=cfg.models.base,
-                       experts=cfg.models.experts, num_layers=num_layers(hf),
-                       has_lm_head=not hf.get("tie_word_embeddings", False),
-                       fixed_parameters=cfg.fixed_parameters, dtype=cfg.dtype, random_seed=cfg.seed)
+    ref = ModelFiles(cfg.reference_model, allow_pickle=cfg.allow_pickle)
+    space = SearchSpace(load_spec(cfg.space, where="space"), method=cfg.merge_method, base=cfg.models.base,
+                        experts=cfg.models.experts, num_layers=num_layers(ref.config),
+                        fixed_parameters=cfg.fixed_parameters, dtype=cfg.dtype, random_seed=cfg.seed,
+                        family=family_of(ref.config), tensor_names=ref.names())
+    recipe = space.recipe_from(method_defaults(cfg.merge_method, len(cfg.models.experts)))
+    space.reach = coordinate_reach(space, build_layout(recipe, open_models(recipe, cfg.allow_pickle),
+                                                       cfg.trust_remote_code))
+    dead = [c.name for c, n in zip(space.coordinates, space.reach) if n == 0]
+    if dead:
+        text = (f"space: coordinate(s) {', '.join(dead)} change no tensor of these models (family "
+                f"{space.family.name}, {space.num_layers} layers)")
+        if not (isinstance(cfg.space, str) and cfg.space in preset_names()):
+            raise SpaceError(f"{text}; remove them from the space")
+        log.warning("%s; the search will spend effort on them (a finer or coarser preset may fit better)", text)
+    return space
+
+
+def coordinate_reach(space: SearchSpace, layout) -> list[int]:
+    """For each coordinate, the number of tensors whose merge parameters change with it."""
+    def resolved(x: list[float]) -> list[tuple]:
+        recipe = space.decode(x)
+        return [(tuple(tuple(sorted(recipe.model_params(m, ts.name, ts.t, ts.slice_index).items()))
+                       for m in layout.experts),
+                 tuple(sorted(recipe.global_params(ts.name, ts.t, ts.slice_index).items())))
+                for ts in layout.tensors]
+
+    x0 = [0.25] * space.dimension
+    at = resolved(x0)
+    out = []
+    for i in range(space.dimension):
+        x = list(x0)
+        x[i] = 0.75
+        out.append(sum(a != b for a, b in zip(at, resolved(x))))
+    return out
 
 
 def _at_layer(values: list[float], i: int, n: int) -> float:
