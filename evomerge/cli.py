@@ -305,6 +305,15 @@ DISK_FULL_HINT = ("; free some space, then run the command again (a search conti
                   "'evomerge resume RUN_DIR'; every candidate recorded so far is kept)")
 
 
+def _causes(e: BaseException):
+    """The exception and those it was raised from or during, innermost last."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
 def _one_line(text: str, args: argparse.Namespace) -> str:
     from evomerge.rundb.secrets import scrub
 
@@ -333,8 +342,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         first = str(e).splitlines()[0] if str(e) else ""
         text = f"{type(e).__name__}: {first}"
-        full = "disk is full" in first or "No space left" in first
-        text += DISK_FULL_HINT if full else " (run with --debug for the traceback)"
+        full = next((c for c in _causes(e) if "disk is full" in str(c) or "No space left" in str(c)), None)
+        if full is not None:
+            text = f"{type(full).__name__}: {str(full).splitlines()[0]}{DISK_FULL_HINT}"
+        else:
+            text += " (run with --debug for the traceback)"
     print(f"evomerge: error: {_one_line(text, args)}", file=sys.stderr)
     return 2
 

@@ -326,3 +326,50 @@ def test_a_full_disk_during_a_merge(tmp_path, zoo, small_disk):
     line = one_line_error(cli("merge", recipe, small_disk / "merged"))
     assert "No space left on device" in line and "free some space" in line
     assert list(small_disk.iterdir()) == []  # no output, no partial directory
+
+
+def test_a_full_disk_during_a_search_says_how_to_resume(tmp_path, zoo, small_disk):
+    cfg = config(tmp_path, zoo, budget={"max_candidates": 10000}, space="per_layer_per_module")
+    line = one_line_error(cli("search", cfg, "--run-dir", small_disk / "run"))
+    assert "disk is full" in line or "No space left" in line
+    assert "evomerge resume" in line
+    done = len(open_run(small_disk / "run").db.rows())
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)  # space freed
+    assert cli("resume", small_disk / "run", "--max-candidates", str(done + 3)).returncode == 0
+    rows = open_run(small_disk / "run").db.rows()
+    assert sum(r.counted for r in rows) == done + 3 and all(r.state != "running" for r in rows)
+
+
+@pytest.fixture
+def unprivileged(tmp_path):
+    """A folder an unprivileged user can reach, and the command prefix that runs as that user."""
+    import tempfile
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run a command as another user (CI runs as root)")
+    d = Path(tempfile.mkdtemp(prefix="evomerge-perm-"))
+    d.chmod(0o777)
+    yield d, ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_permission_denied_names_the_file(zoo, unprivileged):
+    d, as_nobody = unprivileged
+    for name in ("enc", "rev"):  # readable by that user (pytest's own folders are not)
+        shutil.copytree(zoo["experts"][name], d / name)
+    subprocess.run(["chmod", "-R", "a+rX", str(d)], check=True)
+    recipe = d / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(d / "enc"), "parameters": {"weight": 0.5}},
+        {"model": str(d / "rev"), "parameters": {"weight": 0.5}}]}))
+    recipe.chmod(0o000)
+    env = ENV | {"HF_HOME": str(d / "hf"), "HOME": str(d)}
+    proc = subprocess.run([*as_nobody, sys.executable, "-m", "evomerge.cli", "merge", str(recipe), str(d / "out")],
+                          capture_output=True, text=True, env=env)
+    assert f"{recipe}: cannot read (Permission denied)" in one_line_error(proc)
+    recipe.chmod(0o644)
+    locked = d / "locked"
+    locked.mkdir(mode=0o555)
+    proc = subprocess.run([*as_nobody, sys.executable, "-m", "evomerge.cli", "merge", str(recipe), str(locked / "out")],
+                          capture_output=True, text=True, env=env)
+    assert "Permission denied" in one_line_error(proc) and str(locked) in proc.stderr

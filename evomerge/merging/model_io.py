@@ -87,6 +87,12 @@ def load_causal_lm(ref: str, *, device: str = "cpu", dtype: Optional[str] = None
     return model.to(device).eval()
 
 
+def all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """Whether no element is NaN or inf, checked in chunks (no tensor-sized temporary)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
+
+
 def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else ""
@@ -197,7 +203,7 @@ class ModelFiles:
                 t = self._handle(file).get_tensor(name)
             except Exception as e:
                 raise ModelError(f"model {self.ref}: tensor {name} in {file} is unreadable: {first_line(e)}") from None
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise ModelError(f"model {self.ref}: tensor {name} in {file} holds NaN or inf values; a merge of it "
                              "would be meaningless (repair or replace the checkpoint)")
         return t
