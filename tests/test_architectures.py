@@ -60,7 +60,7 @@ def _config(tmp_path, fam: dict, space="per_layer_per_module") -> RunConfig:
 
 
 @pytest.mark.parametrize("kind, family, lm_head", [("gpt2", "gpt2", False), ("gpt_neox", "gpt_neox", True),
-                                                   ("qwen3", "llama", True), ("mixtral", "mixtral", True)])
+                                                   ("qwen3", "llama", True), ("mixtral", "llama", True)])
 def test_every_coordinate_reaches_tensors(tmp_path, tiny, kind, family, lm_head):
     space = space_for(_config(tmp_path, tiny(kind)))
     assert space.family is FAMILIES[family]
@@ -162,3 +162,112 @@ def test_a_gpt2_base_stored_without_its_prefix(tmp_path, tiny):
     MergeEngine(recipe(str(bare))).apply(recipe(str(bare)), live)
     params = dict(live.named_parameters())
     assert all(torch.equal(params[k], v) for k, v in expected.items() if k in params)
+
+
+# -- MoE and renamed checkpoints, through transformers' conversions ----------------------------------
+
+
+def _moe(kind: str):
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    small = dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, vocab_size=64, num_hidden_layers=2,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    if kind == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(**small, intermediate_size=48, num_local_experts=3))
+    if kind == "qwen3_moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**small, head_dim=16, moe_intermediate_size=24, num_experts=3,
+                                                  num_experts_per_tok=2, decoder_sparse_step=1))
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(**small, moe_intermediate_size=24, shared_expert_intermediate_size=48,
+                                              num_experts=3, num_experts_per_tok=2, decoder_sparse_step=1))
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    """Tiny MoE (and GPT-NeoX) families with a tokenizer, so that they can also be searched."""
+    from evomerge.tiny import build_tokenizer, save_model
+
+    root = tmp_path_factory.mktemp("moe")
+    made = {}
+
+    def get(kind: str) -> dict:
+        if kind not in made:
+            torch.manual_seed(1)
+            model = _model(kind) if kind == "gpt_neox" else _moe(kind)
+            tok = build_tokenizer(64)
+            paths = {"base": str(save_model(model, tok, root / kind / "base")), "experts": []}
+            for i in range(2):
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(torch.randn_like(p) * 0.05)
+                paths["experts"].append(str(save_model(model, tok, root / kind / f"expert_{i}")))
+            made[kind] = paths
+        return made[kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "slerp"])
+def test_moe_merges_are_mergekits(tmp_path, moe, kind, method):
+    """mergekit 0.1.5 merges the fused 3-D expert tensors transformers builds as wholes; so does
+    evomerge, and both write them under the fused names."""
+    from evomerge.merging.recipe import Recipe
+
+    fam = moe(kind)
+    if method == "slerp":
+        raw = {"merge_method": "slerp", "base_model": fam["experts"][0], "parameters": {"t": 0.3},
+               "models": [{"model": fam["experts"][0]}, {"model": fam["experts"][1]}]}
+    else:
+        raw = {"merge_method": method, "base_model": fam["base"], "random_seed": 3, "models": [
+            {"model": e, "parameters": {"weight": 0.6, "density": 0.5}} for e in fam["experts"]]}
+    ours = dict(merged_tensors(Recipe.from_dict(raw)))
+    theirs = mergekit_merge(raw, tmp_path / "mergekit")
+    assert any(n.endswith("mlp.experts.gate_up_proj") for n in ours)
+    assert set(ours) == set(theirs)
+    assert all(ours[n].shape == theirs[n].shape for n in ours)
+    if method != "dare_ties":  # DARE's draws are seeded, mergekit's come from its global RNG (README)
+        for name in ours:
+            assert torch.allclose(ours[name], theirs[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "gpt_neox"])
+def test_moe_and_renamed_checkpoints_search_resume_and_export(tmp_path, moe, kind):
+    from evomerge.run.report import export
+    from evomerge.search.loop import create_run, open_run, run_search
+
+    fam = moe(kind)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"models": fam, "merge_method": "ties", "space": "per_layer_per_module",
+                                   "fitness": {"suite": "zoo-smooth"}, "references": False,
+                                   "driver": {"name": "cma", "popsize": 4}, "budget": {"max_candidates": 3}}))
+    run = create_run(cfg, tmp_path / "run")
+    assert min(run.space.reach) > 0  # every coordinate reaches tensors, fused experts included
+    run_search(run, live=False)
+    run_search(open_run(tmp_path / "run"), resume=True, max_candidates=5, live=False)
+    rows = open_run(tmp_path / "run").db.rows()
+    assert len(rows) == 5 and all(r.state == "complete" for r in rows), [r.error for r in rows]
+    report = export(open_run(tmp_path / "run"), tmp_path / "best", heldout=False)
+    assert report["fitness_recomputed_from_export"] == pytest.approx(report["fitness_recorded"], abs=1e-6)
+    if kind == "gpt_neox":
+        return  # mergekit 0.1.5 requires GPT-NeoX's old masked_bias buffers, which transformers 5 does not save
+    ours = load_dir(tmp_path / "best" / "model")
+    theirs = mergekit_merge(yaml.safe_load((tmp_path / "best" / "recipe.yaml").read_text()), tmp_path / "mk")
+    assert set(ours) == set(theirs)
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in ours)
+
+
+def test_slices_rewrite_every_layer_count_key(tmp_path, tiny):
+    import json
+
+    from evomerge.merging.recipe import Recipe
+    from evomerge.merging.to_disk import merge_to_disk
+
+    fam = tiny("gpt2")
+    recipe = Recipe.from_dict({"merge_method": "linear", "slices": [
+        {"sources": [{"model": fam["experts"][0], "layer_range": [0, 1], "parameters": {"weight": 1.0}}]},
+        {"sources": [{"model": fam["experts"][0], "layer_range": [0, 2], "parameters": {"weight": 1.0}}]}]})
+    out = merge_to_disk(recipe, tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_layer"] == 3 and "num_hidden_layers" not in config

@@ -315,7 +315,7 @@ def small_disk(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
     yield mnt
-    subprocess.run(["umount", str(mnt)], capture_output=True)
+    subprocess.run(["umount", "--lazy", str(mnt)], capture_output=True)
 
 
 def test_a_full_disk_during_a_merge(tmp_path, zoo, small_disk):
@@ -333,10 +333,14 @@ def test_a_full_disk_during_a_search_says_how_to_resume(tmp_path, zoo, small_dis
     line = one_line_error(cli("search", cfg, "--run-dir", small_disk / "run"))
     assert "disk is full" in line or "No space left" in line
     assert "evomerge resume" in line
-    done = len(open_run(small_disk / "run").db.rows())
+    run = open_run(small_disk / "run")
+    done = len(run.db.rows())
+    run.db.close()
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)  # space freed
     assert cli("resume", small_disk / "run", "--max-candidates", str(done + 3)).returncode == 0
-    rows = open_run(small_disk / "run").db.rows()
+    run = open_run(small_disk / "run")
+    rows = run.db.rows()
+    run.db.close()
     assert sum(r.counted for r in rows) == done + 3 and all(r.state != "running" for r in rows)
 
 

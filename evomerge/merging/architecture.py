@@ -5,7 +5,9 @@ The kinds are ``attention``, ``mlp``, ``norm``, ``embed`` and ``lm_head``. Each 
 for each kind, the substrings of checkpoint tensor names that mark it, tried in the entry's order
 (first match wins). They are mergekit ``filter`` strings, so a recipe the search space writes
 reaches the same tensors in ``mergekit-yaml``. A new family is one entry in ``FAMILIES``; a
-``model_type`` with no entry is read as Llama-like.
+``model_type`` with no entry is read as Llama-like. Names are those of the model layout
+(:mod:`.conversion`): Mixtral's ``block_sparse_moe`` experts are ``mlp.experts`` there, as in
+mergekit.
 
 evomerge merges any tensor present in every model. Layer-dependent parameters (gradients across
 depth) use the layer index found in the name, as mergekit does; tensors outside the layers get t = 0.
@@ -60,8 +62,6 @@ LLAMA = _family("llama", (), attention=("self_attn",), mlp=("mlp",), norm=("norm
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     LLAMA,
-    _family("mixtral", ("mixtral",), attention=("self_attn",), mlp=("block_sparse_moe",), norm=("norm",),
-            embed=("embed_tokens",), lm_head=("lm_head",)),
     _family("gpt2", ("gpt2",), vocab=("wte", "lm_head"), prefix="transformer.", attention=(".attn.",), mlp=(".mlp.",), norm=("ln_",),
             embed=("wte", "wpe"), lm_head=("lm_head",)),
     _family("gpt_neox", ("gpt_neox",), attention=(".attention.",), mlp=(".mlp.",),

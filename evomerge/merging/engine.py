@@ -28,6 +28,7 @@ import torch
 
 from evomerge.errors import ModelError, RecipeError
 from evomerge.merging.architecture import family_of
+from evomerge.merging.conversion import live_name
 from evomerge.merging.kernel.mix import ExpertTensor
 from evomerge.merging.kernel.sparsify import stream_seed
 from evomerge.merging.to_disk import (merge_one, open_models, output_dtype, prepare_inputs, read_inputs, resolve_params,
@@ -206,9 +207,14 @@ class MergeEngine:
         t0 = time.perf_counter()
         live = dict(module.named_parameters(remove_duplicate=False))
         live.update(dict(module.named_buffers(remove_duplicate=False)))
-        family = family_of(self.files[self.layout.models[0]].config)
-        targets = {ts.name: live[n] for ts in self.layout.tensors
-                   for n in (ts.name, *family.aliases(ts.name)) if n in live}
+        ref = self.files[self.layout.models[0]]
+        family = family_of(ref.config)
+        targets = {}
+        for ts in self.layout.tensors:  # the live name: the same, the family's alias, or transformers' renaming
+            name = next((n for n in (ts.name, *family.aliases(ts.name)) if n in live), None)
+            name = name or live_name(ref.conversion_key, ts.name, live)
+            if name is not None:
+                targets[ts.name] = live[name]
         targets.update({n: t for n, t in live.items() if n == "lm_head.weight"})
         missing = [ts.name for ts in self.layout.tensors if ts.name not in targets]
         if missing:

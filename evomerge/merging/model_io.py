@@ -178,13 +178,47 @@ class ModelFiles:
         return sd
 
     def names(self) -> list[str]:
-        return list(self.weight_map)
+        """Tensor names in the model layout transformers builds (fused MoE experts), else as stored."""
+        return list(self.layout_plan or self.weight_map)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return name in (self.layout_plan or self.weight_map)
+
+    @property
+    def conversion_key(self) -> Optional[str]:
+        """The key of transformers' conversions for this model (its class or model_type), if any."""
+        if not hasattr(self, "_conversion_key"):
+            from evomerge.merging.conversion import conversion_key
+
+            self._conversion_key = conversion_key(self.config)
+        return self._conversion_key
+
+    @property
+    def layout_plan(self):
+        """Where each model-layout tensor comes from, for checkpoints transformers fuses; else None."""
+        if not hasattr(self, "_layout_plan"):
+            from evomerge.merging.conversion import plan
+
+            self._layout_plan = plan(self.conversion_key, list(self.weight_map))
+        return self._layout_plan
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         """Shape and dtype without reading the data."""
+        origin = self.layout_plan.get(name) if self.layout_plan else name
+        if origin is None:
+            raise ModelError(f"model {self.ref}: has no tensor {name}")
+        if not isinstance(origin, str):
+            from evomerge.merging.conversion import materialize
+
+            def empty(n: str) -> torch.Tensor:
+                shape, dtype = self._stored_meta(n)
+                return torch.empty(shape, dtype=dtype, device="meta")
+
+            t = materialize(self.conversion_key, name, origin, empty)
+            return tuple(t.shape), t.dtype
+        return self._stored_meta(origin)
+
+    def _stored_meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         file = self.weight_map[name]
         if file.endswith(".bin"):
             t = self._pickle(file)[name]
@@ -193,20 +227,30 @@ class ModelFiles:
         return tuple(sl.get_shape()), _ST_NAMES[sl.get_dtype()]
 
     def get(self, name: str) -> torch.Tensor:
+        origin = self.layout_plan.get(name) if self.layout_plan else name
+        if origin is None:
+            raise ModelError(f"model {self.ref}: has no tensor {name}")
+        if isinstance(origin, str):
+            t = self._stored(origin)
+        else:
+            from evomerge.merging.conversion import materialize
+
+            t = materialize(self.conversion_key, name, origin, self._stored)
+        if t.is_floating_point() and not all_finite(t):
+            raise ModelError(f"model {self.ref}: tensor {name} holds NaN or inf values; a merge of it "
+                             "would be meaningless (repair or replace the checkpoint)")
+        return t
+
+    def _stored(self, name: str) -> torch.Tensor:
         file = self.weight_map.get(name)
         if file is None:
             raise ModelError(f"model {self.ref}: has no tensor {name}")
         if file.endswith(".bin"):
-            t = self._pickle(file)[name]
-        else:
-            try:
-                t = self._handle(file).get_tensor(name)
-            except Exception as e:
-                raise ModelError(f"model {self.ref}: tensor {name} in {file} is unreadable: {first_line(e)}") from None
-        if t.is_floating_point() and not all_finite(t):
-            raise ModelError(f"model {self.ref}: tensor {name} in {file} holds NaN or inf values; a merge of it "
-                             "would be meaningless (repair or replace the checkpoint)")
-        return t
+            return self._pickle(file)[name]
+        try:
+            return self._handle(file).get_tensor(name)
+        except Exception as e:
+            raise ModelError(f"model {self.ref}: tensor {name} in {file} is unreadable: {first_line(e)}") from None
 
     @property
     def tied_embeddings(self) -> bool:
