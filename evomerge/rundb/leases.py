@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
-from optuna.trial import TrialState
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState, create_trial
 
 from evomerge.procs import HOST, ended, process_start
 from evomerge.rundb.optuna_sql import OptunaTables
@@ -152,8 +152,7 @@ class Leases:
         the claim is incomplete. A claim gets its first heartbeat and then its owner under the run
         lock this runs under, so one without either is a process that died between Optuna's
         ``ask`` (or a re-queued trial's pop) and :meth:`adopt`. With ``retry``, each is re-queued
-        (WAITING) with the same params and attrs (Optuna's RetryFailedTrialCallback), for the next
-        claim to redo. Returns the failed trial numbers."""
+        (WAITING) with the same params and attrs for the next claim to redo. Returns the failed trial numbers."""
         out = []
         for r in self.running():
             owner = Owner(**r["owner"]) if r["owner"] else None
@@ -165,8 +164,17 @@ class Leases:
                 continue  # it finished, or another process failed it first
             out.append(r["number"])
             if retry:
-                RetryFailedTrialCallback(max_retry=None)(self.study(), self.storage.get_trial(r["trial_id"]))
+                self._requeue(self.storage.get_trial(r["trial_id"]))
         return out
+
+    def _requeue(self, lost) -> None:
+        """A WAITING copy of a lost candidate (its params and attrs), which the next claim redoes;
+        what Optuna's RetryFailedTrialCallback does, with the retry history it keeps."""
+        history = list(lost.system_attrs.get("retry_history", [])) + [lost.number]
+        self.study().add_trial(create_trial(
+            state=TrialState.WAITING, params=lost.params, distributions=lost.distributions,
+            user_attrs=lost.user_attrs,
+            system_attrs=lost.system_attrs | {"failed_trial": lost.number, "retry_history": history}))
 
     def running(self) -> list[dict]:
         """The RUNNING candidates: trial id, number, owner (a dict or None), whether a heartbeat was
