@@ -141,7 +141,8 @@ class MergeEngine:
         for ts in self.layout.tensors:
             # build on the merge device (fast sorts on the GPU), then move to the cache's home
             base, states, dtype = prepare_inputs(self.template, self.layout, ts,
-                                                 read_inputs(self.files, self.layout, ts), self.device, reuse=True)
+                                                 read_inputs(self.files, self.layout, ts, check=True), self.device,
+                                                 reuse=True)
             if base is not None:
                 base = base.to(home)
                 base = base.pin_memory() if pin else base
@@ -190,7 +191,8 @@ class MergeEngine:
         for i, (ts, p) in enumerate(zip(self.layout.tensors, params)):
             if self.placement == "disk":
                 base, states, dtype = prepare_inputs(recipe, self.layout, ts,
-                                                     read_inputs(self.files, self.layout, ts), self.device)
+                                                     read_inputs(self.files, self.layout, ts, check=True),
+                                                     self.device)
             else:
                 entry = self._entries[i]
                 base, states, dtype = entry.base, entry.experts, entry.dtype

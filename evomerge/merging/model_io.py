@@ -238,10 +238,13 @@ class ModelFiles:
             from evomerge.merging.conversion import materialize
 
             t = materialize(self.conversion_key, name, origin, self._stored)
+        return t
+
+    def check_finite(self, name: str, t: torch.Tensor) -> None:
+        """Refuse a tensor holding NaN or inf, naming this model and the tensor."""
         if t.is_floating_point() and not all_finite(t):
             raise ModelError(f"model {self.ref}: tensor {name} holds NaN or inf values; a merge of it "
                              "would be meaningless (repair or replace the checkpoint)")
-        return t
 
     def _stored(self, name: str) -> torch.Tensor:
         file = self.weight_map.get(name)

@@ -14,8 +14,8 @@ import torch
 
 from evomerge.errors import ModelError, RecipeError
 from evomerge.merging.kernel.mix import ExpertTensor, prepare_expert
-from evomerge.merging.model_io import (ModelFiles, ShardedWriter, TensorSpec, atomic_directory, copy_generation_config,
-                       copy_tokenizer, dtype_from_name)
+from evomerge.merging.model_io import (ModelFiles, ShardedWriter, TensorSpec, all_finite, atomic_directory,
+                                       copy_generation_config, copy_tokenizer, dtype_from_name)
 from evomerge.merging.layout import Layout, TensorSource, align_vocab, build_layout
 from evomerge.merging.recipe import Recipe
 
@@ -96,9 +96,33 @@ def expert_states(recipe: Recipe, layout: Layout, ts: TensorSource, tensors: lis
     return base, states
 
 
-def read_inputs(files: dict[str, ModelFiles], layout: Layout, ts: TensorSource) -> list[torch.Tensor]:
-    """One output tensor's input tensors as stored, one per model."""
-    return [files[m].get(n) for m, n in zip(layout.models, ts.inputs)]
+def read_inputs(files: dict[str, ModelFiles], layout: Layout, ts: TensorSource,
+                check: bool = False) -> list[torch.Tensor]:
+    """One output tensor's input tensors as stored, one per model; with ``check``, refused when one
+    holds NaN or inf."""
+    out = [files[m].get(n) for m, n in zip(layout.models, ts.inputs)]
+    if check:
+        for m, n, t in zip(layout.models, ts.inputs, out):
+            files[m].check_finite(n, t)
+    return out
+
+
+def merge_checked(recipe: Recipe, files: dict[str, ModelFiles], layout: Layout, ts: TensorSource,
+                  raw: list[torch.Tensor], params: TensorParams, out: torch.Tensor,
+                  device: torch.device) -> torch.Tensor:
+    """One merged tensor. Its inputs are checked for NaN and inf only when the merge fails or its
+    result is not finite (one check of the output instead of one per input), naming the culprit."""
+    try:
+        base, states, _ = prepare_inputs(recipe, layout, ts, raw, device)
+        merged = merge_one(recipe, base, states, params, out)
+    except Exception:
+        read_inputs(files, layout, ts, check=True)
+        raise
+    if merged.is_floating_point() and not all_finite(merged):
+        read_inputs(files, layout, ts, check=True)
+        raise ModelError(f"tensor {ts.name}: the merge gave NaN or inf values from finite inputs "
+                         "(weights too large for the dtype?)")
+    return merged
 
 
 def prepare_inputs(recipe: Recipe, layout: Layout, ts: TensorSource, raw: Sequence[torch.Tensor],
@@ -192,11 +216,9 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", a
                 raw = pending.result()
                 if i + 1 < len(layout.tensors):
                     pending = pool.submit(read_inputs, files, layout, layout.tensors[i + 1])
-                base, states, _ = prepare_inputs(recipe, layout, ts, raw, dev)
+                merged = merge_checked(recipe, files, layout, ts, raw, p,
+                                       torch.empty(spec.shape, dtype=spec.dtype, device=dev), dev)
                 del raw
-                merged = merge_one(recipe, base, states, p,
-                                   torch.empty(spec.shape, dtype=spec.dtype, device=dev))
-                del base, states
                 writer.write(ts.name, merged)
             for ts in layout.copied:
                 writer.write(ts.name, copied_tensor(files, layout, ts))
@@ -217,8 +239,9 @@ def merged_tensors(recipe: Recipe, *, device: str = "cpu", allow_pickle: bool = 
     files = open_models(recipe, allow_pickle)
     layout = build_layout(recipe, files)
     for ts, p in zip(layout.tensors, resolve_params(recipe, layout)):
-        base, states, dtype = prepare_inputs(recipe, layout, ts, read_inputs(files, layout, ts), torch.device(device))
-        out = torch.empty(tensor_meta(layout, files, ts)[0], dtype=output_dtype(recipe, dtype), device=device)
-        yield ts.name, merge_one(recipe, base, states, p, out)
+        shape, dtypes = tensor_meta(layout, files, ts)
+        out = torch.empty(shape, dtype=output_dtype(recipe, work_dtype(recipe, dtypes)), device=device)
+        yield ts.name, merge_checked(recipe, files, layout, ts, read_inputs(files, layout, ts), p, out,
+                                     torch.device(device))
     for ts in layout.copied:
         yield ts.name, copied_tensor(files, layout, ts).to(device)
