@@ -199,9 +199,11 @@ class ModelFiles:
     def layout_plan(self):
         """Where each model-layout tensor comes from, for checkpoints transformers fuses; else None."""
         if not hasattr(self, "_layout_plan"):
-            from evomerge.merging.conversion import plan
+            self._layout_plan = None
+            if any(".experts." in n for n in self.weight_map):  # what transformers fuses: MoE experts
+                from evomerge.merging.conversion import plan  # (importing the registry takes a second)
 
-            self._layout_plan = plan(self.conversion_key, list(self.weight_map))
+                self._layout_plan = plan(self.conversion_key, list(self.weight_map))
         return self._layout_plan
 
     def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
