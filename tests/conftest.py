@@ -30,6 +30,29 @@ def mergekit_merge(recipe: dict, out: Path) -> dict[str, torch.Tensor]:
     return load_dir(out)
 
 
+def noisy_family(model, root: Path, scale: float, seed: int, tokenizer: bool = True) -> dict:
+    """Save ``model`` as ``root/base`` and two experts (the base plus Gaussian noise of std
+    ``scale``, accumulated), with the tiny word-level tokenizer unless told not to."""
+    from evomerge.tiny import build_tokenizer
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(64) if tokenizer else None
+
+    def save(name: str) -> str:
+        model.save_pretrained(root / name)
+        if tok is not None:
+            tok.save_pretrained(root / name)
+        return str(root / name)
+
+    paths = {"base": save("base"), "experts": []}
+    for i in range(2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * scale)
+        paths["experts"].append(save(f"expert_{i}"))
+    return paths
+
+
 @pytest.fixture(scope="session")
 def families(tmp_path_factory):
     """Tiny model families, built once per test session."""

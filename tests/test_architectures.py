@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from conftest import load_dir, mergekit_merge
+from conftest import load_dir, mergekit_merge, noisy_family
 
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
@@ -38,16 +38,7 @@ def tiny(tmp_path_factory):
     def get(kind: str) -> dict:
         if kind not in made:
             torch.manual_seed(0)
-            base = _model(kind)
-            base.save_pretrained(root / kind / "base")
-            experts = []
-            for i in range(2):
-                with torch.no_grad():
-                    for p in base.parameters():
-                        p.add_(torch.randn_like(p) * 0.02)
-                base.save_pretrained(root / kind / f"expert_{i}")
-                experts.append(str(root / kind / f"expert_{i}"))
-            made[kind] = {"base": str(root / kind / "base"), "experts": experts}
+            made[kind] = noisy_family(_model(kind), root / kind, scale=0.02, seed=0, tokenizer=False)
         return made[kind]
 
     return get
@@ -186,23 +177,14 @@ def _moe(kind: str):
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
     """Tiny MoE (and GPT-NeoX) families with a tokenizer, so that they can also be searched."""
-    from evomerge.tiny import build_tokenizer, save_model
-
     root = tmp_path_factory.mktemp("moe")
     made = {}
 
     def get(kind: str) -> dict:
         if kind not in made:
             torch.manual_seed(1)
-            model = _model(kind) if kind == "gpt_neox" else _moe(kind)
-            tok = build_tokenizer(64)
-            paths = {"base": str(save_model(model, tok, root / kind / "base")), "experts": []}
-            for i in range(2):
-                with torch.no_grad():
-                    for p in model.parameters():
-                        p.add_(torch.randn_like(p) * 0.05)
-                paths["experts"].append(str(save_model(model, tok, root / kind / f"expert_{i}")))
-            made[kind] = paths
+            made[kind] = noisy_family(_model(kind) if kind == "gpt_neox" else _moe(kind), root / kind, scale=0.05,
+                                      seed=1)
         return made[kind]
 
     return get

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from conftest import mergekit_merge
+from conftest import mergekit_merge, noisy_family
 
 from evomerge.config import RunConfig
 from evomerge.merging.recipe import Recipe
@@ -57,8 +57,6 @@ def family(tmp_path_factory):
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from evomerge.tiny import build_tokenizer, save_model
-
     root = tmp_path_factory.mktemp("families-matrix")
     made = {}
 
@@ -67,14 +65,7 @@ def family(tmp_path_factory):
             model_type, overrides, dtype = FAMILIES[name]
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](**overrides)).to(dtype)
-            tok = build_tokenizer(64)
-            paths = {"base": str(save_model(model, tok, root / name / "base")), "experts": []}
-            for i in range(2):
-                with torch.no_grad():
-                    for p in model.parameters():
-                        p.add_(torch.randn_like(p) * 0.05)
-                paths["experts"].append(str(save_model(model, tok, root / name / f"expert_{i}")))
-            made[name] = paths
+            made[name] = noisy_family(model, root / name, scale=0.05, seed=0)
         return made[name]
 
     return get
