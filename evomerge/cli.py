@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, first_line
 from evomerge.fitness.base import BACKENDS
 from evomerge.merging.recipe import DTYPES
 
@@ -60,7 +60,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from evomerge.fitness.base import get_backend
     from evomerge.fitness.suite import Suite
-    from evomerge.merging.model_io import first_line, load_causal_lm
+    from evomerge.merging.model_io import load_causal_lm
 
     suite = Suite.load(args.suite)
     backend = get_backend(args.backend, model_dir=args.model_dir, batch_size=args.batch_size)
@@ -152,9 +152,9 @@ def _finish(run, summary: dict) -> int:
 
 def _cmd_space(args: argparse.Namespace) -> int:
     from evomerge.config import RunConfig
-    from evomerge.search.space import space_for
+    from evomerge.search.space import checked_space
 
-    print(space_for(RunConfig.load(args.config)).describe())
+    print(checked_space(RunConfig.load(args.config)).describe())
     return 0
 
 
@@ -340,11 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one line for the user; the traceback behind --debug
         if args.debug:
             raise
-        first = str(e).splitlines()[0] if str(e) else ""
-        text = f"{type(e).__name__}: {first}"
+        text = f"{type(e).__name__}: {first_line(e)}"
         full = next((c for c in _causes(e) if "disk is full" in str(c) or "No space left" in str(c)), None)
         if full is not None:
-            text = f"{type(full).__name__}: {str(full).splitlines()[0]}{DISK_FULL_HINT}"
+            text = f"{type(full).__name__}: {first_line(full)}{DISK_FULL_HINT}"
         else:
             text += " (run with --debug for the traceback)"
     print(f"evomerge: error: {_one_line(text, args)}", file=sys.stderr)

@@ -5,6 +5,12 @@ class EvomergeError(Exception):
     """Base class of evomerge's user-facing errors."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message, first line only (library messages can run to pages)."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else ""
+
+
 class RecipeError(EvomergeError):
     """A recipe (YAML or API) is invalid."""
 

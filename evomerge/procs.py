@@ -10,6 +10,23 @@ from typing import Optional
 HOST = os.environ.get("EVOMERGE_HOST") or socket.gethostname()
 
 
+def _machine_key(host: str) -> str:
+    """The host name, boot id and pid namespace: equal for processes that see each other's pids."""
+    parts = [host]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    except OSError:
+        pass
+    try:
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        pass
+    return "|".join(parts)
+
+
+MACHINE = _machine_key(HOST)
+
+
 def process_start(pid: int) -> Optional[int]:
     """The process's start time in clock ticks since boot (Linux), or None if there is none."""
     try:

@@ -3,6 +3,8 @@ all reach tensors, and exported recipes that mergekit reads the same way."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import yaml
@@ -12,7 +14,7 @@ from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.merging.architecture import FAMILIES, family_of
 from evomerge.merging.to_disk import merged_tensors
-from evomerge.search.space import space_for
+from evomerge.search.space import checked_space
 
 
 def _model(kind: str):
@@ -33,13 +35,11 @@ def _model(kind: str):
 def tiny(tmp_path_factory):
     """A base and two experts (base + noise) per family, saved as transformers saves them."""
     root = tmp_path_factory.mktemp("archs")
-    made = {}
 
+    @functools.cache
     def get(kind: str) -> dict:
-        if kind not in made:
-            torch.manual_seed(0)
-            made[kind] = noisy_family(_model(kind), root / kind, scale=0.02, seed=0, tokenizer=False)
-        return made[kind]
+        torch.manual_seed(0)
+        return noisy_family(_model(kind), root / kind, scale=0.02, seed=0, tokenizer=False)
 
     return get
 
@@ -53,7 +53,7 @@ def _config(tmp_path, fam: dict, space="per_layer_per_module") -> RunConfig:
 @pytest.mark.parametrize("kind, family, lm_head", [("gpt2", "gpt2", False), ("gpt_neox", "gpt_neox", True),
                                                    ("qwen3", "llama", True), ("mixtral", "llama", True)])
 def test_every_coordinate_reaches_tensors(tmp_path, tiny, kind, family, lm_head):
-    space = space_for(_config(tmp_path, tiny(kind)))
+    space = checked_space(_config(tmp_path, tiny(kind)))
     assert space.family is FAMILIES[family]
     assert space.reach and min(space.reach) > 0, dict(zip(space.names, space.reach))
     # 2 experts x (weight, density) x ((attention, mlp) x 2 layers, embed, norm, and the LM head when untied)
@@ -65,7 +65,7 @@ def test_every_coordinate_reaches_tensors(tmp_path, tiny, kind, family, lm_head)
 def test_per_layer_norms_belong_to_their_attention(tmp_path, tiny):
     fam = tiny("qwen3")
     assert family_of({"model_type": "qwen3"}).kind_of("model.layers.0.self_attn.q_norm.weight") == "attention"
-    space = space_for(_config(tmp_path, fam))
+    space = checked_space(_config(tmp_path, fam))
     reach = dict(zip(space.names, space.reach))
     assert reach["expert_0.weight.attention.L00"] == 6  # q, k, v, o and the q/k norms
     assert reach["expert_0.weight.norm"] == 5  # two per layer and the final norm
@@ -74,12 +74,12 @@ def test_per_layer_norms_belong_to_their_attention(tmp_path, tiny):
 def test_an_inline_coordinate_that_reaches_nothing_is_an_error(tmp_path, tiny):
     # 9 knots over 2 layers: mergekit reads only the first and last value of a 9-value gradient
     with pytest.raises(EvomergeError, match=r"K1, .*change no tensor"):
-        space_for(_config(tmp_path, tiny("gpt2"), space={"granularity": "smooth", "knots": 9}))
+        checked_space(_config(tmp_path, tiny("gpt2"), space={"granularity": "smooth", "knots": 9}))
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "qwen3"])  # mergekit 0.1.5 wants GPT-NeoX's old masked_bias buffers
 def test_exported_recipes_reach_the_same_tensors_in_mergekit(tmp_path, tiny, kind):
-    space = space_for(_config(tmp_path, tiny(kind)))
+    space = checked_space(_config(tmp_path, tiny(kind)))
     x = torch.linspace(0.1, 0.9, space.dimension).tolist()
     recipe = space.decode(x)
     ours = dict(merged_tensors(recipe))
@@ -178,14 +178,11 @@ def _moe(kind: str):
 def moe(tmp_path_factory):
     """Tiny MoE (and GPT-NeoX) families with a tokenizer, so that they can also be searched."""
     root = tmp_path_factory.mktemp("moe")
-    made = {}
 
+    @functools.cache
     def get(kind: str) -> dict:
-        if kind not in made:
-            torch.manual_seed(1)
-            made[kind] = noisy_family(_model(kind) if kind == "gpt_neox" else _moe(kind), root / kind, scale=0.05,
-                                      seed=1)
-        return made[kind]
+        torch.manual_seed(1)
+        return noisy_family(_model(kind) if kind == "gpt_neox" else _moe(kind), root / kind, scale=0.05, seed=1)
 
     return get
 

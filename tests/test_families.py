@@ -4,6 +4,8 @@ each, built once per test run): no dead search coordinate, every merge method ag
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import yaml
@@ -12,7 +14,7 @@ from conftest import mergekit_merge, noisy_family
 from evomerge.config import RunConfig
 from evomerge.merging.recipe import Recipe
 from evomerge.merging.to_disk import merge_to_disk
-from evomerge.search.space import space_for
+from evomerge.search.space import checked_space
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
              vocab_size=64, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=3)
@@ -58,15 +60,13 @@ def family(tmp_path_factory):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     root = tmp_path_factory.mktemp("families-matrix")
-    made = {}
 
+    @functools.cache
     def get(name: str) -> dict:
-        if name not in made:
-            model_type, overrides, dtype = FAMILIES[name]
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](**overrides)).to(dtype)
-            made[name] = noisy_family(model, root / name, scale=0.05, seed=0)
-        return made[name]
+        model_type, overrides, dtype = FAMILIES[name]
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](**overrides)).to(dtype)
+        return noisy_family(model, root / name, scale=0.05, seed=0)
 
     return get
 
@@ -93,7 +93,7 @@ def test_no_dead_coordinate(tmp_path, family, name):
     cfg = RunConfig.from_dict({"models": family(name), "merge_method": "ties", "space": "per_layer_per_module",
                                "fitness": {"suite": "zoo"}, "budget": {"max_candidates": 1}},
                               source=tmp_path / "cfg.yaml")
-    space = space_for(cfg)
+    space = checked_space(cfg)
     assert min(space.reach) > 0, [n for n, r in zip(space.names, space.reach) if r == 0]
 
 

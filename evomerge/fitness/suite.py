@@ -45,7 +45,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import SuiteError
-from evomerge.inputs import key_text, load_yaml
+from evomerge.inputs import key_text, load_yaml, read_text
 from evomerge.resources import shipped, suites_dir
 
 SUITES_DIR = suites_dir()
@@ -282,13 +282,7 @@ def _read_jsonl(task: Task) -> list[tuple[str, Item]]:
     out: list[tuple[str, Item]] = []
     mc = task.spec.kind == "multiple_choice"
     ids: set[str] = set()
-    try:
-        text = task.path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise SuiteError(f"{where}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise SuiteError(f"{where}: cannot read ({e.strerror or e})") from None
-    for lineno, line in enumerate(text.split("\n"), 1):
+    for lineno, line in enumerate(read_text(task.path, SuiteError, "suite data").split("\n"), 1):
         if not line.strip():
             continue
         try:

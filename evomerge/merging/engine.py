@@ -82,6 +82,7 @@ class MergeEngine:
         self.layout = build_layout(template, self.files, trust_remote_code)
         self.shapes = {ts.name: tensor_meta(self.layout, self.files, ts) for ts in self.layout.tensors}
         self._seed: Optional[int] = None
+        self._live_names: dict[str, Optional[str]] = {}  # merged tensor -> live parameter name (see apply)
         self.placement = self._choose_placement(cache, memory_fraction)
         self._entries: list[_Entry] = []
         if self.placement != "disk":
@@ -203,21 +204,29 @@ class MergeEngine:
                 self.shapes[ts.name][0], dtype=output_dtype(recipe, dtype), device=self.device)
             yield ts.name, merge_one(recipe, base, states, p, out)
 
+    def _live_name(self, name: str, live: dict) -> Optional[str]:
+        """The live model's name of a merged tensor: the same, the family's alias (GPT-2 stored
+        without ``transformer.``), or the name transformers' renamings give it (GPT-NeoX's
+        ``embed_out`` is ``lm_head``); None if none exists."""
+        ref = self.files[self.layout.models[0]]
+        alias = next((n for n in (name, *family_of(ref.config).aliases(name)) if n in live), None)
+        return alias or live_name(ref.conversion_key, name, live)
+
     @torch.no_grad()
     def apply(self, recipe: Recipe, module: torch.nn.Module) -> float:
         """Write the recipe's merged weights into ``module``'s parameters in place; returns seconds."""
         t0 = time.perf_counter()
         live = dict(module.named_parameters(remove_duplicate=False))
         live.update(dict(module.named_buffers(remove_duplicate=False)))
-        ref = self.files[self.layout.models[0]]
-        family = family_of(ref.config)
         targets = {}
-        for ts in self.layout.tensors:  # the live name: the same, the family's alias, or transformers' renaming
-            name = next((n for n in (ts.name, *family.aliases(ts.name)) if n in live), None)
-            name = name or live_name(ref.conversion_key, ts.name, live)
+        for ts in self.layout.tensors:
+            name = self._live_names.get(ts.name)
+            if name not in live:  # first apply (or another model): work the live name out once
+                name = self._live_names[ts.name] = self._live_name(ts.name, live)
             if name is not None:
                 targets[ts.name] = live[name]
-        targets.update({n: t for n, t in live.items() if n == "lm_head.weight"})
+        if "lm_head.weight" in live:
+            targets["lm_head.weight"] = live["lm_head.weight"]
         missing = [ts.name for ts in self.layout.tensors if ts.name not in targets]
         if missing:
             raise ModelError(f"the live model has no parameter for merged tensors: {', '.join(missing[:5])}"

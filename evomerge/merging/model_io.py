@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from safetensors import safe_open
 
-from evomerge.errors import ModelError
+from evomerge.errors import ModelError, first_line
 from evomerge.procs import HOST, ended, this_process_tag
 
 log = logging.getLogger(__name__)
@@ -93,11 +93,6 @@ def all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
     if bool(torch.isfinite(t.sum())):
         return True
     return all(bool(torch.isfinite(part).all()) for part in t.reshape(-1).split(chunk))
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else ""
 
 
 def read_config(path: Path, ref: str) -> dict:
@@ -206,11 +201,16 @@ class ModelFiles:
                 self._layout_plan = plan(self.conversion_key, list(self.weight_map))
         return self._layout_plan
 
-    def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        """Shape and dtype without reading the data."""
+    def _origin(self, name: str):
+        """The stored tensor name, or how transformers builds the tensor from stored ones."""
         origin = self.layout_plan.get(name) if self.layout_plan else name
         if origin is None:
             raise ModelError(f"model {self.ref}: has no tensor {name}")
+        return origin
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype without reading the data."""
+        origin = self._origin(name)
         if not isinstance(origin, str):
             from evomerge.merging.conversion import materialize
 
@@ -231,16 +231,12 @@ class ModelFiles:
         return tuple(sl.get_shape()), _ST_NAMES[sl.get_dtype()]
 
     def get(self, name: str) -> torch.Tensor:
-        origin = self.layout_plan.get(name) if self.layout_plan else name
-        if origin is None:
-            raise ModelError(f"model {self.ref}: has no tensor {name}")
+        origin = self._origin(name)
         if isinstance(origin, str):
-            t = self._stored(origin)
-        else:
-            from evomerge.merging.conversion import materialize
+            return self._stored(origin)
+        from evomerge.merging.conversion import materialize
 
-            t = materialize(self.conversion_key, name, origin, self._stored)
-        return t
+        return materialize(self.conversion_key, name, origin, self._stored)
 
     def check_finite(self, name: str, t: torch.Tensor) -> None:
         """Refuse a tensor holding NaN or inf, naming this model and the tensor."""

@@ -12,34 +12,16 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState, create_trial
 
-from evomerge.procs import HOST, ended, process_start
+from evomerge.procs import HOST, MACHINE, ended, process_start
 from evomerge.rundb.optuna_sql import OptunaTables
 
 OWNER_KEY = "worker"  # trial user attr: who evaluates it
-
-
-def _machine_key(host: str) -> str:
-    """The host name, boot id and pid namespace: equal for processes that see each other's pids."""
-    parts = [host]
-    try:
-        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
-    except OSError:
-        pass
-    try:
-        parts.append(os.readlink("/proc/self/ns/pid"))
-    except OSError:
-        pass
-    return "|".join(parts)
-
-
-MACHINE = _machine_key(HOST)
 
 
 @dataclass(frozen=True)

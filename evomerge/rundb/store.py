@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, first_line
 from evomerge.rundb.leases import HOST, Leases
 from evomerge.rundb.lock import RunLock
 from evomerge.rundb.meta import RunMeta
@@ -70,8 +70,8 @@ def open_storage(url: str, heartbeat_s: Optional[int] = None, grace_s: Optional[
             if _creation_race(e) and attempt < 7:
                 time.sleep(0.05 * (attempt + 1))  # the other process finishes creating the tables
                 continue
-            first = str(e).splitlines()[0] if str(e) else ""
-            raise RunDBError(f"storage {redact(url)}: cannot open ({type(e).__name__}: {scrub(first, url)})") from None
+            raise RunDBError(f"storage {redact(url)}: cannot open ({type(e).__name__}: "
+                             f"{scrub(first_line(e), url)})") from None
     raise AssertionError("unreachable")
 
 

@@ -119,6 +119,7 @@ class CmaDriver(Driver):
         self.state: Optional[dict] = None
         self.es = None  # the strategy after the state's tells
         self._told = 0  # how many of the restart's tells ``es`` has seen
+        self._told_by_me: Optional[tuple[dict, Any]] = None  # the state tell() returned, and its strategy
         # the current generation's draws: (restart, generation), the batches asked, the strategy asking them
         self._batches_of: Optional[tuple[int, int]] = None
         self._batches: list[list[list[float]]] = []
@@ -148,8 +149,11 @@ class CmaDriver(Driver):
         if len(state["x0"]) != len(self.names):
             raise DriverStateError(f"run database: cma driver state: x0 has {len(state['x0'])} coordinates, the "
                                    f"space {len(self.names)}")
-        old = self.state
-        if (self.es is None or old is None or old["restart"] != state["restart"]
+        old, told = self.state, self._told_by_me
+        self._told_by_me = None
+        if told is not None and told[0] is state:  # this process's own tell: its strategy is ready
+            self.es, self._told = told[1], len(state["tells"])
+        elif (self.es is None or old is None or old["restart"] != state["restart"]
                 or old["tells"] != state["tells"][:len(old["tells"])]):
             self.es, self._told = self._new_es(state["restart"], state["popsize"], state["x0"]), 0
         for indices, fitness in state["tells"][self._told:]:
@@ -215,6 +219,8 @@ class CmaDriver(Driver):
             popsize = es.popsize * 2
             log.info("cma: stopped (%s); restart %d with popsize %d", dict(es.stop()), restart, popsize)
             new |= {"restart": restart, "popsize": popsize, "x0": [float(v) for v in x0], "tells": []}
+        else:
+            self._told_by_me = (new, es)  # taken by load() once the loop has saved ``new``
         return new
 
 

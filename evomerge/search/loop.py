@@ -39,7 +39,7 @@ from evomerge.rundb.leases import Owner
 from evomerge.rundb.secrets import has_secret, redact
 from evomerge.rundb.store import RunDB, best_row, sqlite_url
 from evomerge.search.claims import DriverClaims, make_driver
-from evomerge.search.space import SearchSpace, method_defaults, space_for
+from evomerge.search.space import SearchSpace, checked_space, method_defaults, space_for
 
 log = logging.getLogger("evomerge.search")
 
@@ -85,7 +85,7 @@ def _write_run_dir(run_dir: Path, cfg: RunConfig, name: str, url: str) -> None:
 
 
 def _preflight(suite: Suite) -> None:
-    """Check what a run needs before anything is written, beyond what ``space_for`` checked (the
+    """Check what a run needs before anything is written, beyond what ``checked_space`` checked (the
     models' compatibility): the suite's data (both splits) and its lm-eval task names."""
     suite.check()
     if any(not t.local for t in suite.tasks):
@@ -98,7 +98,7 @@ def _new_run_place(config_path: str | Path, run_dir: Optional[str | Path], stora
     """A config checked against its models, with the run's name, directory (created; default
     runs/NAME) and storage URL (default: SQLite in that directory), and its objective count."""
     cfg = RunConfig.load(config_path)
-    space = space_for(cfg)
+    space = checked_space(cfg)
     suite = Suite.resolve(cfg.fitness.suite)
     n_objectives = len(suite.objectives)
     cfg.check_objectives(n_objectives, str(config_path))

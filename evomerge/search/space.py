@@ -374,18 +374,27 @@ class SearchSpace:
 
 
 def space_for(cfg: "RunConfig") -> SearchSpace:
-    """The config's search space for its models' family and tensors, with each coordinate's reach
-    (how many tensors it changes); a coordinate that changes none is an error."""
+    """The config's search space for its models' family and tensors (the reference model's header
+    is read); see :func:`checked_space` for the check that every coordinate reaches a tensor."""
     from evomerge.merging.architecture import family_of, num_layers
-    from evomerge.merging.layout import build_layout
     from evomerge.merging.model_io import ModelFiles
-    from evomerge.merging.to_disk import open_models
 
     ref = ModelFiles(cfg.reference_model, allow_pickle=cfg.allow_pickle)
-    space = SearchSpace(load_spec(cfg.space, where="space"), method=cfg.merge_method, base=cfg.models.base,
-                        experts=cfg.models.experts, num_layers=num_layers(ref.config),
-                        fixed_parameters=cfg.fixed_parameters, dtype=cfg.dtype, random_seed=cfg.seed,
-                        family=family_of(ref.config), tensor_names=ref.names())
+    return SearchSpace(load_spec(cfg.space, where="space"), method=cfg.merge_method, base=cfg.models.base,
+                       experts=cfg.models.experts, num_layers=num_layers(ref.config),
+                       fixed_parameters=cfg.fixed_parameters, dtype=cfg.dtype, random_seed=cfg.seed,
+                       family=family_of(ref.config), tensor_names=ref.names())
+
+
+def checked_space(cfg: "RunConfig") -> SearchSpace:
+    """:func:`space_for`, checked against every model (their compatibility) and with each
+    coordinate's reach (how many tensors it changes): a user-written coordinate that changes none
+    is an error, a preset's a warning. For starting a run and ``evomerge space``; a run that is
+    opened again was checked when it started."""
+    from evomerge.merging.layout import build_layout
+    from evomerge.merging.to_disk import open_models
+
+    space = space_for(cfg)
     recipe = space.recipe_from(method_defaults(cfg.merge_method, len(cfg.models.experts)))
     space.reach = coordinate_reach(space, build_layout(recipe, open_models(recipe, cfg.allow_pickle),
                                                        cfg.trust_remote_code))
