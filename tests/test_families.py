@@ -5,6 +5,7 @@ each, built once per test run): no dead search coordinate, every merge method ag
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
@@ -18,6 +19,9 @@ from evomerge.search.space import checked_space
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
              vocab_size=64, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+GEMMA3 = dict(text_config=dict(SMALL, head_dim=16), mm_tokens_per_image=4,
+              vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                 image_size=28, patch_size=14, vision_use_head=False))
 MOE = dict(SMALL, moe_intermediate_size=24, num_experts=3, num_experts_per_tok=2, decoder_sparse_step=1)
 
 FAMILIES = {  # name: (model_type, config overrides, dtype)
@@ -29,12 +33,21 @@ FAMILIES = {  # name: (model_type, config overrides, dtype)
     "qwen3": ("qwen3", dict(SMALL, head_dim=16), torch.float32),
     "gemma2": ("gemma2", dict(SMALL, head_dim=16), torch.float32),
     "gemma3-text": ("gemma3_text", dict(SMALL, head_dim=16), torch.float32),
+    "gemma3-multimodal": ("gemma3", GEMMA3, torch.float32),
     "phi3": ("phi3", SMALL, torch.float32),
     "olmo2": ("olmo2", SMALL, torch.float32),
     "stablelm": ("stablelm", SMALL, torch.float32),
     "starcoder2": ("starcoder2", SMALL, torch.float32),
     "gpt2": ("gpt2", dict(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64, bos_token_id=1,
                           eos_token_id=2), torch.float32),
+    "falcon": ("falcon", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=64,
+                              new_decoder_architecture=True, num_kv_heads=1, tie_word_embeddings=False,
+                              bos_token_id=1, eos_token_id=2), torch.float32),
+    "bloom": ("bloom", dict(hidden_size=32, n_layer=2, n_head=2, vocab_size=64, bos_token_id=1, eos_token_id=2,
+                            pad_token_id=3), torch.float32),
+    "opt": ("opt", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=64,
+                        max_position_embeddings=64, word_embed_proj_dim=32, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=3), torch.float32),
     "gpt-neox": ("gpt_neox", {k: v for k, v in SMALL.items() if k != "num_key_value_heads"}, torch.float32),
     "mixtral": ("mixtral", dict(SMALL, num_local_experts=3), torch.float32),
     "mixtral-bf16": ("mixtral", dict(SMALL, num_local_experts=3), torch.bfloat16),
@@ -66,9 +79,24 @@ def family(tmp_path_factory):
         model_type, overrides, dtype = FAMILIES[name]
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](**overrides)).to(dtype)
-        return noisy_family(model, root / name, scale=0.05, seed=0)
+        paths = noisy_family(model, root / name, scale=0.05, seed=0)
+        if model_type == "gemma3":
+            for path in [paths["base"], *paths["experts"]]:
+                _hub_names(path)
+        return paths
 
     return get
+
+
+def _hub_names(path: str) -> None:
+    """Rename a Gemma 3 checkpoint's vision tower as the published checkpoints have it
+    (transformers 5 saves ``vision_tower.*``, the hub and mergekit have ``vision_tower.vision_model.*``;
+    transformers loads both)."""
+    from safetensors.torch import load_file, save_file
+
+    file = f"{path}/model.safetensors"
+    tensors = {re.sub(r"^vision_tower\.", "vision_tower.vision_model.", k): v for k, v in load_file(file).items()}
+    save_file(tensors, file, metadata={"format": "pt"})
 
 
 def _recipe(method: str, fam: dict) -> dict:
@@ -118,6 +146,22 @@ def test_methods_match_mergekit_on_loaded_parameters(tmp_path, family, name, met
         assert differ <= 0.02 * sum(t.numel() for t in ours.values()), differ
 
 
+@pytest.mark.parametrize("name", [n for n in FAMILIES if FAMILIES[n][2] == torch.float32 and n != "gpt-neox"])
+def test_searched_recipes_reach_the_same_tensors_in_mergekit(tmp_path, family, name):
+    """A per-layer, per-kind recipe as the search writes it (every coordinate a different value)."""
+    cfg = RunConfig.from_dict({"models": family(name), "merge_method": "ties", "space": "per_layer_per_module",
+                               "fitness": {"suite": "zoo"}, "budget": {"max_candidates": 1}},
+                              source=tmp_path / "cfg.yaml")
+    space = checked_space(cfg)
+    raw = yaml.safe_load(space.decode(torch.linspace(0.1, 0.9, space.dimension).tolist()).to_yaml())
+    ours = _loaded(merge_to_disk(Recipe.from_dict(raw), tmp_path / "ours"))
+    mergekit_merge(raw, tmp_path / "mergekit")
+    theirs = _loaded(tmp_path / "mergekit")
+    assert set(ours) == set(theirs)
+    for k in ours:
+        assert torch.allclose(ours[k], theirs[k], atol=1e-6, rtol=0), k
+
+
 # qwen2: transformers 5 replaces the tiny word-level tokenizer by its Qwen2 tokenizer, which encodes the
 # zoo suites' text to nothing; Qwen3, Qwen2-MoE and Qwen3-MoE cover the same module names
 @pytest.mark.parametrize("name", [n for n in FAMILIES if not n.startswith("qwen2-") or n == "qwen2-moe"])
@@ -134,3 +178,15 @@ def test_short_search_and_export(tmp_path, family, name):
     assert all(r.state == "complete" for r in run.db.rows()), [r.error for r in run.db.rows()]
     report = export(run, tmp_path / "best", heldout=False)
     assert report["fitness_recomputed_from_export"] == pytest.approx(report["fitness_recorded"], abs=1e-4)
+
+
+def test_slices_are_refused_on_a_model_with_two_layer_stacks(tmp_path, family):
+    from evomerge.errors import ModelError
+
+    fam = family("gemma3-multimodal")
+    raw = {"merge_method": "linear", "slices": [{"sources": [{"model": fam["base"], "layer_range": [0, 2],
+                                                                 "parameters": {"weight": 1.0}}]}]}
+    with pytest.raises(ModelError, match=r"slices: .* has 2 layer stacks \(language_model.model.layers., "
+                                         r"vision_tower.vision_model.encoder.layers.\)"):
+        merge_to_disk(Recipe.from_dict(raw), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -1,6 +1,7 @@
 """What a tensor name says: its decoder layer, and its kind in one vocabulary for every family.
 
-The kinds are ``attention``, ``mlp``, ``norm``, ``embed`` and ``lm_head``. Each family (a group of
+The kinds are ``attention``, ``mlp``, ``norm``, ``embed`` and ``lm_head``, and ``vision`` (a vision
+tower and its projector) in multimodal families. Each family (a group of
 ``model_type`` values whose checkpoints name their tensors alike) is one :class:`Family` entry:
 for each kind, the substrings of checkpoint tensor names that mark it, tried in the entry's order
 (first match wins). They are mergekit ``filter`` strings, so a recipe the search space writes
@@ -11,17 +12,21 @@ mergekit.
 
 evomerge merges any tensor present in every model. Layer-dependent parameters (gradients across
 depth) use the layer index found in the name, as mergekit does; tensors outside the layers get t = 0.
+A multimodal checkpoint has one layer stack per tower (Gemma 3: ``language_model.model.layers`` and
+``vision_tower.vision_model.encoder.layers``); a layer's position is taken within its own stack, as
+mergekit's modular architectures do.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 
-KINDS = ("attention", "mlp", "norm", "embed", "lm_head")
+KINDS = ("attention", "mlp", "norm", "embed", "lm_head", "vision")
+CORE_KINDS = KINDS[:5]  # every family has these; the others only where the family says so
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,7 @@ class Family:
 
 def _family(name: str, model_types: tuple[str, ...], vocab: tuple[str, ...] = (), prefix: str = "",
             **filters: tuple[str, ...]) -> Family:
-    assert set(filters) == set(KINDS), name
+    assert set(CORE_KINDS) <= set(filters) <= set(KINDS), name
     return Family(name, model_types, dict(filters), vocab, prefix)
 
 
@@ -68,6 +73,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
             norm=("layernorm", "layer_norm"), embed=("embed_in",), lm_head=("embed_out",)),
     _family("bloom", ("bloom", "falcon"), norm=("layernorm", "ln_"), attention=("self_attention",), mlp=(".mlp.",),
             embed=("word_embeddings",), lm_head=("lm_head",)),
+    # Gemma3ForConditionalGeneration: the vision tower and projector first, then the language model
+    _family("gemma3", ("gemma3",), vision=("vision_tower", "multi_modal_projector"),
+            **LLAMA.filters),
     _family("opt", ("opt",), vocab=("embed_tokens", "lm_head"), norm=("layer_norm",), attention=("self_attn",),
             mlp=("fc1", "fc2"), embed=("embed_tokens", "embed_positions"), lm_head=("lm_head",)),
 )}
@@ -108,9 +116,21 @@ def num_layers(config: Mapping[str, Any]) -> int:
     raise KeyError("config has no num_hidden_layers / n_layer / num_layers")
 
 
-def layer_t(name: str, n_layers: int) -> float:
-    """mergekit's interpolation position: idx / (n_layers - 1) inside the layers, 0 outside."""
-    idx = layer_index(name)
-    if idx is None:
+def layer_counts(names: Iterable[str]) -> dict[str, int]:
+    """The number of layers of each layer stack among ``names`` (one stack in a text model)."""
+    counts: dict[str, int] = {}
+    for name in names:
+        m = _LAYER_RE.search(name)
+        if m:
+            stack = name[:m.start(1)]
+            counts[stack] = max(counts.get(stack, 0), int(m.group(1)) + 1)
+    return counts
+
+
+def layer_t(name: str, counts: Mapping[str, int]) -> float:
+    """mergekit's interpolation position: idx / (n - 1) inside a stack of n layers, 0 outside."""
+    m = _LAYER_RE.search(name)
+    if m is None:
         return 0.0
-    return idx / (n_layers - 1) if n_layers > 1 else 1.0
+    n = counts[name[:m.start(1)]]
+    return int(m.group(1)) / (n - 1) if n > 1 else 1.0

@@ -11,8 +11,9 @@ Two kinds of families need it:
   fused tensor) and writes them under the fused names, which transformers loads as they are. So
   evomerge reads such a checkpoint in its model layout (:class:`ConvertedView`) for the merge to
   disk and for the engine alike.
-- **Renaming families** (GPT-NeoX's ``embed_out`` loads as ``lm_head``): the checkpoint's names
-  are kept (mergekit keeps them); :func:`live_name` finds the live parameter of each.
+- **Renaming families** (GPT-NeoX's ``embed_out`` loads as ``lm_head``; Gemma 3's
+  ``language_model.model.*`` as ``model.language_model.*``): the checkpoint's names are kept
+  (mergekit keeps them); :func:`live_name` finds the live parameter of each.
 """
 
 from __future__ import annotations
@@ -109,13 +110,22 @@ def materialize(key: Optional[str], target: str, origin: Origin,
     return out[target]
 
 
-def live_name(key: Optional[str], name: str, live: Union[set, dict]) -> Optional[str]:
+def renamings(module: torch.nn.Module) -> list:
+    """The renamings transformers applies when it loads a checkpoint into ``module``: the root
+    model's and each sub-model's (Gemma 3's language model and vision tower), scoped as
+    transformers scopes them."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    return [tr for tr in get_model_conversion_mapping(module) if _is_renaming(tr)]
+
+
+def live_name(name: str, live: Union[set, dict], renames: Sequence) -> Optional[str]:
     """The live model's parameter for a checkpoint tensor name: the same name, or the name
-    transformers' renamings give it (GPT-NeoX: embed_out -> lm_head); None if neither exists."""
+    ``renames`` (from :func:`renamings`) give it (GPT-NeoX: embed_out -> lm_head; Gemma 3:
+    language_model.model.layers -> model.language_model.layers); None if neither exists."""
     if name in live:
         return name
     renamed = name
-    for tr in _transforms(key):
-        if _is_renaming(tr):
-            renamed, _ = tr.rename_source_key(renamed)
+    for tr in renames:
+        renamed, _ = tr.rename_source_key(renamed)
     return renamed if renamed in live else None

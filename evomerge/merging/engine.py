@@ -18,17 +18,18 @@ that ``evomerge merge`` writes for that recipe.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from evomerge.errors import ModelError, RecipeError
 from evomerge.merging.architecture import family_of
-from evomerge.merging.conversion import live_name
+from evomerge.merging.conversion import live_name, renamings
 from evomerge.merging.kernel.mix import ExpertTensor
 from evomerge.merging.kernel.sparsify import stream_seed
 from evomerge.merging.to_disk import (merge_one, open_models, output_dtype, prepare_inputs, read_inputs, resolve_params,
@@ -204,13 +205,13 @@ class MergeEngine:
                 self.shapes[ts.name][0], dtype=output_dtype(recipe, dtype), device=self.device)
             yield ts.name, merge_one(recipe, base, states, p, out)
 
-    def _live_name(self, name: str, live: dict) -> Optional[str]:
+    def _live_name(self, name: str, live: dict, renames: Callable[[], list]) -> Optional[str]:
         """The live model's name of a merged tensor: the same, the family's alias (GPT-2 stored
-        without ``transformer.``), or the name transformers' renamings give it (GPT-NeoX's
-        ``embed_out`` is ``lm_head``); None if none exists."""
+        without ``transformer.``), or the name transformers' renamings for the live model give
+        it; None if none exists."""
         ref = self.files[self.layout.models[0]]
         alias = next((n for n in (name, *family_of(ref.config).aliases(name)) if n in live), None)
-        return alias or live_name(ref.conversion_key, name, live)
+        return alias or live_name(name, live, renames())
 
     @torch.no_grad()
     def apply(self, recipe: Recipe, module: torch.nn.Module) -> float:
@@ -219,10 +220,11 @@ class MergeEngine:
         live = dict(module.named_parameters(remove_duplicate=False))
         live.update(dict(module.named_buffers(remove_duplicate=False)))
         targets = {}
+        renames = functools.cache(lambda: renamings(module))
         for ts in self.layout.tensors:
             name = self._live_names.get(ts.name)
             if name not in live:  # first apply (or another model): work the live name out once
-                name = self._live_names[ts.name] = self._live_name(ts.name, live)
+                name = self._live_names[ts.name] = self._live_name(ts.name, live, renames)
             if name is not None:
                 targets[ts.name] = live[name]
         if "lm_head.weight" in live:

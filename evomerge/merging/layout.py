@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from evomerge.merging.architecture import family_of, is_vocab_tensor, layer_index, layer_t, num_layers
+from evomerge.merging.architecture import family_of, is_vocab_tensor, layer_counts, layer_index, layer_t
 from evomerge.errors import ModelError, RecipeError
 from evomerge.merging.model_io import ModelFiles
 from evomerge.merging.recipe import Recipe
@@ -97,13 +97,13 @@ def build_layout(recipe: Recipe, files: dict[str, ModelFiles], trust_remote_code
     vocab = recipe.tokenizer_source is not None
     tensors: list[TensorSource] = []
     n_out_layers = None
+    counts = layer_counts(ref_names)
+    if recipe.slices is not None and len(counts) > 1:
+        raise ModelError(f"slices: {ref} has {len(counts)} layer stacks ({', '.join(sorted(counts))}); "
+                         "slices work on models with one")
     if recipe.slices is None:
-        try:
-            n_layers = num_layers(ref_files.config)
-        except KeyError:
-            n_layers = 1 + max((layer_index(n) or 0) for n in ref_names)
         for name in ref_names:
-            t = layer_t(name, n_layers)
+            t = layer_t(name, counts)
             tensors.append(TensorSource(name, tuple(source_name(m, name) for m in models), t, 0,
                                         vocab and is_vocab_tensor(name)))
     else:

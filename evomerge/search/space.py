@@ -42,7 +42,7 @@ SPACES_DIR = presets_dir()
 log = logging.getLogger(__name__)
 
 MODULE_KINDS = ("attention", "mlp")  # per-slot kinds when modules is on
-SCALAR_KINDS = ("embed", "norm", "lm_head")  # one value each when modules is on
+SCALAR_KINDS = ("embed", "norm", "lm_head", "vision")  # one value each when modules is on
 
 
 class SpaceError(EvomergeError):
@@ -155,8 +155,8 @@ class SearchSpace:
         have, and the LM head is detected from them (``has_lm_head`` is then ignored)."""
         self.spec = spec
         self.family = family
-        kinds = None if tensor_names is None else {family.kind_of(n) for n in tensor_names}
-        self.kinds = [k for k in MODULE_KINDS + SCALAR_KINDS if kinds is None or k in kinds]
+        kinds = set(family.filters) if tensor_names is None else {family.kind_of(n) for n in tensor_names}
+        self.kinds = [k for k in MODULE_KINDS + SCALAR_KINDS if k in kinds]
         if tensor_names is not None:
             has_lm_head = "lm_head" in kinds
         self.reach: Optional[list[int]] = None  # tensors each coordinate changes (see coordinate_reach)
