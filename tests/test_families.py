@@ -28,8 +28,8 @@ FAMILIES = {  # name: (model_type, config overrides, dtype)
     "llama": ("llama", SMALL, torch.float32),
     "llama-bf16": ("llama", SMALL, torch.bfloat16),
     "mistral": ("mistral", SMALL, torch.float32),
-    "qwen2-untied": ("qwen2", dict(SMALL, tie_word_embeddings=False), torch.float32),
-    "qwen2-tied": ("qwen2", dict(SMALL, tie_word_embeddings=True), torch.float32),
+    "qwen2-untied": ("qwen2", dict(SMALL, vocab_size=260, tie_word_embeddings=False), torch.float32),
+    "qwen2-tied": ("qwen2", dict(SMALL, vocab_size=260, tie_word_embeddings=True), torch.float32),
     "qwen3": ("qwen3", dict(SMALL, head_dim=16), torch.float32),
     "gemma2": ("gemma2", dict(SMALL, head_dim=16), torch.float32),
     "gemma3-text": ("gemma3_text", dict(SMALL, head_dim=16), torch.float32),
@@ -79,13 +79,28 @@ def family(tmp_path_factory):
         model_type, overrides, dtype = FAMILIES[name]
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](**overrides)).to(dtype)
-        paths = noisy_family(model, root / name, scale=0.05, seed=0)
+        paths = noisy_family(model, root / name, scale=0.05, seed=0, tokenizer=model_type != "qwen2")
+        if model_type == "qwen2":  # transformers 5 loads any tokenizer of a qwen2 model as Qwen2's (byte-level)
+            for path in [paths["base"], *paths["experts"]]:
+                _byte_level_tokenizer().save_pretrained(path)
         if model_type == "gemma3":
             for path in [paths["base"], *paths["experts"]]:
                 _hub_names(path)
         return paths
 
     return get
+
+
+def _byte_level_tokenizer():
+    """A byte-level tokenizer with no merges (257 tokens): what Qwen2's tokenizer class reads back."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
 def _hub_names(path: str) -> None:
@@ -162,9 +177,7 @@ def test_searched_recipes_reach_the_same_tensors_in_mergekit(tmp_path, family, n
         assert torch.allclose(ours[k], theirs[k], atol=1e-6, rtol=0), k
 
 
-# qwen2: transformers 5 replaces the tiny word-level tokenizer by its Qwen2 tokenizer, which encodes the
-# zoo suites' text to nothing; Qwen3, Qwen2-MoE and Qwen3-MoE cover the same module names
-@pytest.mark.parametrize("name", [n for n in FAMILIES if not n.startswith("qwen2-") or n == "qwen2-moe"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_short_search_and_export(tmp_path, family, name):
     from evomerge.run.report import export
     from evomerge.search.loop import create_run, run_search
