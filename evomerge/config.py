@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from evomerge.errors import EvomergeError
 from evomerge.fitness.base import BACKENDS
@@ -34,15 +34,68 @@ class ModelsSpec(_Strict):
     experts: list[str] = Field(min_length=1)
 
 
+class VllmEngineSpec(_Strict):
+    """Engine arguments of the vllm backend (vLLM's own names)."""
+    max_model_len: Optional[int] = Field(None, ge=16)
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    enforce_eager: bool = True
+
+
+GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "seed")
+
+
+class LmEvalOptions(_Strict):
+    """How lm-eval builds the requests (the lm-eval and vllm backends): lm-eval's own names."""
+    num_fewshot: Optional[int] = Field(None, ge=0)  # None: each task's default (0 for local tasks)
+    fewshot_seed: int = 1234  # which examples are drawn: fixed, so every candidate sees the same prompts
+    apply_chat_template: bool = False
+    system_instruction: Optional[str] = None
+    fewshot_as_multiturn: bool = False
+    gen_kwargs: dict[str, Union[bool, int, float, str, list[str]]] = {}  # generate tasks
+
+    @field_validator("gen_kwargs")
+    @classmethod
+    def _gen_kwargs(cls, v: dict) -> dict:
+        unknown = [k for k in v if k not in GEN_KWARGS]
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(GEN_KWARGS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _multiturn(self) -> "LmEvalOptions":
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("fewshot_as_multiturn needs apply_chat_template: true")
+        return self
+
+
 class FitnessSpec(_Strict):
     suite: Union[str, dict[str, Any]]
     backend: str = "native"
     batch_size: int = Field(32, ge=1)
+    lm_eval: Optional[LmEvalOptions] = None  # the lm-eval and vllm backends' request options
+    engine: Optional[VllmEngineSpec] = None  # the vllm backend's engine arguments
 
     @field_validator("backend")
     @classmethod
     def _backend(cls, v: str) -> str:
         return _registered(v, BACKENDS, "backend")
+
+    @field_validator("lm_eval")
+    @classmethod
+    def _options_need_lm_eval(cls, v: Optional[LmEvalOptions], info: ValidationInfo) -> Optional[LmEvalOptions]:
+        backend = info.data.get("backend")
+        if v is not None and backend not in ("lm-eval", "vllm"):
+            raise ValueError(f"lm-eval options apply to the lm-eval and vllm backends, not {backend!r}")
+        return v
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_needs_vllm(cls, v: Optional[VllmEngineSpec], info: ValidationInfo) -> Optional[VllmEngineSpec]:
+        backend = info.data.get("backend")
+        if v is not None and backend != "vllm":
+            raise ValueError(f"engine arguments apply to the vllm backend, not {backend!r}")
+        return v
 
 
 def _registered(v: Optional[str], registry: dict, what: str) -> Optional[str]:

@@ -57,6 +57,7 @@ def describe_validation(e: ValidationError) -> str:
         loc = ".".join(key_text(x) for x in err["loc"]
                        if not str(x).startswith(("function-", "list[", "union[", "dict[")))
         msg = "unknown key" if err["type"] == "extra_forbidden" else " ".join(str(err["msg"]).split())
+        msg = msg.removeprefix("Value error, ")  # a validator's own message needs no pydantic tag
         parts.append(f"{loc or 'top level'}: {msg}")
     # pydantic reports one error per union branch; keep each distinct message once
     return "; ".join(dict.fromkeys(parts))

@@ -141,3 +141,33 @@ def pg_url(pg_server):
         conn.execute(sa.text(f"CREATE DATABASE {name}"))
     admin.dispose()
     yield pg_server.rsplit("/", 1)[0] + f"/{name}"
+
+
+def _vllm_missing() -> str:
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return "vLLM is not installed (make setup-vllm)"
+    return ""
+
+
+@pytest.fixture(scope="session")
+def vllm_family(tmp_path_factory, zoo):
+    """A base and two experts with the zoo's tokenizer and head_dim 32 (vLLM's CPU attention needs
+    at least 32; the trained zoo has 16), random and fp32: outputs are arbitrary but must agree."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if _vllm_missing():
+        if os.environ.get("EVOMERGE_REQUIRE_VLLM"):
+            pytest.fail(_vllm_missing())
+        pytest.skip(_vllm_missing())
+    tok = AutoTokenizer.from_pretrained(zoo["base"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=256, bos_token_id=tok.bos_token_id,
+                                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    paths = noisy_family(model, tmp_path_factory.mktemp("vllm-family"), scale=0.5, seed=0, tokenizer=False)
+    for p in [paths["base"], *paths["experts"]]:
+        tok.save_pretrained(p)
+    return paths

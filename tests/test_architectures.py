@@ -250,3 +250,31 @@ def test_slices_rewrite_every_layer_count_key(tmp_path, tiny):
     out = merge_to_disk(recipe, tmp_path / "out")
     config = json.loads((out / "config.json").read_text())
     assert config["n_layer"] == 3 and "num_hidden_layers" not in config
+
+
+def test_the_vllm_backend_refuses_a_mixture_of_experts_on_cpu(tmp_path, moe):
+    """vLLM 0.32's CPU build does not rebuild its packed expert layout on an in-place reload."""
+    from evomerge.fitness.suite import SuiteError
+    from evomerge.search.loop import create_run
+
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for vLLM's CPU build")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"models": moe("mixtral"), "merge_method": "ties", "space": "global",
+                                   "fitness": {"suite": "zoo", "backend": "vllm"}, "budget": {"max_candidates": 1}}))
+    with pytest.raises(SuiteError, match="fitness.backend vllm: .* is a mixture of experts"):
+        create_run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_fused_experts_split_back_into_the_stored_tensors(moe, kind):
+    """What loaders that take checkpoint names (vLLM's) receive from a merge: exactly the stored tensors."""
+    from evomerge.merging.model_io import ModelFiles
+
+    files = ModelFiles(moe(kind)["experts"][0])
+    fused = [n for n in files.names() if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert fused
+    back = dict(x for n in files.names() for x in files.as_stored(n, files.get(n)))
+    assert back.keys() == set(files.weight_map)
+    assert all(torch.equal(t, files._stored(n)) for n, t in back.items())

@@ -170,25 +170,106 @@ def test_eval_command_reports_bad_input(tmp_path):
     assert proc.returncode == 2 and "cannot be loaded" in proc.stderr
 
 
-# -- vLLM (GPU only) --------------------------------------------------------------------------------
+# -- vLLM (the CPU build here and in CI: make setup-vllm) ------------------------------------------
 
-def _vllm_missing() -> str:
-    if not torch.cuda.is_available():
-        return "the vllm backend needs a CUDA GPU; none on this machine"
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return "the vllm extra is not installed (pip install 'evomerge[vllm]')"
-    return ""
+@pytest.fixture(scope="module")
+def vllm_backend(vllm_family):
+    """One engine for the module's tests."""
+    return get_backend("vllm", model_dir=vllm_family["base"], dtype="float32", engine={"max_model_len": 256})
 
 
-@pytest.mark.skipif(bool(_vllm_missing()), reason=_vllm_missing() or "ready")
-def test_vllm_matches_native(suite, zoo, zoo_model):
-    model, tok = zoo_model("rev")
-    backend = get_backend("vllm", model_dir=zoo["base"])
-    v = backend.score(model, tok, suite)
-    n = get_backend("native").score(model, tok, suite)
-    assert v.tasks["rev"].value == pytest.approx(n.tasks["rev"].value, abs=0.05)
-    # a second candidate, applied in place into the same engine
-    base, _ = zoo_model("base")
-    assert backend.score(base, tok, suite).tasks["rev"].value <= 0.05
+def _items(result) -> dict:
+    return {(t, it.id): (it.correct, it.value, it.output) for t, r in result.tasks.items() for it in r.items}
+
+
+def test_vllm_equals_native_item_by_item(suite, vllm_family, vllm_backend):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(vllm_family["base"])
+    native = get_backend("native")
+    seen = []
+    for path in [vllm_family["experts"][0], vllm_family["base"], vllm_family["experts"][0]]:  # swapped in place
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        v, n = vllm_backend.score(model, tok, suite), native.score(model, tok, suite)
+        assert v.failed is None and n.failed is None
+        _compare_items(v, n)  # correctness, generated text and metric value of every item
+        seen.append(_items(v))
+    assert seen[0] != seen[1]  # the weights did change between candidates
+    assert seen[0] == seen[2]  # and nothing of the previous candidate survives (prefix cache reset)
+
+
+def _compare_items(a, b) -> None:
+    ai, bi = _items(a), _items(b)
+    assert ai.keys() == bi.keys() and len(ai) > 0
+    for key in ai:
+        assert ai[key][0] == bi[key][0] and ai[key][2] == bi[key][2], key
+        assert ai[key][1] == pytest.approx(bi[key][1], abs=1e-4), key
+
+
+CHAT = ("{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}</s> {% endif %}")
+
+
+def test_lm_eval_options_reach_the_vllm_and_lm_eval_backends_alike(tmp_path, suite, vllm_family, vllm_backend):
+    """num_fewshot, a chat template with a system instruction, and gen_kwargs: the vllm backend
+    builds the same requests as lm-eval's HF model, and they change what is scored."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    chat = tmp_path / "chat"
+    shutil.copytree(vllm_family["experts"][1], chat)
+    tok = AutoTokenizer.from_pretrained(chat)
+    tok.chat_template = CHAT
+    tok.save_pretrained(chat)
+    tok = AutoTokenizer.from_pretrained(chat)
+    model = AutoModelForCausalLM.from_pretrained(chat).eval()
+    options = {"num_fewshot": 2, "apply_chat_template": True, "fewshot_as_multiturn": True,
+               "system_instruction": "w1 w2", "gen_kwargs": {"max_gen_toks": 1}}
+    v = get_backend("vllm", model_dir=str(chat), engine={"max_model_len": 256}, options=options).score(model, tok, suite)
+    h = get_backend("lm-eval", options=options).score(model, tok, suite)
+    _compare_items(v, h)
+    assert all(len(tok.encode(it.output, add_special_tokens=False)) <= 1 for it in v.tasks["rev"].items)
+    plain = _items(vllm_backend.score(model, tok, suite))
+    assert any(plain[k][1] != x[1] for k, x in _items(v).items() if k[0] == "fact")  # other contexts
+
+
+def test_few_shot_examples_of_local_tasks_come_from_the_search_split(suite):
+    from evomerge.fitness.lmeval import LmEvalBackend, _task_name
+
+    tasks = LmEvalBackend(options={"num_fewshot": 3}).task_dict(suite)
+    task = suite.tasks[0]
+    lm_task = tasks[_task_name(task)]
+    docs = list(lm_task.eval_docs)
+    heldout = [d for d in docs if d["split"] == "heldout"]
+    search = [d for d in docs if d["split"] == "search"]
+    assert heldout and search
+    for doc in heldout[:3] + search[:3]:
+        shots = lm_task.sampler.sample(3, eval_doc=doc)
+        assert len(shots) == 3 and all(s["split"] == "search" and s != doc for s in shots)
+
+
+def test_vllm_with_two_tensor_parallel_cpu_workers(suite, vllm_family):
+    """Workers in other processes: the merged tensors are sent to them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(vllm_family["base"])
+    model = AutoModelForCausalLM.from_pretrained(vllm_family["experts"][0]).eval()
+    backend = get_backend("vllm", model_dir=vllm_family["base"], engine={"max_model_len": 256,
+                                                                          "tensor_parallel_size": 2})
+    _compare_items(backend.score(model, tok, suite), get_backend("native").score(model, tok, suite))
+
+
+def test_eval_command_with_the_vllm_backend(tmp_path, suite, vllm_family):
+    """`evomerge eval --backend vllm` streams the model's files into the engine: no transformers model."""
+    out = {}
+    for backend in ("vllm", "native"):
+        proc = subprocess.run([sys.executable, "-m", "evomerge.cli", "eval", vllm_family["experts"][1], "--suite", "zoo",
+                               "--backend", backend, "--json", str(tmp_path / f"{backend}.json")],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out[backend] = json.loads((tmp_path / f"{backend}.json").read_text())
+    v, n = out["vllm"]["tasks"], out["native"]["tasks"]
+    assert v.keys() == n.keys()
+    for task in v:  # every item's correctness, output and metric value, and the task's metric
+        assert v[task]["items"] == n[task]["items"] and v[task]["value"] == n[task]["value"], task

@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -239,6 +240,26 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path, zoo):
     assert not (tmp_path / "run").exists()
     data.write_text(good)
     assert cli("search", cfg, "--run-dir", tmp_path / "run").returncode == 0
+
+
+@pytest.mark.parametrize("fitness, message", [
+    ({"suite": "zoo-smooth", "backend": "vllm"}, "task rev: metric margin on a generate task is computed by the "
+                                                 "native backend only"),
+    ({"suite": "zoo", "engine": {"max_model_len": 256}}, "fitness.engine: .*apply to the vllm backend, not 'native'"),
+    ({"suite": "zoo", "lm_eval": {"num_fewshot": 2}}, "fitness.lm_eval: .*apply to the lm-eval and vllm backends, "
+                                                      "not 'native'"),
+    ({"suite": "zoo", "backend": "lm-eval", "lm_eval": {"gen_kwargs": {"max_tokens": 3}}},
+     "fitness.lm_eval.gen_kwargs: unknown key.*'max_tokens'"),
+    ({"suite": "zoo", "backend": "lm-eval", "lm_eval": {"fewshot_as_multiturn": True}},
+     "fitness.lm_eval: fewshot_as_multiturn needs apply_chat_template"),
+    ({"suite": "zoo", "backend": "lm-eval", "lm_eval": {"apply_chat_template": True}},
+     "fitness.lm_eval.apply_chat_template: the tokenizer of .* has no chat template"),
+    ({"suite": "zoo", "backend": "vllm", "engine": {"max_model_len": 4}}, "fitness.engine.max_model_len"),
+])
+def test_a_backend_that_cannot_score_the_suite_is_refused_at_start(tmp_path, zoo, fitness, message):
+    line = one_line_error(cli("search", config(tmp_path, zoo, fitness=fitness), "--run-dir", tmp_path / "run"))
+    assert re.search(message, line), line
+    assert not (tmp_path / "run").exists()
 
 
 def test_concurrent_starts_on_one_run_directory(tmp_path, zoo):

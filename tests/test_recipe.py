@@ -52,7 +52,7 @@ def test_gradient_with_one_value_per_layer_hits_each_value():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (base_recipe(merge_method="nope"), "merge_method: Value error, unknown method 'nope'"),
+    (base_recipe(merge_method="nope"), "merge_method: unknown method 'nope'"),
     (base_recipe(colour="red"), "colour: unknown key"),
     (base_recipe(base_model=None), "base_model: method 'ties' needs a base model"),
     (base_recipe(parameters={"density": 1.5}), "parameters.density: 1.5 is out of range [0, 1]"),
@@ -64,7 +64,7 @@ def test_gradient_with_one_value_per_layer_hits_each_value():
      "models[0].parameters.weight: 'heavy' is not a valid value"),
     (base_recipe(models=[{"model": "e1", "parameters": {"weight": [1, float("nan")]}}]), "is not finite"),
     (base_recipe(models=[{"model": "e1", "parameters": {"weight": 1}, "extra": 2}]), "models.0.extra: unknown key"),
-    (base_recipe(dtype="int4"), "dtype: Value error, unknown dtype 'int4'"),
+    (base_recipe(dtype="int4"), "dtype: unknown dtype 'int4'"),
     (base_recipe(tokenizer_source="union"), "'union' is not supported"),
     ({"merge_method": "slerp", "base_model": "b", "models": [{"model": "b"}, {"model": "e1"}, {"model": "e2"}],
       "parameters": {"t": 0.5}}, "slerp needs the base model and exactly one other model"),

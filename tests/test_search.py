@@ -363,3 +363,23 @@ def test_reclaim_fails_dead_and_silent_candidates(tmp_path):
     states = {r.number: r.state for r in db.rows()}
     assert states == {0: "interrupted", 1: "interrupted", 2: "complete", 3: "interrupted"}
     assert db.leases.counts() == (1, 0)
+
+
+def test_a_vllm_search_resumes_after_sigkill_and_exports(tmp_path, vllm_family):
+    """fitness backend vllm: one engine per process, each candidate streamed into it."""
+    fam = {"base": vllm_family["base"], "experts": vllm_family["experts"]}
+    fitness = {"suite": "zoo", "backend": "vllm", "engine": {"max_model_len": 256}}
+    cfg = config(tmp_path, {"base": fam["base"], "experts": dict(enumerate(fam["experts"]))}, fitness=fitness, references=False, budget={"max_candidates": 8},
+                 driver={"name": "cma", "popsize": 4})
+    cmd = [sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--run-dir", str(tmp_path / "run")]
+    killed = _kill_midway(cmd, tmp_path / "run" / "run.db", "cfg", after=2)
+    assert killed.returncode == -signal.SIGKILL
+    resumed = subprocess.run([sys.executable, "-m", "evomerge.cli", "resume", str(tmp_path / "run")], env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    run = open_run(tmp_path / "run")
+    rows = run.db.rows()
+    assert sum(r.state == "complete" for r in rows) == 8, [r.error for r in rows]
+    assert all(r.state != "running" for r in rows)
+    report = export(run, tmp_path / "best", heldout=False)
+    assert report["fitness_recomputed_from_export"] == pytest.approx(report["fitness_recorded"], abs=1e-4)

@@ -135,8 +135,8 @@ def test_config_relative_paths(tmp_path, zoo):
 
 
 @pytest.mark.parametrize("over, message", [
-    ({"budget": {}}, "budget: Value error, give max_candidates, max_minutes or both"),
-    ({"merge_method": "tie"}, "merge_method: Value error, unknown method 'tie'"),
+    ({"budget": {}}, "budget: give max_candidates, max_minutes or both"),
+    ({"merge_method": "tie"}, "merge_method: unknown method 'tie'"),
     ({"driver": {"name": "cma", "sampler": "tpe"}}, "sampler applies to driver optuna only"),
     ({"driver": {"name": "optuna", "sampler": "annealing"}}, "driver.sampler"),
     ({"colour": "red"}, "colour: unknown key"),

@@ -1,4 +1,4 @@
-"""lm-eval and vLLM backends: a live model wrapped once, task dicts built once per search.
+"""The lm-eval backend: a live model wrapped once, task dicts built once per search.
 
 Local JSONL tasks become lm-eval task configs (``dataset_path: json``), so lm-eval scores exactly
 the items the native scorer does; named tasks come from lm-eval's registry. Items are chosen with
@@ -9,7 +9,6 @@ and ``cache_requests`` would return stale answers after the weights change).
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Optional
 
@@ -31,16 +30,29 @@ def check_task_names(suite: Suite, manager=None) -> None:
         raise SuiteError(f"suite {suite.name}: lm-eval does not know task(s) {', '.join(unknown)}")
 
 
+def check_margin_tasks(suite: Suite) -> None:
+    """Refuse a suite that needs the native scorer's margin on a generate task."""
+    for t in suite.tasks:
+        if t.local and t.spec.kind == "generate" and t.spec.metric == "margin":
+            raise SuiteError(f"suite {suite.name}, task {t.name}: metric margin on a generate task is "
+                             "computed by the native backend only")
+
+
 def _task_name(task: Task) -> str:
     return f"evomerge_{task.suite.name}_{task.name}".replace("-", "_") if task.local else task.spec.lm_eval
 
 
-def task_config(task: Task) -> dict:
-    """An lm-eval task config scoring ``task``'s local JSONL file like the native scorer."""
+def task_config(task: Task, num_fewshot: int = 0) -> dict:
+    """An lm-eval task config scoring ``task``'s local JSONL file like the native scorer. Few-shot
+    examples, when asked for, are drawn from the search split only (never from held-out items;
+    lm-eval leaves out the item being scored)."""
     spec = task.spec
     cfg = {"task": _task_name(task), "dataset_path": "json",
            "dataset_kwargs": {"data_files": {"test": str(task.path)}}, "test_split": "test",
            "doc_to_text": "prompt", "doc_to_target": "answer"}
+    if num_fewshot:
+        cfg |= {"num_fewshot": num_fewshot, "fewshot_config": {"sampler": "default",
+                                                               "samples": lambda: _search_docs(task)}}
     if spec.kind == "multiple_choice":
         cfg |= {"output_type": "multiple_choice", "doc_to_choice": "choices",
                 "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
@@ -58,6 +70,14 @@ def task_config(task: Task) -> dict:
     return cfg
 
 
+def _search_docs(task: Task) -> list[dict]:
+    """The search split's rows of a local task, as lm-eval's JSON loader gives them."""
+    import datasets
+
+    rows = datasets.load_dataset("json", data_files={"test": str(task.path)}, split="test")
+    return [row for row in rows if row["split"] == "search"]
+
+
 def _filter(task: Task) -> str:
     if task.local:
         return "extract" if task.spec.kind == "generate" and task.spec.answer_regex else "none"
@@ -69,8 +89,10 @@ class LmEvalBackend:
 
     name = "lm-eval"
 
-    def __init__(self, batch_size: int = 32):
+    def __init__(self, batch_size: int = 32, options: Optional[dict] = None):
+        """``options``: lm-eval's request options (:class:`evomerge.config.LmEvalOptions` fields)."""
         self.batch_size = batch_size
+        self.options = dict(options or {})
         self._lm = None
         self._wrapped: Optional[int] = None
         self._task_dicts: dict[int, dict] = {}
@@ -89,15 +111,22 @@ class LmEvalBackend:
         if id(suite) not in self._task_dicts:
             from lm_eval.tasks import TaskManager
 
-            for t in suite.tasks:
-                if t.local and t.spec.kind == "generate" and t.spec.metric == "margin":
-                    raise SuiteError(f"suite {suite.name}, task {t.name}: metric margin on a generate task is "
-                                     "computed by the native backend only")
+            check_margin_tasks(suite)
             named = [t.spec.lm_eval for t in suite.tasks if not t.local]
             manager = TaskManager(include_defaults=bool(named))
             check_task_names(suite, manager)
-            entries = [task_config(t) if t.local else t.spec.lm_eval for t in suite.tasks]
-            self._task_dicts[id(suite)] = manager.load(entries)["tasks"]  # leaf tasks by name
+            shots = self.options.get("num_fewshot")
+            entries = [task_config(t, shots or 0) if t.local else t.spec.lm_eval for t in suite.tasks]
+            tasks = manager.load(entries)["tasks"]  # leaf tasks by name
+            for task in tasks.values():  # as lm-eval's simple_evaluate sets them up
+                if shots is not None and task.get_config("num_fewshot") != 0:
+                    task.set_config(key="num_fewshot", value=shots)
+                elif task.get_config("num_fewshot") is None:
+                    task.set_config(key="num_fewshot", value=0)
+                if task.get_config("output_type") == "generate_until" and self.options.get("gen_kwargs"):
+                    task.set_config(key="generation_kwargs", value=dict(self.options["gen_kwargs"]), update=True)
+                task.set_fewshot_seed(seed=self.options.get("fewshot_seed", 1234))
+            self._task_dicts[id(suite)] = tasks
         return self._task_dicts[id(suite)]
 
     def _indices(self, suite: Suite, tasks: dict, split: str) -> dict[str, list[int]]:
@@ -113,8 +142,12 @@ class LmEvalBackend:
     def _evaluate(self, lm, tasks: dict, samples: dict[str, list[int]]) -> dict:
         from lm_eval import evaluator
 
+        o = self.options
         return evaluator.evaluate(lm, tasks, samples=samples, bootstrap_iters=0, log_samples=True,
-                                  cache_requests=False, verbosity="WARNING")
+                                  cache_requests=False, verbosity="WARNING",
+                                  system_instruction=o.get("system_instruction"),
+                                  apply_chat_template=o.get("apply_chat_template", False),
+                                  fewshot_as_multiturn=o.get("fewshot_as_multiturn", False))
 
     def score(self, model, tokenizer, suite: Suite, split: str = "search") -> FitnessResult:
         t0 = time.perf_counter()
@@ -167,42 +200,3 @@ class LmEvalBackend:
 
 
 METRIC_KEYS = ("acc", "acc_norm", "exact_match")
-
-
-class VllmBackend(LmEvalBackend):
-    """lm-eval's vLLM wrapper, one engine per search, started from the base model's directory with
-    dummy weights (no checkpoint is written); each candidate's weights are loaded in place into the
-    running engine, and the prefix cache is reset after every update. GPU only; needs the ``vllm``
-    extra."""
-
-    name = "vllm"
-
-    def __init__(self, model_dir: str, batch_size: int | str = "auto", gpu_memory_utilization: float = 0.5,
-                 max_model_len: Optional[int] = None):
-        super().__init__()
-        self.model_dir = model_dir
-        self.vllm_batch_size = batch_size
-        self.gpu_memory_utilization = gpu_memory_utilization
-        self.max_model_len = max_model_len
-
-    def _wrap(self, model, tokenizer):
-        if self._lm is None:
-            try:
-                import torch
-                import vllm  # noqa: F401
-            except ImportError as e:
-                raise SuiteError("the vllm backend needs the optional extra: pip install 'evomerge[vllm]' "
-                                 f"({e})") from None
-            if not torch.cuda.is_available():
-                raise SuiteError("the vllm backend needs a CUDA GPU")
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
-            from lm_eval.models.vllm_causallms import VLLM
-
-            self._lm = VLLM(pretrained=self.model_dir, load_format="dummy", batch_size=self.vllm_batch_size,
-                            gpu_memory_utilization=self.gpu_memory_utilization,
-                            **({"max_model_len": self.max_model_len} if self.max_model_len else {}))
-        llm = self._lm.model
-        weights = [(k, v) for k, v in model.state_dict().items()]
-        llm.apply_model(lambda m: m.load_weights(iter(weights)))
-        llm.reset_prefix_cache()
-        return self._lm

@@ -110,6 +110,31 @@ def materialize(key: Optional[str], target: str, origin: Origin,
     return out[target]
 
 
+def unfuse(key: Optional[str], target: str, origin: _Fused, tensor: torch.Tensor,
+           stored_shape: Callable[[str], tuple[int, ...]]) -> list[tuple[str, torch.Tensor]]:
+    """A fused tensor split back into the stored tensors it was built from (for loaders that take
+    checkpoint names, such as vLLM's): each expert's slice of ``tensor`` is its source tensors,
+    one per source pattern in the converter's order, concatenated along their first axis, which
+    is how transformers' MoE converters (stack the experts, concatenate gate and up) build it."""
+    converter = _transforms(key)[origin.transform]
+    if len(converter.target_patterns) != 1:
+        raise KeyError(f"{target}: transformers' converter makes {len(converter.target_patterns)} tensors")
+    sources = [origin.sources.get(p, []) for p in converter.source_patterns]
+    if any(not isinstance(n, str) for names in sources for n in names) or len({len(n) for n in sources}) != 1:
+        raise KeyError(f"{target}: its sources are not one stored tensor per expert and pattern")
+    experts = len(sources[0])
+    if tensor.shape[0] != experts:
+        raise KeyError(f"{target}: {tensor.shape[0]} rows along the expert axis for {experts} experts")
+    out = []
+    for e in range(experts):
+        names = [names[e] for names in sources]
+        shapes = [stored_shape(n) for n in names]
+        if sum(s[0] for s in shapes) != tensor.shape[1] or any(tuple(s[1:]) != tuple(tensor.shape[2:]) for s in shapes):
+            raise KeyError(f"{target}: shape {list(tensor.shape)} is not its sources {shapes} stacked and joined")
+        out += zip(names, torch.split(tensor[e], [s[0] for s in shapes], dim=0))
+    return out
+
+
 def renamings(module: torch.nn.Module) -> list:
     """The renamings transformers applies when it loads a checkpoint into ``module``: the root
     model's and each sub-model's (Gemma 3's language model and vision tower), scoped as

@@ -205,6 +205,13 @@ class MergeEngine:
                 self.shapes[ts.name][0], dtype=output_dtype(recipe, dtype), device=self.device)
             yield ts.name, merge_one(recipe, base, states, p, out)
 
+    def merged_as_stored(self, recipe: Recipe) -> Iterator[tuple[str, torch.Tensor]]:
+        """Each merged tensor under the reference checkpoint's names (fused MoE experts split back
+        into per-expert tensors), one at a time: for loaders that map checkpoint names themselves."""
+        ref = self.files[self.layout.models[0]]
+        for name, t in self.merged(recipe):
+            yield from ref.as_stored(name, t)
+
     def _live_name(self, name: str, live: dict, renames: Callable[[], list]) -> Optional[str]:
         """The live model's name of a merged tensor: the same, the family's alias (GPT-2 stored
         without ``transformer.``), or the name transformers' renamings for the live model give

@@ -238,6 +238,27 @@ class ModelFiles:
 
         return materialize(self.conversion_key, name, origin, self._stored)
 
+    def stored_items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every stored tensor under its stored name, one at a time, each checked finite."""
+        for name in self.weight_map:
+            t = self._stored(name)
+            self.check_finite(name, t)
+            yield name, t
+
+    def as_stored(self, name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """A model-layout tensor under the checkpoint's own names: itself, or a fused tensor split
+        back into the stored tensors transformers built it from (vLLM's loader takes those)."""
+        origin = self._origin(name)
+        if isinstance(origin, str):
+            return [(origin, t)]
+        from evomerge.merging.conversion import unfuse
+
+        try:
+            return unfuse(self.conversion_key, name, origin, t, lambda n: self._stored_meta(n)[0])
+        except KeyError as e:
+            raise ModelError(f"model {self.ref}: tensor {name} cannot be split back into its stored tensors "
+                             f"({e.args[0]})") from None
+
     def check_finite(self, name: str, t: torch.Tensor) -> None:
         """Refuse a tensor holding NaN or inf, naming this model and the tensor."""
         if t.is_floating_point() and not all_finite(t):

@@ -20,7 +20,7 @@ from evomerge.errors import EvomergeError, ModelError
 from evomerge.fitness.base import get_backend
 from evomerge.fitness.result import FitnessResult
 from evomerge.fitness.suite import Suite
-from evomerge.merging.model_io import load_causal_lm, resolve_model_path
+from evomerge.merging.model_io import ModelFiles, load_causal_lm, resolve_model_path
 from evomerge.merging.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,10 @@ def _load_model(path: str, cfg: RunConfig):
                           allow_pickle=cfg.allow_pickle)
 
 
+def _dump(spec) -> Optional[dict]:
+    return None if spec is None else spec.model_dump(exclude_none=True)
+
+
 def _describe(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
@@ -82,8 +86,11 @@ class Evaluator:
         self.suite = suite
         ref = str(resolve_model_path(cfg.reference_model))
         self.tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=cfg.trust_remote_code)
-        self.backend = get_backend(cfg.fitness.backend, model_dir=ref,
-                                   batch_size=cfg.fitness.batch_size)
+        self.backend = get_backend(cfg.fitness.backend, model_dir=ref, batch_size=cfg.fitness.batch_size,
+                                   dtype=cfg.dtype, engine=_dump(cfg.fitness.engine), options=_dump(cfg.fitness.lm_eval))
+        # a backend with an engine of its own (vLLM) takes each candidate's merged tensors straight
+        # into that engine: no live transformers model is kept beside it
+        self.streams = hasattr(self.backend, "load_weights")
         self.engine = None
         self.model = None
 
@@ -95,7 +102,12 @@ class Evaluator:
         """A saved model (a parent) scored as it is on each split; loaded once, then freed."""
         t0 = time.perf_counter()
         try:
-            model = _load_model(path, self.cfg)
+            if self.streams:  # its stored tensors straight into the backend's engine
+                files = ModelFiles(str(resolve_model_path(path)), allow_pickle=self.cfg.allow_pickle)
+                self.backend.load_weights(files.stored_items(), self.tokenizer)
+                model = None
+            else:
+                model = _load_model(path, self.cfg)
         except ModelError as e:
             return {s: Evaluation(None, None, error=str(e)) for s in splits}
         load = time.perf_counter() - t0
@@ -112,13 +124,21 @@ class Evaluator:
 
         self.engine = MergeEngine(template, device=self.cfg.device, cache=self.cfg.cache,
                                   allow_pickle=self.cfg.allow_pickle, trust_remote_code=self.cfg.trust_remote_code)
-        self.model = _load_model(self.cfg.reference_model, self.cfg)
+        if not self.streams:
+            self.model = _load_model(self.cfg.reference_model, self.cfg)
+
+    def _apply(self, recipe: Recipe) -> float:
+        if not self.streams:
+            return self.engine.apply(recipe, self.model)
+        t0 = time.perf_counter()
+        self.backend.load_weights(self.engine.merged_as_stored(recipe), self.tokenizer)
+        return time.perf_counter() - t0
 
     def score_recipe(self, recipe: Recipe, split: str = "search") -> Evaluation:
         if self.engine is None:
             self.prepare(recipe)
         try:
-            merge_seconds = self.engine.apply(recipe, self.model)
+            merge_seconds = self._apply(recipe)
         except torch.OutOfMemoryError as e:
             self._free()
             return Evaluation(None, None, error=_describe(e))

@@ -31,7 +31,8 @@ from typing import Iterator, Optional
 
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
-from evomerge.fitness.suite import Suite
+from evomerge.fitness.suite import Suite, SuiteError
+from evomerge.merging.model_io import resolve_model_path
 from evomerge.search.evaluator import Evaluation, Evaluator
 from evomerge.search.fingerprint import changes, fingerprint
 from evomerge.search.progress import Progress
@@ -84,11 +85,32 @@ def _write_run_dir(run_dir: Path, cfg: RunConfig, name: str, url: str) -> None:
     tmp.replace(run_dir / "run.json")
 
 
-def _preflight(suite: Suite) -> None:
+def _preflight(cfg: RunConfig, suite: Suite) -> None:
     """Check what a run needs before anything is written, beyond what ``checked_space`` checked (the
-    models' compatibility): the suite's data (both splits) and its lm-eval task names."""
+    models' compatibility): the suite's data (both splits), its lm-eval task names, that the
+    backend can score every task, and that a chat template asked for exists."""
     suite.check()
+    backend = cfg.fitness.backend
+    if backend == "vllm":
+        from evomerge.fitness.vllm import VllmBackend
+
+        VllmBackend(str(resolve_model_path(cfg.reference_model))).check_model()
+    options = cfg.fitness.lm_eval
+    if options is not None and options.apply_chat_template:
+        from transformers import AutoTokenizer
+
+        ref = str(resolve_model_path(cfg.reference_model))
+        if not AutoTokenizer.from_pretrained(ref, trust_remote_code=cfg.trust_remote_code).chat_template:
+            raise SuiteError(f"fitness.lm_eval.apply_chat_template: the tokenizer of {ref} has no chat template")
+    if backend != "native":
+        from evomerge.fitness.lmeval import check_margin_tasks
+
+        check_margin_tasks(suite)
     if any(not t.local for t in suite.tasks):
+        if backend == "native":
+            named = next(t for t in suite.tasks if not t.local)
+            raise SuiteError(f"suite {suite.name}, task {named.name}: lm-eval task {named.spec.lm_eval!r} needs "
+                             "fitness.backend lm-eval or vllm (the native scorer reads local data only)")
         from evomerge.fitness.lmeval import check_task_names
 
         check_task_names(suite)
@@ -102,7 +124,7 @@ def _new_run_place(config_path: str | Path, run_dir: Optional[str | Path], stora
     suite = Suite.resolve(cfg.fitness.suite)
     n_objectives = len(suite.objectives)
     cfg.check_objectives(n_objectives, str(config_path))
-    _preflight(suite)
+    _preflight(cfg, suite)
     name = cfg.name or Path(config_path).stem
     run_dir = Path(run_dir) if run_dir else Path("runs") / name
     url = storage or sqlite_url((run_dir / "run.db").resolve())
