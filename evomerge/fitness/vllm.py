@@ -201,11 +201,6 @@ class VllmBackend(LmEvalBackend):
         self.engine_args = dict(engine or {})
 
     def _engine(self, tokenizer):
-        try:
-            import vllm  # noqa: F401
-        except ImportError as e:
-            raise SuiteError("the vllm backend needs vLLM: 'make setup-vllm' (CPU build) or "
-                             f"pip install 'evomerge[vllm]' (CUDA) ({e})") from None
         args = {"enforce_eager": True, "seed": 0, **self.engine_args}
         key = (self.model_dir, self.dtype, tuple(sorted(args.items())))
         llm = _engine_for(key, lambda: self._start(args))
@@ -214,13 +209,28 @@ class VllmBackend(LmEvalBackend):
         return llm
 
     def check_model(self) -> None:
-        """Refuse what this engine would score wrongly: on CPU, vLLM 0.32's in-place reload writes
-        MoE expert weights in checkpoint layout where its CPU kernel expects them prepacked (a
-        reloaded Mixtral's log-probs drift by 0.04 from transformers'; loaded from disk they agree
-        to 5e-7), so mixtures of experts are refused there."""
+        """Refuse, before a run starts, what this engine cannot run or would score wrongly:
+        no vLLM installed; on CPU, a head_dim under 32 (vLLM's CPU attention refuses it) and a
+        mixture of experts (vLLM 0.32's in-place reload writes expert weights in checkpoint layout
+        where its CPU kernel expects them prepacked: a reloaded Mixtral's log-probs drift by 0.04
+        from transformers', while loaded from disk they agree to 5e-7)."""
+        import importlib.util
+
         from evomerge.merging.model_io import ModelFiles
 
-        if not torch.cuda.is_available() and ModelFiles(self.model_dir).layout_plan:
+        if importlib.util.find_spec("vllm") is None:
+            raise SuiteError("fitness.backend vllm: vLLM is not installed: 'make setup-vllm' (CPU build) or "
+                             "pip install 'evomerge[vllm]' (CUDA)")
+        if torch.cuda.is_available():
+            return
+        files = ModelFiles(self.model_dir)
+        text = files.config.get("text_config", files.config)
+        heads = text.get("num_attention_heads")
+        head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads if heads else None)
+        if head_dim is not None and head_dim < 32:
+            raise SuiteError(f"fitness.backend vllm: vLLM's CPU attention needs head_dim >= 32; {self.model_dir} "
+                             f"has {head_dim}")
+        if files.layout_plan:
             raise SuiteError(f"fitness.backend vllm: {self.model_dir} is a mixture of experts, whose weights vLLM's "
                              "CPU build cannot reload in place (its packed expert layout is not rebuilt); use the "
                              "native or lm-eval backend")
