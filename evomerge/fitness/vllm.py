@@ -224,16 +224,16 @@ class VllmBackend(LmEvalBackend):
         if torch.cuda.is_available():
             return
         files = ModelFiles(self.model_dir)
+        if files.layout_plan:
+            raise SuiteError(f"fitness.backend vllm: {self.model_dir} is a mixture of experts, whose weights vLLM's "
+                             "CPU build cannot reload in place (its packed expert layout is not rebuilt); use the "
+                             "native or lm-eval backend")
         text = files.config.get("text_config", files.config)
         heads = text.get("num_attention_heads")
         head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads if heads else None)
         if head_dim is not None and head_dim < 32:
             raise SuiteError(f"fitness.backend vllm: vLLM's CPU attention needs head_dim >= 32; {self.model_dir} "
                              f"has {head_dim}")
-        if files.layout_plan:
-            raise SuiteError(f"fitness.backend vllm: {self.model_dir} is a mixture of experts, whose weights vLLM's "
-                             "CPU build cannot reload in place (its packed expert layout is not rebuilt); use the "
-                             "native or lm-eval backend")
 
     def _start(self, args: dict):
         self.check_model()
