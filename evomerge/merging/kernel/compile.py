@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from evomerge.errors import first_line
+
 log = logging.getLogger(__name__)
 
 _COMPILE_MIN_NUMEL = 2048  # smaller tensors run eagerly (same results, no compile per tiny shape)
@@ -86,7 +88,7 @@ def _try_compiled(compiled: Callable, args: tuple):
     except Exception as e:  # no C++ compiler, unsupported device...: same results, eagerly
         _compile_failed = True
         log.warning("torch.compile failed (%s: %s); the merge kernel runs eagerly from now on",
-                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                    type(e).__name__, first_line(e))
         return _FAILED
 
 
