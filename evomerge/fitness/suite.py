@@ -74,6 +74,7 @@ class TaskSpec(BaseModel):
     n: Optional[int] = Field(None, ge=1)
     n_heldout: Optional[int] = Field(None, ge=1)
     seed: int = 0
+    subsample: Literal["seeded", "first"] = "seeded"  # first: the split's first n items (lm-eval's limit)
     stop: list[str] = Field(default_factory=lambda: ["\n"])
     answer_regex: Optional[str] = None
     max_new_tokens: int = Field(32, ge=1)
@@ -182,9 +183,13 @@ class Task:
         if not pool:
             raise SuiteError(f"suite {self.suite.name}, task {self.name}: {self.path} has no {split!r} items")
         if n is not None and n < len(pool):
-            rng = random.Random(self.spec.seed)
-            pool = sorted(rng.sample(pool, n), key=lambda it: it.index)
+            pool = self._subsample(pool, n)
         return pool
+
+    def _subsample(self, pool: list, n: int) -> list:
+        if self.spec.subsample == "first":
+            return pool[:n]
+        return sorted(random.Random(self.spec.seed).sample(pool, n), key=lambda it: getattr(it, "index", it))
 
     def lm_eval_indices(self, n_docs: int, split: str) -> list[int]:
         """For an lm-eval task of ``n_docs`` documents: the sorted document indices of ``split``."""
@@ -194,7 +199,7 @@ class Task:
         pool = sorted(order[:cut] if split == "search" else order[cut:])
         n = self.spec.n if split == "search" else self.spec.n_heldout
         if n is not None and n < len(pool):
-            pool = sorted(random.Random(self.spec.seed).sample(pool, n))
+            pool = self._subsample(pool, n)
         return pool
 
 
