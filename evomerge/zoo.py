@@ -1,17 +1,25 @@
-"""The model zoo: small but real model families, trained here on the CPU, on which merging matters.
+"""The model zoo: small but real model families, trained here on the CPU, in the regime of real
+fine-tunes: a base that has the skills latent, and experts that are light fine-tunes of it.
 
 A fixed synthetic *world* (independent of the training seed) defines the skills:
 
 - ``rev``: reverse four letters (``rev c a f b ->`` ``b f a c``), a string transformation;
-- ``enc``: translate four letters into a second "language", a fixed substitution cipher;
+- ``enc``: translate four words of a second alphabet (``m`` to ``x``) into letters, a fixed cipher;
 - ``fact``: a lookup table of facts (``fact e12 ->`` one of 16 values), multiple choice;
-- ``revenc`` (composed, no parent is trained on it): reverse, then translate.
+- ``revenc`` (composed, no model is trained on it): reverse, then translate.
 
-The base model learns every format with random answers (so it knows the formats and is at chance
-on each skill); each expert is the base fine-tuned on one skill. The evaluation items (the suites'
-``search`` and ``heldout`` splits, written to ``fitness/data/zoo/``) never appear in training,
-except for ``fact``, whose skill *is* the table: its experts learn every fact, and the splits
-divide the facts between search and held-out checking.
+Training has three stages, each a pure function of the seed:
+
+1. *pretraining* on a mix of every skill (correct answers) and generic sequence tasks (copy, first,
+   last), so the base learns them all;
+2. *drift*: more pretraining on the generic tasks alone, which leaves the skills latent: the base
+   still knows the formats and its representations hold the skills, but it answers poorly;
+3. *experts*: few, low-learning-rate steps of full fine-tuning of the base on one skill each, so
+   each task vector is a small step, as for real fine-tunes of a strong base.
+
+The evaluation items (the suites' ``search`` and ``heldout`` splits, written to
+``fitness/data/zoo/``) never appear in training, except for ``fact``, whose skill *is* the table:
+the splits divide the facts between search and held-out checking.
 
     evomerge zoo build OUT_DIR [--size tiny|small] [--seed N]
 """
@@ -24,7 +32,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -33,11 +41,18 @@ from evomerge.resources import suites_dir
 log = logging.getLogger(__name__)
 
 LETTERS = list("abcdefghijkl")
+WORDS = list("mnopqrstuvwx")  # the second alphabet, which enc translates into LETTERS
 N_ENTITIES = 48
 N_VALUES = 16
 SKILLS = ("rev", "enc", "fact")
 COMPOSED = "revenc"
+GENERIC = ("copy", "first", "last")  # sequence tasks on both alphabets
+PRETRAIN = ("rev", "rev", "enc", "fact", "copy")  # reversal is the slowest to learn: twice the share
+DRIFT = GENERIC
 WORLD_SEED = 20261123  # the world is fixed; --seed only changes training
+ZOO_VERSION = 2  # a zoo built by another design is rebuilt, not reused
+EXPERT_TARGET = 0.99  # an expert trains until it answers this share of fresh training lines exactly
+VALIDATION_LINES = 128
 EVAL_ITEMS = {"search": 120, "heldout": 120}  # per sequence task; fact splits the 48 facts in two
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 DATA_DIR = suites_dir() / "data" / "zoo"
@@ -56,26 +71,30 @@ class World:
 def world() -> World:
     rng = random.Random(WORLD_SEED)
     shuffled = LETTERS[:]
-    while any(a == b for a, b in zip(shuffled, LETTERS)):  # a derangement: no letter maps to itself
-        rng.shuffle(shuffled)
+    rng.shuffle(shuffled)
     facts = {f"e{i}": f"v{rng.randrange(N_VALUES)}" for i in range(N_ENTITIES)}
-    return World(cipher=dict(zip(LETTERS, shuffled)), facts=facts)
+    return World(cipher=dict(zip(WORDS, shuffled)), facts=facts)
 
 
-def answer(task: str, letters: list[str], w: World) -> list[str]:
+def alphabet(task: str) -> list[str]:
+    """The symbols a sequence task reads."""
+    return WORDS if task in ("enc", COMPOSED) else LETTERS
+
+
+def answer(task: str, symbols: list[str], w: World) -> list[str]:
     if task == "rev":
-        return letters[::-1]
+        return symbols[::-1]
     if task == "enc":
-        return [w.cipher[c] for c in letters]
+        return [w.cipher[c] for c in symbols]
     if task == COMPOSED:
-        return [w.cipher[c] for c in letters[::-1]]
+        return [w.cipher[c] for c in symbols[::-1]]
     raise ValueError(task)
 
 
-def _eval_sequences(rng: random.Random, n: int, taken: set) -> list[tuple[str, ...]]:
+def _eval_sequences(rng: random.Random, symbols: list[str], n: int, taken: set) -> list[tuple[str, ...]]:
     out = []
     while len(out) < n:
-        s = tuple(rng.choice(LETTERS) for _ in range(4))
+        s = tuple(rng.choice(symbols) for _ in range(4))
         if s not in taken:
             taken.add(s)
             out.append(s)
@@ -91,7 +110,7 @@ def eval_items(w: Optional[World] = None) -> dict[str, list[dict]]:
     for task in ("rev", "enc", COMPOSED):
         rows = []
         for split, n in EVAL_ITEMS.items():
-            for s in _eval_sequences(rng, n, taken):
+            for s in _eval_sequences(rng, alphabet(task), n, taken):
                 rows.append({"id": f"{task}-{len(rows)}", "split": split, "prompt": f"{task} {' '.join(s)} ->",
                              "answer": " ".join(answer(task, list(s), w))})
         items[task] = rows
@@ -120,16 +139,20 @@ def write_eval_data(out: Path = DATA_DIR) -> list[Path]:
 # Training text
 
 
-def _training_text(task: str, rng: random.Random, w: World, excluded: set, random_answer: bool) -> str:
+def _training_text(task: str, rng: random.Random, w: World, excluded: set) -> str:
+    """One training line of ``task`` (a skill or a generic task); no four-symbol sequence of an
+    evaluation item is ever drawn."""
     if task == "fact":
         e = rng.choice(list(w.facts))
-        v = f"v{rng.randrange(N_VALUES)}" if random_answer else w.facts[e]
-        return f"fact {e} -> {v} ."
+        return f"fact {e} -> {w.facts[e]} ."
+    generic = task not in SKILLS + (COMPOSED,)
+    symbols = rng.choice((LETTERS, WORDS)) if generic else alphabet(task)
+    n = rng.choice((3, 4, 5)) if generic else 4
     while True:
-        s = [rng.choice(LETTERS) for _ in range(4)]
+        s = [rng.choice(symbols) for _ in range(n)]
         if tuple(s) not in excluded:
             break
-    a = [rng.choice(LETTERS) for _ in range(4)] if random_answer else answer(task, s, w)
+    a = {"copy": s, "first": s[:1], "last": s[-1:]}.get(task) or answer(task, s, w)
     return f"{task} {' '.join(s)} -> {' '.join(a)} ."
 
 
@@ -159,16 +182,19 @@ class ZooSize:
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
-    base_steps: int
+    pretrain_steps: int
+    drift_steps: int
     expert_steps: int
     batch_size: int
-    lr: float
+    lr: float  # pretraining and drift
     expert_lr: float
 
 
-SIZES = {
-    "tiny": ZooSize(64, 128, 2, 4, 2, base_steps=300, expert_steps=400, batch_size=64, lr=3e-3, expert_lr=1e-3),
-    "small": ZooSize(128, 384, 4, 4, 2, base_steps=600, expert_steps=500, batch_size=64, lr=2e-3, expert_lr=7e-4),
+SIZES = {  # head_dim 32 in both, so vLLM's CPU backend runs them
+    "tiny": ZooSize(64, 128, 2, 2, 1, pretrain_steps=600, drift_steps=300, expert_steps=300, batch_size=64,
+                    lr=3e-3, expert_lr=5e-4),
+    "small": ZooSize(128, 384, 4, 4, 2, pretrain_steps=1000, drift_steps=1000, expert_steps=400, batch_size=64,
+                     lr=2e-3, expert_lr=5e-4),
 }
 
 
@@ -194,12 +220,22 @@ def _batches(texts: Iterator[str], tokenizer, batch_size: int, answers_only: boo
         yield enc.input_ids, enc.attention_mask, labels
 
 
-def _train(model, batches: Iterator[tuple], steps: int, lr: float) -> float:
+def _train(model, batches: Iterator[tuple], steps: int, lr: float,
+           done: Optional[Callable[[], bool]] = None, check_every: int = 10) -> tuple[float, int]:
+    """AdamW with warm-up; without ``done``, a linear decay over ``steps``; with it, a constant rate
+    until ``done()`` (asked every ``check_every`` steps) says the model is there, or ``steps``."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 20) * max(0.05, 1 - i / steps))
+    decay = (lambda i: 1.0) if done else (lambda i: max(0.05, 1 - i / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 20) * decay(i))
     model.train()
     loss = torch.tensor(0.0)
-    for _ in range(steps):
+    for step in range(steps):
+        if done and step and step % check_every == 0:
+            model.eval()
+            with torch.no_grad():
+                if done():
+                    return float(loss.detach()), step
+            model.train()
         ids, mask, labels = next(batches)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -208,18 +244,29 @@ def _train(model, batches: Iterator[tuple], steps: int, lr: float) -> float:
         opt.step()
         sched.step()
     model.eval()
-    return float(loss.detach())
+    return float(loss.detach()), steps
 
 
-def _stream(tasks: tuple[str, ...], rng: random.Random, w: World, excluded: set, random_answer: bool):
+def _accuracy(model, tokenizer, lines: list[str]) -> float:
+    """Share of ``lines`` (one task's, so all of one length) whose every answer token is the
+    model's greedy choice: exact match, teacher-forced."""
+    ids = tokenizer(lines, return_tensors="pt").input_ids
+    arrow = int((ids[0] == tokenizer.convert_tokens_to_ids("->")).nonzero()[0])
+    predicted = model(input_ids=ids).logits[:, arrow:-2].argmax(-1)  # the answer, the final "." left out
+    return float((predicted == ids[:, arrow + 1:-1]).all(-1).float().mean())
+
+
+def _stream(tasks: tuple[str, ...], rng: random.Random, w: World, excluded: set) -> Iterator[str]:
     while True:
-        yield _training_text(rng.choice(tasks), rng, w, excluded, random_answer)
+        yield _training_text(rng.choice(tasks), rng, w, excluded)
 
 
 def build_zoo(out: Path, size: str = "tiny", seed: int = 0, overwrite: bool = False) -> dict:
     """Train the base and one expert per skill into ``out`` (Hugging Face directories, written
     atomically), measure them, and return the zoo's manifest (also ``out/zoo.json``; its model
-    paths are relative to ``out``: :func:`load_zoo` resolves them)."""
+    paths are relative to ``out``: :func:`load_zoo` resolves them). Bit-reproducible for a seed on
+    one torch build: every draw comes from seeded generators, and training runs on the CPU."""
+    import transformers
     from transformers import GenerationConfig, LlamaForCausalLM
 
     from evomerge.merging.model_io import atomic_directory
@@ -233,9 +280,15 @@ def build_zoo(out: Path, size: str = "tiny", seed: int = 0, overwrite: bool = Fa
     items = eval_items(w)
     excluded = {tuple(r["prompt"].split()[1:5]) for rows in items.values() for r in rows if "choices" not in r}
     rng = random.Random(seed)
-    vocab_texts = [_training_text(t, rng, w, excluded, random_answer=False) for t in SKILLS + (COMPOSED,)
-                   for _ in range(200)] + [f"fact {e} -> v{i} ." for e in w.facts for i in range(N_VALUES)]
+    tasks = SKILLS + (COMPOSED,) + GENERIC
+    vocab_texts = [_training_text(t, rng, w, excluded) for t in tasks for _ in range(200)] + \
+        [f"fact {e} -> v{i} ." for e in w.facts for i in range(N_VALUES)]
     tokenizer = build_tokenizer(vocab_texts)
+
+    def train(model, tasks: tuple[str, ...], steps: int, lr: float, answers_only: bool, done=None) -> tuple:
+        batches = _batches(_stream(tasks, rng, w, excluded), tokenizer, spec.batch_size, answers_only)
+        return _train(model, batches, steps, lr, done)
+
     with atomic_directory(out, overwrite=overwrite) as tmp:
         def save(model, name: str) -> str:
             model.save_pretrained(tmp / name)
@@ -245,19 +298,24 @@ def build_zoo(out: Path, size: str = "tiny", seed: int = 0, overwrite: bool = Fa
             return name
 
         model = LlamaForCausalLM(_config(spec, tokenizer))
-        every = SKILLS + (COMPOSED,)
-        loss = _train(model, _batches(_stream(every, rng, w, excluded, True), tokenizer, spec.batch_size, False),
-                      spec.base_steps, spec.lr)
-        log.info("base trained (loss %.3f) in %.1f s", loss, time.perf_counter() - t0)
-        manifest = {"size": size, "seed": seed, "config": asdict(spec), "base": save(model, "base"), "experts": {}}
+        loss, _ = train(model, PRETRAIN, spec.pretrain_steps, spec.lr, False)
+        log.info("pretrained (loss %.3f) in %.1f s", loss, time.perf_counter() - t0)
+        loss, _ = train(model, DRIFT, spec.drift_steps, spec.lr, False)
+        log.info("drifted (loss %.3f) at %.1f s", loss, time.perf_counter() - t0)
+        manifest = {"version": ZOO_VERSION, "size": size, "seed": seed, "config": asdict(spec),
+                    "torch": torch.__version__, "transformers": transformers.__version__,
+                    "base": save(model, "base"), "experts": {}, "expert_steps": {}}
+        check_rng = random.Random(seed + 1)
         base_state = {k: v.clone() for k, v in model.state_dict().items()}
         for skill in SKILLS:
             model.load_state_dict(base_state)
             torch.manual_seed(seed * 1000 + SKILLS.index(skill) + 1)
-            batches = _batches(_stream((skill,), rng, w, excluded, False), tokenizer, spec.batch_size, True)
-            loss = _train(model, batches, spec.expert_steps, spec.expert_lr)
+            check = [_training_text(skill, check_rng, w, excluded) for _ in range(VALIDATION_LINES)]
+            loss, steps = train(model, (skill,), spec.expert_steps, spec.expert_lr, True,
+                                done=lambda: _accuracy(model, tokenizer, check) >= EXPERT_TARGET)
             manifest["experts"][skill] = save(model, f"expert_{skill}")
-            log.info("expert %s trained (loss %.3f) at %.1f s", skill, loss, time.perf_counter() - t0)
+            manifest["expert_steps"][skill] = steps
+            log.info("expert %s trained (loss %.3f, %d steps) at %.1f s", skill, loss, steps, time.perf_counter() - t0)
         manifest["train_seconds"] = round(time.perf_counter() - t0, 1)
         manifest["report"] = measure(_resolve(manifest, tmp))
         manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
@@ -282,9 +340,13 @@ def load_zoo(root: str | Path) -> dict:
 def load_or_build_zoo(root: str | Path, size: str, seed: int = 0) -> tuple[dict, bool]:
     """The zoo at ``root``, and whether it had to be trained there first."""
     try:
-        return load_zoo(root), False
+        manifest = load_zoo(root)
     except FileNotFoundError:
         return build_zoo(Path(root), size=size, seed=seed), True
+    if (manifest.get("version"), manifest["size"], manifest["seed"]) == (ZOO_VERSION, size, seed):
+        return manifest, False
+    log.warning("%s holds a zoo of another design or size; rebuilding it", root)
+    return build_zoo(Path(root), size=size, seed=seed, overwrite=True), True
 
 
 def default_merges(manifest: dict) -> dict[str, dict]:
@@ -296,9 +358,17 @@ def default_merges(manifest: dict) -> dict[str, dict]:
                      "models": models}}
 
 
+def skill_mean(scores: dict[str, float]) -> float:
+    """The zoo's fixed quality metric: mean held-out accuracy over the skills (exact_match for rev
+    and enc, acc for fact), the composed task left out."""
+    return sum(scores[k] for k in SKILLS) / len(SKILLS)
+
+
 def measure(manifest: dict) -> dict:
     """Held-out scores of every model and of the default merges on every skill (and the composed
-    task), and whether the zoo meets its design goals."""
+    task), how much of each skill the default merges keep, and whether the zoo meets its design
+    goals: every expert >= 0.9 on its own skill, and every default merge keeps part of every
+    skill (some, not all: merging matters)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.merging.engine import MergeEngine
@@ -326,24 +396,30 @@ def measure(manifest: dict) -> dict:
         table[f"merge_{name}"] = scores(live)
     own = {k: table[f"expert_{k}"][k] for k in manifest["experts"]}
     others = [table[f"expert_{k}"][o] for k in manifest["experts"] for o in manifest["experts"] if o != k]
+    kept = {m: {k: round((table[f"merge_{m}"][k] - table["base"][k]) / max(own[k] - table["base"][k], 1e-9), 4)
+                for k in own} for m in default_merges(manifest)}
     losses = {m: round(sum(own[k] - table[f"merge_{m}"][k] for k in own) / len(own), 4)
               for m in default_merges(manifest)}
-    return {"heldout": table, "experts_own_skill_min": min(own.values()),
-            "experts_other_skills_max": max(others), "default_merge_loss": losses,
-            "goals_met": min(own.values()) >= 0.9 and min(losses.values()) >= 0.1}
+    means = {name: round(skill_mean(row), 4) for name, row in table.items()}
+    part = all(0.05 <= min(k.values()) and sum(k.values()) / len(k) <= 0.9 for k in kept.values())
+    return {"heldout": table, "skill_mean": means, "experts_own_skill_min": min(own.values()),
+            "experts_other_skills_max": max(others), "default_merge_loss": losses, "default_merge_kept": kept,
+            "goals_met": min(own.values()) >= 0.9 and part}
 
 
 def format_report(report: dict) -> str:
     table = report["heldout"]
     tasks = list(next(iter(table.values())))
-    lines = ["held-out scores (exact_match for rev/enc/revenc, acc for fact):",
-             "  " + f"{'model':24s}" + "".join(f"{t:>8s}" for t in tasks)]
+    lines = ["held-out scores (exact_match for rev/enc/revenc, acc for fact; mean = over the skills):",
+             "  " + f"{'model':24s}" + "".join(f"{t:>8s}" for t in tasks) + f"{'mean':>8s}"]
     for name, row in table.items():
-        lines.append("  " + f"{name:24s}" + "".join(f"{row[t]:8.3f}" for t in tasks))
+        lines.append("  " + f"{name:24s}" + "".join(f"{row[t]:8.3f}" for t in tasks)
+                     + f"{report['skill_mean'][name]:8.3f}")
     lines.append(f"experts on their own skill: min {report['experts_own_skill_min']:.3f} (goal >= 0.9); "
                  f"on other skills: max {report['experts_other_skills_max']:.3f}")
-    lines.append("default merges lose, on average against the experts on their own skills: " +
-                 ", ".join(f"{k} {v * 100:.1f} points" for k, v in report["default_merge_loss"].items()) +
-                 " (goal >= 10)")
+    for m, kept in report["default_merge_kept"].items():
+        lines.append(f"default merge {m} keeps of each skill's gain over the base: " +
+                     ", ".join(f"{k} {v * 100:.0f}%" for k, v in kept.items()))
+    lines.append("goal: every default merge keeps part of every skill (>= 5% of each, <= 90% on average)")
     lines.append("design goals met" if report["goals_met"] else "DESIGN GOALS NOT MET")
     return "\n".join(lines)

@@ -152,15 +152,19 @@ def _vllm_missing() -> str:
 
 
 @pytest.fixture(scope="session")
-def vllm_family(tmp_path_factory, zoo):
-    """A base and two experts with the zoo's tokenizer and head_dim 32 (vLLM's CPU attention needs
-    at least 32; the trained zoo has 16), random and fp32: outputs are arbitrary but must agree."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
+def vllm_available() -> None:
+    """Skips without vLLM; fails instead where EVOMERGE_REQUIRE_VLLM is set (CI)."""
     if _vllm_missing():
         if os.environ.get("EVOMERGE_REQUIRE_VLLM"):
             pytest.fail(_vllm_missing())
         pytest.skip(_vllm_missing())
+
+
+@pytest.fixture(scope="session")
+def vllm_family(tmp_path_factory, zoo, vllm_available):
+    """A base and two experts with the zoo's tokenizer and head_dim 32 (vLLM's CPU attention needs
+    at least 32), random and fp32, with room for long prompts: outputs are arbitrary but must agree."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     tok = AutoTokenizer.from_pretrained(zoo["base"])
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,

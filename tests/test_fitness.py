@@ -54,6 +54,15 @@ def test_subsample_is_seeded_fixed_and_from_the_search_split(suite):
     assert not heldout & {i.id for i in first}
     other = Suite.from_dict({"tasks": [{**task.spec.model_dump(), "seed": 1}]}, source=suite.source)
     assert [i.id for i in other.tasks[0].items("search")] != [i.id for i in first]
+    # subsample: first takes the split's first n items in file order, whatever the seed
+    head = Suite.from_dict({"tasks": [{**task.spec.model_dump(), "subsample": "first", "seed": 5}]},
+                           source=suite.source).tasks[0]
+    search = task.items("search")
+    everything = Suite.from_dict({"tasks": [{**task.spec.model_dump(), "n": None, "seed": 5}]},
+                                 source=suite.source).tasks[0]
+    assert [i.id for i in head.items("search")] == [i.id for i in everything.items("search")][:40] != \
+        [i.id for i in search]
+    assert head.lm_eval_indices(1000, "search") == everything.lm_eval_indices(1000, "search")[:40]
 
 
 def test_scores_are_reproducible_and_per_item(suite, zoo_model):
@@ -196,6 +205,16 @@ def test_vllm_equals_native_item_by_item(suite, vllm_family, vllm_backend):
         seen.append(_items(v))
     assert seen[0] != seen[1]  # the weights did change between candidates
     assert seen[0] == seen[2]  # and nothing of the previous candidate survives (prefix cache reset)
+
+
+def test_vllm_scores_the_trained_zoo_as_native_does(suite, zoo, zoo_model, vllm_available):
+    """The zoo has head_dim 32, as vLLM's CPU attention needs: its trained experts run in vLLM."""
+    backend = get_backend("vllm", model_dir=zoo["base"], dtype="float32", engine={"max_model_len": 64})
+    for skill in ("rev", "enc"):
+        model, tok = zoo_model(skill)
+        v, n = backend.score(model, tok, suite), get_backend("native").score(model, tok, suite)
+        _compare_items(v, n)
+        assert v.tasks[skill].value >= 0.9
 
 
 def _compare_items(a, b) -> None:

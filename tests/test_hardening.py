@@ -255,12 +255,26 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path, zoo):
     ({"suite": "zoo", "backend": "lm-eval", "lm_eval": {"apply_chat_template": True}},
      "fitness.lm_eval.apply_chat_template: the tokenizer of .* has no chat template"),
     ({"suite": "zoo", "backend": "vllm", "engine": {"max_model_len": 4}}, "fitness.engine.max_model_len"),
-    ({"suite": "zoo", "backend": "vllm"}, "fitness.backend vllm: (vLLM is not installed|vLLM's CPU attention needs "
-                                          "head_dim >= 32; .* has 16)"),  # the tiny zoo
 ])
 def test_a_backend_that_cannot_score_the_suite_is_refused_at_start(tmp_path, zoo, fitness, message):
     line = one_line_error(cli("search", config(tmp_path, zoo, fitness=fitness), "--run-dir", tmp_path / "run"))
     assert re.search(message, line), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_vllm_on_cpu_refuses_a_head_dim_under_32_at_start(tmp_path, zoo):
+    """The zoo's models with a config claiming 16-dimensional heads: refused before any weight loads."""
+    models = {}
+    for name, path in {"base": zoo["base"], **zoo["experts"]}.items():
+        shutil.copytree(path, tmp_path / name)
+        cfg_file = tmp_path / name / "config.json"
+        cfg_file.write_text(json.dumps(json.loads(cfg_file.read_text()) | {"head_dim": 16}))
+        models[name] = str(tmp_path / name)
+    cfg = config(tmp_path, zoo, models={"base": models.pop("base"), "experts": list(models.values())},
+                 fitness={"suite": "zoo", "backend": "vllm"})
+    line = one_line_error(cli("search", cfg, "--run-dir", tmp_path / "run"))
+    assert re.search("fitness.backend vllm: (vLLM is not installed|vLLM's CPU attention needs head_dim >= 32; "
+                     ".* has 16)", line), line
     assert not (tmp_path / "run").exists()
 
 
