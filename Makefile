@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.evomerge-installed
 
-.PHONY: setup setup-vllm demo test bench bench-fitness bench-vllm bench-search bench-workers clean
+.PHONY: setup setup-vllm demo test bench bench-fitness bench-vllm bench-search bench-quality bench-workers clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ bench-vllm: setup-vllm
 ## Share of each candidate's wall time outside fitness evaluation on the demo search.
 bench-search: setup
 	$(PY) benchmarks/search_overhead.py
+
+## Held-out quality against candidates for cma, tpe, random and the mergekit-evolve protocol, 3 seeds each.
+bench-quality: setup
+	$(PY) benchmarks/search_quality.py --candidates 240
 
 ## Candidates per minute with 1, 2 and 3 workers on the tiny zoo, and each worker's idle share.
 bench-workers: setup
