@@ -208,7 +208,7 @@ class RunConfig(_Strict):
         suite: Union[str, dict] = self.fitness.suite
         if isinstance(suite, str):
             p = root / suite
-            if suite.endswith((".yaml", ".yml")) or p.exists():
+            if suite.endswith((".yaml", ".yml")) or p.is_file():  # else a shipped name, even beside a folder of it
                 if not p.exists():
                     raise ConfigError(f"{where}: fitness.suite: no such file {p}")
                 suite = str(p.resolve())
@@ -219,7 +219,7 @@ class RunConfig(_Strict):
                 suite["tasks"] = [t | {"data": str((root / t["data"]).resolve())}
                                   if isinstance(t, dict) and isinstance(t.get("data"), str) else t for t in tasks]
         space: Union[str, dict] = self.space
-        if isinstance(space, str) and (space.endswith((".yaml", ".yml")) or (root / space).exists()):
+        if isinstance(space, str) and (space.endswith((".yaml", ".yml")) or (root / space).is_file()):
             space = str((root / space).resolve())
         return self.model_copy(update={"models": models, "space": space,
                                        "fitness": self.fitness.model_copy(update={"suite": suite})})

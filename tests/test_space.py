@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from evomerge.config import ConfigError, RunConfig
+from evomerge.fitness.suite import Suite
 from evomerge.merging.recipe import Recipe
 from evomerge.search.space import SearchSpace, SpaceError, load_spec, preset_names, space_for
 
@@ -132,6 +133,11 @@ def test_config_relative_paths(tmp_path, zoo):
     cfg = RunConfig.load(write_config(tmp_path, zoo, models=rel))
     assert Path(cfg.models.base).is_absolute() and Path(cfg.models.base).exists()
     assert space_for(cfg).num_layers == 2
+    # a folder named like a shipped suite or preset (the zoo in ./zoo) does not hide the shipped one
+    (tmp_path / "per_layer").mkdir()
+    cfg = RunConfig.load(write_config(tmp_path, zoo, models=rel, space="per_layer", fitness={"suite": "zoo"}))
+    assert cfg.fitness.suite == "zoo" and Suite.load(cfg.fitness.suite).name == "zoo"
+    assert space_for(cfg).dimension == 3 * 2 * 2  # experts x parameters x layers
 
 
 @pytest.mark.parametrize("over, message", [

@@ -229,7 +229,7 @@ class Suite:
     def load(cls, name_or_path: str | Path) -> "Suite":
         """A suite file, or the name of one shipped in ``fitness/`` (``zoo`` -> ``fitness/zoo.yaml``)."""
         p = Path(name_or_path)
-        if not p.exists() and p.suffix == "" and (SUITES_DIR / f"{p.name}.yaml").exists():
+        if not p.is_file() and p.suffix == "" and (SUITES_DIR / f"{p.name}.yaml").exists():
             p = SUITES_DIR / f"{p.name}.yaml"
         if not p.exists():
             raise SuiteError(f"suite {name_or_path}: no such file (shipped suites: {', '.join(shipped(SUITES_DIR))})")

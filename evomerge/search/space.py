@@ -98,7 +98,7 @@ def load_spec(ref: Any, where: str = "space") -> SpaceSpec:
     source = where
     if isinstance(ref, str):
         path = Path(ref)
-        if not path.exists() and (SPACES_DIR / f"{ref}.yaml").exists():
+        if not path.is_file() and (SPACES_DIR / f"{ref}.yaml").exists():
             path = SPACES_DIR / f"{ref}.yaml"
         if not path.exists():
             presets = ", ".join(preset_names())
