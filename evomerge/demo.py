@@ -5,8 +5,8 @@
 2. writes a run config (runs/demo/search.yaml) and runs a CMA-ES search over per-layer,
    per-module TIES weights and densities, scored on the zoo-demo suite's search split (smooth margins);
 3. exports the best recipe (mergekit YAML + merged model + report) and prints the comparison
-   table: parents, the default merge and the best found, on the search and held-out splits, plus
-   the exact-answer suite on held-out items.
+   table (parents, the default merge and the best found, on the search and held-out splits), then
+   the fixed metric: held-out accuracy of the base, the parents, the default merges and the best.
 
     python -m evomerge.demo [--out runs/demo] [--zoo runs/zoo-small] [--candidates N]
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from evomerge.zoo import COMPOSED, SKILLS, skill_mean
+from evomerge.zoo import COMPOSED, format_heldout, heldout_scores, skill_mean
 
 
 def demo_config(zoo: dict, candidates: int) -> dict:
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fitness = suite {run.cfg.fitness.suite} (log-prob margins; higher is better)")
     print(comparison_table(report))
 
-    table = heldout_table(run.cfg, zoo, str(exported / "model"))
-    print("\n" + format_table(table))
+    table = heldout_table(zoo, str(exported / "model"))
+    print("\n" + "\n".join(format_heldout(table)))
     best = skill_mean(table["best (exported)"])
     parent_best = max(skill_mean(row) for name, row in table.items() if name.startswith("parent"))
     default_best = max(skill_mean(row) for name, row in table.items() if name.startswith("default"))
@@ -94,42 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if best > parent_best else 1
 
 
-def heldout_table(cfg, zoo: dict, best_model: str) -> dict[str, dict[str, float]]:
-    """Held-out scores on the zoo's skills and the composed task: the base, every parent, the
-    default merges a user would try first, and the exported best."""
-    from evomerge.fitness.suite import Suite
-    from evomerge.merging.recipe import Recipe
-    from evomerge.search.evaluator import Evaluator
-    from evomerge.zoo import default_merges
+def heldout_table(zoo: dict, best_model: str) -> dict[str, dict[str, float]]:
+    """Held-out scores on the zoo's skills and the composed task: the base, every parent and the
+    default merges a user would try first (as the zoo's build measured them), and the exported best."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    models = {"base": zoo["base"], **{f"parent {k}": p for k, p in zoo["experts"].items()},
-              "best (exported)": best_model}
-    table: dict[str, dict[str, float]] = {name: {} for name in models}
-    for suite in (Suite.load("zoo"), Suite.load("zoo-composed")):
-        ev = Evaluator(cfg, suite)
-        for name, path in models.items():
-            table[name] |= _values(ev.score_model_dir(path, ("heldout",))["heldout"])
-        for name, raw in default_merges(zoo).items():
-            scored = Evaluator(cfg, suite).score_recipe(Recipe.from_dict(raw), "heldout")
-            table.setdefault(f"default {name}", {}).update(_values(scored))
-    return {name: table[name] for name in [*models][:-1] + [n for n in table if n.startswith("default")]
-            + ["best (exported)"]}
+    def label(name: str) -> str:
+        for prefix, shown in (("expert_", "parent "), ("merge_", "default ")):
+            if name.startswith(prefix):
+                return shown + name.removeprefix(prefix)
+        return name
 
-
-def _values(scored) -> dict[str, float]:
-    if scored.result is None:
-        raise RuntimeError(f"scoring failed: {scored.error}")
-    return {k: v.value for k, v in scored.result.tasks.items()}
-
-
-def format_table(table: dict[str, dict[str, float]]) -> str:
-    lines = ["held-out accuracy (suite zoo: exact_match for rev/enc, acc for fact; mean over the skills; "
-             f"{COMPOSED}: the composed task, trained by no model)",
-             f"  {'model':22s}" + "".join(f"{t:>8s}" for t in SKILLS) + f"{'mean':>8s}{COMPOSED:>8s}"]
-    for name, row in table.items():
-        lines.append(f"  {name:22s}" + "".join(f"{row[t]:8.3f}" for t in SKILLS)
-                     + f"{skill_mean(row):8.3f}{row[COMPOSED]:8.3f}")
-    return "\n".join(lines)
+    table = {label(name): row for name, row in zoo["report"]["heldout"].items()}
+    model = AutoModelForCausalLM.from_pretrained(best_model).eval()
+    table["best (exported)"] = heldout_scores(model, AutoTokenizer.from_pretrained(best_model))
+    return table
 
 
 if __name__ == "__main__":

@@ -165,6 +165,7 @@ def vllm_family(tmp_path_factory, zoo, vllm_available):
     """A base and two experts with the zoo's tokenizer and head_dim 32 (vLLM's CPU attention needs
     at least 32), random and fp32, with room for long prompts: outputs are arbitrary but must agree."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
     tok = AutoTokenizer.from_pretrained(zoo["base"])
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
