@@ -43,9 +43,9 @@ bench-vllm: setup-vllm
 bench-search: setup
 	$(PY) benchmarks/search_overhead.py
 
-## Held-out quality against candidates for cma, tpe, random and the mergekit-evolve protocol, 3 seeds each.
+## Held-out quality against candidates for cma (full and estimated fitness), tpe, random and the mergekit-evolve protocol, 5 seeds each.
 bench-quality: setup
-	$(PY) benchmarks/search_quality.py --candidates 240
+	$(PY) benchmarks/search_quality.py --candidates 240 --seeds 0 1 2 3 4
 
 ## Candidates per minute with 1, 2 and 3 workers on the tiny zoo, and each worker's idle share.
 bench-workers: setup

@@ -10,7 +10,12 @@ held-out split with the fixed metric: the mean held-out accuracy over the skills
 - ``random``: Optuna's random sampler on per_layer_per_module;
 - ``mergekit-evolve``: that tool's protocol, run in evomerge: layer groups (its layer_granularity),
   the first N items of each task instead of a seeded sample (its lm-eval ``limit``), and pycma's
-  defaults (sigma0 1/6, default population, started at the centre).
+  defaults (sigma0 1/6, default population, started at the centre);
+- ``cma-racing`` and ``cma-anchors``: cma with estimated fitness (``fitness.estimate``): racing
+  with its defaults (10% then 30% of the items, z 0.25), and 3 anchor items per task (chosen after
+  8 calibration candidates) then racing on 30%. They are compared
+  with full-fitness cma at equal candidates, at equal item evaluations and at equal wall time,
+  and their estimates with the truth (Spearman's rho on 30 estimated candidates per run).
 
 Prints the curves (mean and spread over seeds) against candidates evaluated and against item
 evaluations, the final ratios against the mergekit-evolve protocol, and writes a PNG.
@@ -27,7 +32,9 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -41,8 +48,16 @@ METHODS = {
                "subsample": "seeded"},
     "mergekit-evolve": {"space": "layer_groups", "driver": {"name": "cma", "sigma0": 1 / 6, "x0": "center"},
                         "subsample": "first"},
+    # cma as above, with estimated fitness (fitness.estimate): racing alone (its defaults), and
+    # anchors then racing
+    "cma-racing": {"space": "per_layer_per_module", "driver": {"name": "cma", "popsize": 16, "sigma0": 0.2},
+                   "subsample": "seeded", "estimate": {"racing": {}}},
+    "cma-anchors": {"space": "per_layer_per_module", "driver": {"name": "cma", "popsize": 16, "sigma0": 0.2},
+                    "subsample": "seeded", "estimate": {"anchors": 3, "calibration": 8, "racing": {"rungs": [0.3]}}},
 }
 PEER = "mergekit-evolve"
+FULL = "cma"  # what the estimated-fitness methods are compared with
+RANKED = 30  # estimated candidates per run scored on every item for the rank correlation
 N_ITEMS = {"rev": 40, "enc": 40, "fact": 20}  # the search fitness's items per task
 
 
@@ -60,17 +75,76 @@ def search_suite(work: Path, subsample: str) -> Path:
     return path
 
 
-def curve(run, checkpoints: list[int], heldout) -> list[float]:
-    """Held-out skill mean of the best candidate so far (by search fitness) at each checkpoint."""
+@dataclass
+class Curve:
+    heldout: list[float]  # held-out skill mean of the best so far, at each checkpoint
+    items: list[int]  # item evaluations used by then
+    seconds: list[float]  # search wall time by then
+    spearman: Optional[float] = None  # estimated against true search fitness (estimated candidates)
+
+
+def items_used(row) -> int:
+    f = row.result.get("fidelity")
+    return f["items"] if f else sum(len(v) for v in row.result["items"].values())
+
+
+def curve(run, checkpoints: list[int], heldout) -> Curve:
+    """The best candidate so far (by recorded, possibly estimated, search fitness) at each checkpoint."""
+    trials = {t.number: t for t in run.db.trials()}
     rows = sorted((r for r in run.db.rows() if r.state == "complete" and r.fitness is not None),
                   key=lambda r: r.number)
-    out, best = [], None
+    start = min(t.datetime_start for t in trials.values())
+    out, best, used = Curve([], [], []), None, 0
     for i, row in enumerate(rows, start=1):
+        used += items_used(row)
         if best is None or row.fitness > best.fitness:
             best = row
         if i in checkpoints:
-            out.append(heldout(best))
+            out.heldout.append(heldout(best))
+            out.items.append(used)
+            out.seconds.append((trials[row.number].datetime_complete - start).total_seconds())
     return out
+
+
+def at(c: Curve, axis: str, x: float) -> float:
+    """Held-out quality of the best so far once ``axis`` (items or seconds) reached ``x`` (the last
+    checkpoint at or before it; the first one if none)."""
+    xs = getattr(c, axis)
+    i = max([j for j, v in enumerate(xs) if v <= x], default=0)
+    return c.heldout[i]
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(v):
+            j = i
+            while j + 1 < len(v) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.mean(ra), statistics.mean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    return cov / ((sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5 or 1.0)
+
+
+def rank_correlation(run, scorer) -> Optional[float]:
+    """Spearman's rho between recorded (estimated) and true search fitness, on up to RANKED
+    estimated candidates spread over the run."""
+    from evomerge.merging.recipe import Recipe
+
+    est = [r for r in run.db.rows() if r.state == "complete" and r.result.get("fidelity", {}).get("estimated")]
+    if len(est) < 3:
+        return None
+    picked = est[::max(1, len(est) // RANKED)][:RANKED]
+    truth = [scorer.score_recipe(Recipe.from_dict(r.recipe)).fitness for r in picked]
+    return spearman([r.fitness for r in picked], truth)
 
 
 def main() -> int:
@@ -103,7 +177,8 @@ def main() -> int:
         suite_file = search_suite(work, spec["subsample"])
         for seed in args.seeds:
             cfg = {"name": f"{method}-{seed}", "models": {"base": zoo["base"], "experts": list(zoo["experts"].values())},
-                   "merge_method": "ties", "space": spec["space"], "fitness": {"suite": str(suite_file)},
+                   "merge_method": "ties", "space": spec["space"],
+                   "fitness": {"suite": str(suite_file), **({"estimate": spec["estimate"]} if "estimate" in spec else {})},
                    "driver": spec["driver"], "budget": {"max_candidates": args.candidates}, "seed": seed,
                    "references": False}
             path = work / f"{method}-{seed}.yaml"
@@ -119,46 +194,75 @@ def main() -> int:
                     cache[row.number] = skill_mean({k: v.value for k, v in scored.result.tasks.items()})
                 return cache[row.number]
 
-            curves.setdefault(method, []).append(curve(run, checkpoints, heldout))
-            print(f"{method} seed {seed}: held-out skill mean of the best so far "
-                  f"{[round(v, 3) for v in curves[method][-1]]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            c = curve(run, checkpoints, heldout)
+            if "estimate" in spec:
+                c.spearman = rank_correlation(run, Evaluator(run.cfg, Suite.resolve(run.cfg.fitness.suite)))
+            curves.setdefault(method, []).append(c)
+            print(f"{method} seed {seed}: held-out skill mean of the best so far {[round(v, 3) for v in c.heldout]}, "
+                  f"{c.items[-1]} item evaluations, {c.seconds[-1]:.0f} s ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
 
     items_per_candidate = sum(N_ITEMS.values())
     print(f"\nheld-out mean accuracy over the skills of the best candidate so far, mean (min-max) over seeds "
-          f"{args.seeds}; one candidate = {items_per_candidate} item evaluations")
-    print(f"  {'candidates':>10s} {'items':>7s}" + "".join(f"{m:>22s}" for m in curves))
+          f"{args.seeds}; with full fitness one candidate = {items_per_candidate} item evaluations")
+    print(f"  {'candidates':>10s}" + "".join(f"{m:>22s}" for m in curves))
     for i, c in enumerate(checkpoints):
         cells = []
         for runs in curves.values():
-            vals = [r[i] for r in runs]
+            vals = [r.heldout[i] for r in runs]
             cells.append(f"{statistics.mean(vals):.3f} ({min(vals):.3f}-{max(vals):.3f})")
-        print(f"  {c:10d} {c * items_per_candidate:7d}" + "".join(f"{x:>22s}" for x in cells))
-    if PEER in curves:
-        peer = statistics.mean(r[-1] for r in curves[PEER])
-        for method, runs in curves.items():
-            final = statistics.mean(r[-1] for r in runs)
-            print(f"  {method}: final {final:.3f}, {final / peer:.2f}x the {PEER} protocol's {peer:.3f}")
+        print(f"  {c:10d}" + "".join(f"{x:>22s}" for x in cells))
+    print("\nper method, mean over seeds: final held-out, item evaluations, search seconds")
+    for method, runs in curves.items():
+        line = (f"  {method:16s} {statistics.mean(r.heldout[-1] for r in runs):.3f}  "
+                f"{statistics.mean(r.items[-1] for r in runs):8.0f}  {statistics.mean(r.seconds[-1] for r in runs):6.1f} s")
+        if PEER in curves:
+            line += f"  {statistics.mean(r.heldout[-1] for r in runs) / statistics.mean(r.heldout[-1] for r in curves[PEER]):.2f}x {PEER}"
+        print(line)
+    if FULL in curves:
+        compare_estimates(curves)
     parents = {k: skill_mean(v) for k, v in zoo["report"]["heldout"].items()}
     print("  zoo references (held-out skill mean): " + ", ".join(f"{k} {v:.3f}" for k, v in parents.items()))
-    write_png(Path(args.png), checkpoints, items_per_candidate, curves, parents)
+    write_png(Path(args.png), checkpoints, curves, parents)
     print(f"plot: {args.png}; took {(time.perf_counter() - t0) / 60:.1f} min")
     return 0
 
 
-def write_png(path: Path, checkpoints: list[int], per: int, curves: dict, parents: dict) -> None:
+def compare_estimates(curves: dict) -> None:
+    """Each estimated-fitness method against full-fitness cma, per seed then averaged: at equal
+    candidates, at equal item evaluations and at equal wall time."""
+    full = curves[FULL]
+    for method, runs in curves.items():
+        if not method.startswith(f"{FULL}-"):
+            continue
+        eq_cand = statistics.mean(f.heldout[-1] for f in full)
+        mine = statistics.mean(r.heldout[-1] for r in runs)
+        share = statistics.mean(r.items[-1] / f.items[-1] for r, f in zip(runs, full))
+        eq_items = statistics.mean(at(f, "items", r.items[-1]) for r, f in zip(runs, full))
+        eq_time = statistics.mean(at(f, "seconds", r.seconds[-1]) for r, f in zip(runs, full))
+        rhos = [r.spearman for r in runs if r.spearman is not None]
+        print(f"  {method} against {FULL} (full fitness): held-out {mine:.3f} vs {eq_cand:.3f} at equal candidates "
+              f"({mine - eq_cand:+.3f}) with {share:.1%} of its item evaluations (1/{1 / share:.1f}); {FULL} at the "
+              f"same item evaluations {eq_items:.3f}, at the same wall time {eq_time:.3f}; Spearman rho of "
+              f"estimated against true search fitness {statistics.mean(rhos) if rhos else float('nan'):.2f} "
+              f"({', '.join(f'{x:.2f}' for x in rhos)})")
+
+
+def write_png(path: Path, checkpoints: list[int], curves: dict, parents: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, scale, label in ((axes[0], 1, "candidates evaluated"), (axes[1], per, "item evaluations")):
-        x = [c * scale for c in checkpoints]
+    for ax, axis, label in ((axes[0], None, "candidates evaluated"), (axes[1], "items", "item evaluations")):
         for method, runs in curves.items():
-            mean = [statistics.mean(r[i] for r in runs) for i in range(len(x))]
+            x = checkpoints if axis is None else [statistics.mean(getattr(r, axis)[i] for r in runs)
+                                                  for i in range(len(checkpoints))]
+            mean = [statistics.mean(r.heldout[i] for r in runs) for i in range(len(x))]
             ax.plot(x, mean, marker="o", label=method)
-            ax.fill_between(x, [min(r[i] for r in runs) for i in range(len(x))],
-                            [max(r[i] for r in runs) for i in range(len(x))], alpha=0.15)
+            ax.fill_between(x, [min(r.heldout[i] for r in runs) for i in range(len(x))],
+                            [max(r.heldout[i] for r in runs) for i in range(len(x))], alpha=0.15)
         best_parent = max(v for k, v in parents.items() if k.startswith("expert_"))
         best_default = max(v for k, v in parents.items() if k.startswith("merge_"))
         ax.axhline(best_parent, color="grey", ls="--", lw=1, label="best parent")

@@ -69,12 +69,44 @@ class LmEvalOptions(_Strict):
         return self
 
 
+class RacingSpec(_Strict):
+    """Multi-fidelity scoring: a candidate is scored on growing prefixes of each task's search
+    items (``rungs``: fractions) and goes on only while it may still reach the top of the run."""
+    rungs: list[float] = Field(default_factory=lambda: [0.1, 0.3], min_length=1)
+    z: float = Field(0.25, ge=0, le=10)  # standard errors a candidate may trail the best and still go on
+
+    @field_validator("rungs")
+    @classmethod
+    def _rungs(cls, v: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in v) or any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"rungs must be increasing fractions between 0 and 1 (exclusive), got {v}")
+        return v
+
+
+class EstimateSpec(_Strict):
+    """Cheaper fitness: anchor items and/or racing (see evomerge.fitness.estimate)."""
+    anchors: Optional[int] = Field(None, ge=1)  # items per task, chosen by clustering, scored first
+    calibration: Optional[int] = Field(None, ge=0)  # candidates scored in full before anchors are chosen
+    racing: Optional[RacingSpec] = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "EstimateSpec":
+        if self.anchors is None and self.racing is None:
+            raise ValueError("give anchors, racing or both")
+        if self.calibration is not None and self.anchors is None:
+            raise ValueError("calibration applies to anchors (the candidates their choice is fitted on)")
+        if self.anchors is not None and self.calibration is None:
+            self.calibration = 16
+        return self
+
+
 class FitnessSpec(_Strict):
     suite: Union[str, dict[str, Any]]
     backend: str = "native"
     batch_size: int = Field(32, ge=1)
     lm_eval: Optional[LmEvalOptions] = None  # the lm-eval and vllm backends' request options
     engine: Optional[VllmEngineSpec] = None  # the vllm backend's engine arguments
+    estimate: Optional[EstimateSpec] = None  # score most candidates on part of the items
 
     @field_validator("backend")
     @classmethod

@@ -155,6 +155,7 @@ class Task:
     suite: "Suite"
     path: Optional[Path] = None  # the local data file
     _items: Optional[list[tuple[str, Item]]] = field(default=None, repr=False)
+    keep: Optional[tuple[int, ...]] = None  # positions of the search items kept (a subset's task)
 
     @property
     def name(self) -> str:
@@ -184,7 +185,10 @@ class Task:
             raise SuiteError(f"suite {self.suite.name}, task {self.name}: {self.path} has no {split!r} items")
         if n is not None and n < len(pool):
             pool = self._subsample(pool, n)
-        return pool
+        return self._kept(pool, split)
+
+    def _kept(self, pool: list, split: str) -> list:
+        return [pool[i] for i in self.keep] if self.keep is not None and split == "search" else pool
 
     def _subsample(self, pool: list, n: int) -> list:
         if self.spec.subsample == "first":
@@ -200,7 +204,7 @@ class Task:
         n = self.spec.n if split == "search" else self.spec.n_heldout
         if n is not None and n < len(pool):
             pool = self._subsample(pool, n)
-        return pool
+        return self._kept(pool, split)
 
 
 class Suite:
@@ -212,6 +216,16 @@ class Suite:
         self.name = spec.name or (source.stem if source else "suite")
         root = source.parent if source else Path.cwd()
         self.tasks = [Task(t, self, (root / t.data).resolve() if t.data else None) for t in spec.tasks]
+
+    def subset(self, keep: dict[str, list[int]]) -> "Suite":
+        """This suite scoring only some of each task's search items: ``keep[task]`` lists their
+        positions (ascending) in the task's search subsample; a task not named is left out."""
+        sub = Suite(self.spec.model_copy(update={"tasks": [t.spec for t in self.tasks if t.name in keep]}), self.source)
+        for t in sub.tasks:
+            full = self.task(t.name)
+            t._items = full._load() if full.local else None
+            t.keep = tuple(keep[t.name])
+        return sub
 
     def check(self) -> None:
         """Read every local task's data and both splits now, so bad data fails before a run starts."""

@@ -11,6 +11,7 @@ from evomerge.errors import EvomergeError
 from evomerge.fitness.suite import Suite
 from evomerge.rundb.secrets import redact
 from evomerge.rundb.store import Row, best_row, pareto_front
+from evomerge.fitness.estimate import is_full, usage
 from evomerge.search.loop import Run, parents, reference_recipes, versions
 
 
@@ -61,6 +62,10 @@ def status_text(run: Run, recent: int = 8) -> str:
     default = next((r for r in refs if r.name == "default"), None)
     if best and default and default.fitness is not None:
         lines.append(f"  best - default: {best.fitness - default.fitness:+.4f}")
+    used = usage([r.result for r in counted])
+    if used:
+        lines.append(f"  fitness estimate: {used['stopped']} candidates stopped before all items (their fitness is "
+                     f"estimated); {used['items']} item evaluations, {used['share']:.1%} of scoring all on every item")
     if run.db.n_objectives > 1:
         lines += [""] + pareto_text(run, rows, refs)
     workers = run.db.registry.all()
@@ -181,8 +186,7 @@ def write_plots(run: Run) -> list[Path]:
 # export
 
 
-def _pick(run: Run, trial: Optional[int]) -> Row:
-    rows = run.db.rows()
+def _pick(run: Run, rows: list[Row], trial: Optional[int]) -> Row:
     if trial is None:
         best = best_row(rows)
         if best is None:
@@ -205,7 +209,8 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
     from evomerge.merging.model_io import atomic_directory
     from evomerge.merging.recipe import Recipe
 
-    row = _pick(run, trial)
+    rows = run.db.rows()
+    row = _pick(run, rows, trial)
     recipe = Recipe.from_dict(row.recipe, source=f"candidate #{row.number}")
     if row.params and run.space.decode([row.params[n] for n in run.space.names]).to_dict() != recipe.to_dict():
         raise EvomergeError(f"candidate #{row.number}: its recorded recipe differs from its decoded vector")
@@ -226,7 +231,8 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
         recomputed = winner["search"]["fitness"]
         report = {
             "run": run.name, "candidate": row.number, "fitness_recorded": row.fitness,
-            "fitness_recomputed_from_export": recomputed,
+            "fitness_recomputed_from_export": recomputed, "fidelity_recorded": row.result.get("fidelity"),
+            "estimates": _check_estimates(run, rows, evaluator),
             "table": table,
             "provenance": {
                 "config": run.cfg.to_dict(), "seed": run.cfg.seed, "storage": redact(run.db.url),
@@ -240,6 +246,27 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(report_markdown(report))
     return report
+
+
+CHECKED = 5  # estimated candidates scored on every item at export
+
+
+def _check_estimates(run: Run, rows: list[Row], evaluator) -> Optional[dict]:
+    """With ``fitness.estimate``: the item evaluations used, and the best few candidates whose
+    fitness was estimated, scored now on every search item (estimate against truth)."""
+    from evomerge.merging.recipe import Recipe
+
+    used = usage([r.result for r in rows if r.counted])
+    if used is None:
+        return None
+    estimated = sorted((r for r in rows if r.fitness is not None and not is_full(r.result)),
+                       key=lambda r: -r.fitness)[:CHECKED]
+    checked = []
+    for r in estimated:
+        ev = evaluator.score_recipe(Recipe.from_dict(r.recipe), "search")
+        checked.append({"candidate": r.number, "estimate": r.fitness, "truth": ev.fitness,
+                        "items": r.result["fidelity"]["items"], "of": r.result["fidelity"]["of"]})
+    return used | {"checked": checked}
 
 
 def _scores(ev) -> dict:
@@ -267,7 +294,9 @@ def report_markdown(report: dict) -> str:
     lines = [f"# evomerge export: run {report['run']}, candidate #{report['candidate']}", "",
              comparison_table(report), "",
              f"Fitness recorded during the search: {_fmt(report['fitness_recorded'])}; recomputed from the exported "
-             f"model: {_fmt(report['fitness_recomputed_from_export'])}.", "",
+             f"model: {_fmt(report['fitness_recomputed_from_export'])}"
+             + _fidelity_text(report.get("fidelity_recorded")) + ".", "",
+             *_estimates_text(report.get("estimates")),
              "## Provenance", "",
              f"- suite `{p['suite']}`, task seeds {p['task_seeds']}, run seed {p['seed']}",
              "- search subsample: " + ", ".join(f"{k}: {len(v)} items" for k, v in p["subsample_ids"].items()),
@@ -275,6 +304,24 @@ def report_markdown(report: dict) -> str:
              "- versions: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()),
              "", "Full config, subsample ids and held-out ids: report.json."]
     return "\n".join(lines) + "\n"
+
+
+def _fidelity_text(f: Optional[dict]) -> str:
+    if not f or f["items"] == f["of"]:
+        return ""
+    return f" (the recorded fitness was estimated from {f['items']} of {f['of']} search items)"
+
+
+def _estimates_text(e: Optional[dict]) -> list[str]:
+    if not e:
+        return []
+    lines = [f"Fitness estimate: {e['stopped']} candidates stopped before all search items; {e['items']} item "
+             f"evaluations, {e['share']:.1%} of scoring every candidate on every item. The best estimated "
+             "candidates, scored on every search item at export:", "",
+             "| candidate | items scored | estimate | truth |", "|---|---|---|---|"]
+    lines += [f"| #{c['candidate']} | {c['items']} of {c['of']} | {_fmt(c['estimate'])} | {_fmt(c['truth'])} |"
+              for c in e["checked"]]
+    return lines + [""]
 
 
 def export_pareto(run: Run, out_dir: str | Path, overwrite: bool = False, heldout: bool = True,
@@ -304,7 +351,8 @@ def export_pareto(run: Run, out_dir: str | Path, overwrite: bool = False, heldou
             sub.mkdir()
             (sub / "recipe.yaml").write_text(recipe.to_yaml())
             entry = {"candidate": r.number, "recipe": f"{sub.name}/recipe.yaml",
-                     "search": dict(zip(names, r.values)), "fitness_search": r.fitness}
+                     "search": dict(zip(names, r.values)), "fitness_search": r.fitness,
+                     "fidelity": r.result.get("fidelity")}
             if evaluator is not None:
                 ev = evaluator.score_recipe(recipe, "heldout")
                 entry["heldout"] = dict(zip(names, ev.values)) if ev.values else None

@@ -37,10 +37,16 @@ class Evaluation:
     error: Optional[str] = None
     values: Optional[list[float]] = None
     objective_names: Optional[list[str]] = None
+    # scored on part of the search items (fitness.estimate): each task's item positions in the
+    # subsample and its item count, and what was scored (level, items, of, target)
+    positions: Optional[dict[str, list[int]]] = None
+    counts: Optional[dict[str, int]] = None
+    fidelity: Optional[dict] = None
 
     def record(self, items: Optional[dict[str, list[str]]] = None, recipe: Optional[Recipe] = None) -> dict:
         """The JSON record kept in the run database. Per-item correctness is a string of 0/1 in the
-        order of ``items[task]`` (the run's subsample ids, stored once)."""
+        order of ``items[task]`` (the run's subsample ids, stored once), '-' for an item not scored;
+        a margin task's item values are kept too (``item_values``, None where not scored)."""
         out: dict[str, Any] = {"merge_s": round(self.merge_seconds, 4), "eval_s": round(self.eval_seconds, 4)}
         if recipe is not None:
             out["recipe"] = recipe.to_dict()
@@ -49,6 +55,8 @@ class Evaluation:
         if self.values is not None:
             out["fitness"] = self.fitness
             out["objectives"] = dict(zip(self.objective_names or [], self.values))
+        if self.fidelity is not None:
+            out["fidelity"] = self.fidelity
         r = self.result
         if r is not None:
             out["tasks"] = {k: {"metric": t.metric, "value": t.value, "metrics": t.metrics}
@@ -56,9 +64,17 @@ class Evaluation:
             out["items"] = {}
             for k, t in r.tasks.items():
                 ids = (items or {}).get(k)
-                if ids is not None and [it.id for it in t.items] != ids:
+                slots: list = [None] * (self.counts[k] if self.positions else len(t.items))
+                for pos, it in zip(self.positions[k] if self.positions else range(len(t.items)), t.items):
+                    if ids is not None and (pos >= len(ids) or ids[pos] != it.id):
+                        raise EvomergeError(f"task {k}: the scored items differ from the run's subsample")
+                    slots[pos] = it
+                if ids is not None and len(slots) != len(ids):
                     raise EvomergeError(f"task {k}: the scored items differ from the run's subsample")
-                out["items"][k] = "".join("1" if it.correct else "0" for it in t.items)
+                out["items"][k] = "".join("-" if it is None else "1" if it.correct else "0" for it in slots)
+                if t.metric == "margin":
+                    out.setdefault("item_values", {})[k] = [None if it is None else round(it.value, 6)
+                                                            for it in slots]
         return out
 
 
@@ -134,10 +150,20 @@ class Evaluator:
         return time.perf_counter() - t0
 
     def score_recipe(self, recipe: Recipe, split: str = "search") -> Evaluation:
+        merged = self.apply_recipe(recipe)
+        if isinstance(merged, Evaluation):
+            return merged
+        ev = self.score_model(self.model, split)
+        ev.merge_seconds = merged
+        return ev
+
+    def apply_recipe(self, recipe: Recipe) -> float | Evaluation:
+        """Merge ``recipe`` into the live model (or the backend's engine): its seconds, or the
+        failed evaluation."""
         if self.engine is None:
             self.prepare(recipe)
         try:
-            merge_seconds = self._apply(recipe)
+            return self._apply(recipe)
         except torch.OutOfMemoryError as e:
             self._free()
             return Evaluation(None, None, error=_describe(e))
@@ -146,14 +172,13 @@ class Evaluator:
         except Exception as e:  # noqa: BLE001 - any failure of one candidate is recorded, the search goes on
             log.warning("merge failed: %s", _describe(e))
             return Evaluation(None, None, error=_describe(e))
-        ev = self.score_model(self.model, split)
-        ev.merge_seconds = merge_seconds
-        return ev
 
-    def score_model(self, model, split: str = "search") -> Evaluation:
+    def score_model(self, model, split: str = "search", suite: Optional[Suite] = None) -> Evaluation:
+        """``model`` (None: the weights loaded into the backend's engine) on ``split`` of the run's
+        suite, or of ``suite`` (a subset of it)."""
         t0 = time.perf_counter()
         try:
-            result = self.backend.score(model, self.tokenizer, self.suite, split=split)
+            result = self.backend.score(model, self.tokenizer, suite or self.suite, split=split)
         except torch.OutOfMemoryError as e:
             self._free()
             return Evaluation(None, None, eval_seconds=time.perf_counter() - t0, error=_describe(e))
@@ -165,6 +190,8 @@ class Evaluator:
         seconds = time.perf_counter() - t0
         if result.failed:
             return Evaluation(None, result, eval_seconds=seconds, error=result.failed)
+        if suite is not None:  # a subset: the caller makes the objectives
+            return Evaluation(result.fitness, result, eval_seconds=seconds)
         values = self.suite.objective_values({k: t.value for k, t in result.tasks.items()})
         fitness = result.fitness if len(values) > 1 else values[0]
         return Evaluation(fitness, result, eval_seconds=seconds, values=values,

@@ -36,6 +36,7 @@ from evomerge.merging.model_io import resolve_model_path
 from evomerge.search.evaluator import Evaluation, Evaluator
 from evomerge.search.fingerprint import changes, fingerprint
 from evomerge.search.progress import Progress
+from evomerge.search.racing import Racer
 from evomerge.rundb.leases import Owner
 from evomerge.rundb.secrets import has_secret, redact
 from evomerge.rundb.store import RunDB, best_row, sqlite_url
@@ -330,6 +331,8 @@ class _Search:
                                  "versions": versions(), "suite": self.suite.name,
                                  "started": _dt.datetime.now().isoformat(timespec="seconds")})
         self.items = items
+        estimate = cfg.fitness.estimate
+        self.racer = Racer(self.evaluator, self.suite, estimate, cfg.seed) if estimate else None
         self.slot = db.registry.register({"host": db.host, "device": cfg.device, "pid": os.getpid(),
                                         "mode": "worker" if worker else ("resume" if resume else "search")})
         self.owner = Owner.this_process(self.slot, cfg.device)
@@ -375,6 +378,8 @@ class _Search:
         self.references()
         if self.evaluator.engine is None:
             self.evaluator.prepare(next(iter(reference_recipes(run).values())))
+        if self.racer is not None:
+            self.racer.refresh(db, force=True)
         driver = DriverClaims(db, make_driver(db, run.space.names, cfg.driver, cfg.seed, x0_vector(run),
                                               self.slot, solo=not self.worker), self.owner)
         # a lost candidate is re-queued and redone; one Optuna process instead re-proposes it from
@@ -424,10 +429,15 @@ class _Search:
                         continue
                     heartbeat.trial_id = current.trial_id
                     recipe = run.space.decode(current.vector)
-                    ev = self.evaluator.score_recipe(recipe)
+                    if self.racer is not None:
+                        self.racer.refresh(db)
+                        ev = self.racer.score_recipe(recipe)
+                    else:
+                        ev = self.evaluator.score_recipe(recipe)
                     busy += ev.merge_seconds + ev.eval_seconds
+                    record = self._record(ev, recipe)
                     with db.lock():
-                        ok = driver.tell(current, ev.values, self._record(ev, recipe))
+                        ok = driver.tell(current, ev.values, record)
                     heartbeat.trial_id = None
                     number, current = current.number, None
                     if not ok:
@@ -437,6 +447,8 @@ class _Search:
                                     cfg.heartbeat.grace_s)
                         continue
                     own += 1
+                    if self.racer is not None:
+                        self.racer.add(number, ev, record)
                     progress.update(number, ev.fitness, ev.error, ev.merge_seconds, ev.eval_seconds,
                                     tag=self.tag)
                     if time.perf_counter() - last_save > 5:

@@ -1,0 +1,155 @@
+"""Scoring candidates level by level (``fitness.estimate``): the loop's side of
+:mod:`evomerge.fitness.estimate`.
+
+:class:`Racer` keeps the run's plan (chosen once, under the run's lock, by the first process that
+has enough full-fidelity rows, and kept in the run database's metadata, so resumed sessions and
+workers score the same items) and its targets (re-read from the database every few seconds, and
+updated at once with this process's own full-fidelity candidates).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+from evomerge.config import EstimateSpec
+from evomerge.fitness.estimate import Plan, Target, compare, is_full, item_values, make_plan, pareto
+from evomerge.fitness.result import FitnessResult, TaskResult, combine
+from evomerge.fitness.suite import Suite
+from evomerge.merging.recipe import Recipe
+from evomerge.rundb.store import RunDB, Row
+from evomerge.search.evaluator import Evaluation, Evaluator
+
+log = logging.getLogger("evomerge.search")
+
+REFRESH_S = 10.0  # how often other processes' results are read
+
+
+class Racer:
+    def __init__(self, evaluator: Evaluator, suite: Suite, spec: EstimateSpec, seed: int):
+        self.evaluator = evaluator
+        self.suite = suite
+        self.spec = spec
+        self.seed = seed
+        self.plan: Optional[Plan] = None
+        self._subsets: dict[int, Suite] = {}
+        self._full: list[Target] = []
+        self.targets: list[Target] = []
+        self._read_at = -REFRESH_S
+
+    # -- the run's plan and targets -----------------------------------------------------------
+
+    def refresh(self, db: RunDB, force: bool = False) -> None:
+        """Read the run's full-fidelity rows (every ``REFRESH_S``), and its plan (chosen here,
+        under the lock, once there are enough of them)."""
+        if self.plan is not None and not force and time.perf_counter() - self._read_at < REFRESH_S:
+            return
+        self._read_at = time.perf_counter()
+        rows = [r for r in db.references() + db.rows() if r.state == "complete" and is_full(r.result)]
+        self._full = [t for t in (self._target(r) for r in rows) if t is not None]
+        self.targets = pareto(self._full)
+        if self.plan is None:
+            with db.lock():
+                saved = db.metadata.get().get("estimate_plan")
+                if saved is None:
+                    plan = self._new_plan(rows)
+                    if plan is not None:
+                        db.metadata.set({"estimate_plan": plan.to_dict()})
+                        log.info("fitness estimate: levels of %s items%s", ", ".join(
+                            str(plan.items_at(i)) for i in range(plan.n_levels)),
+                                 " (anchors first)" if plan.anchor_weights else "")
+                    saved = plan.to_dict() if plan is not None else None
+            if saved is not None:
+                self.plan = Plan.from_dict(saved)
+
+    def _new_plan(self, rows: list[Row]) -> Optional[Plan]:
+        candidates = [r for r in rows if not r.name]
+        if not rows or (self.spec.anchors and len(candidates) < (self.spec.calibration or 0)):
+            return None
+        counts = {k: len(v) for k, v in rows[0].result["items"].items()}
+        racing = self.spec.racing
+        return make_plan(counts, self.spec.anchors, racing.rungs if racing else None, racing.z if racing else None,
+                         [{t: item_values(r.result, t) for t in counts} for r in rows], self.seed)
+
+    def _target(self, row: Row) -> Optional[Target]:
+        if not row.values or not row.result.get("items"):
+            return None
+        items = {t: item_values(row.result, t) for t in row.result["items"]}
+        return Target(row.name or f"#{row.number}", list(row.values), row.tasks, items)
+
+    def add(self, number: int, ev: Evaluation, record: dict) -> None:
+        """This process's own candidate, as soon as it is recorded."""
+        if ev.values is not None and is_full(record):
+            self._full.append(Target(f"#{number}", list(ev.values), {k: v["value"] for k, v in record["tasks"].items()},
+                                     {t: item_values(record, t) for t in record["items"]}))
+            self.targets = pareto(self._full)
+
+    # -- scoring --------------------------------------------------------------------------------
+
+    def _subset(self, level: int) -> Suite:
+        if level not in self._subsets:
+            self._subsets[level] = self.suite.subset(self.plan.new_items(level))
+        return self._subsets[level]
+
+    def score_recipe(self, recipe: Recipe) -> Evaluation:
+        """Score ``recipe`` level by level until it is beaten or reaches the last level; every
+        item before a rung until the plan exists (calibration) or without any target."""
+        if self.plan is None or not self.targets:
+            return self.evaluator.score_recipe(recipe)
+        merged = self.evaluator.apply_recipe(recipe)
+        if isinstance(merged, Evaluation):
+            return merged
+        plan = self.plan
+        seen: dict[str, dict[int, float]] = {t: {} for t in plan.order}
+        scored: dict[str, list[tuple[int, object]]] = {t: [] for t in plan.order}
+        eval_s = 0.0
+        beaten = None
+        for level in range(plan.n_levels):
+            part = self._subset(level)
+            ev = self.evaluator.score_model(self.evaluator.model, "search", suite=part)
+            eval_s += ev.eval_seconds
+            if ev.result is None or ev.error:
+                ev.merge_seconds, ev.eval_seconds = merged, eval_s
+                return ev
+            for name, task in ev.result.tasks.items():
+                for pos, it in zip(part.task(name).keep, task.items):
+                    seen[name][pos] = it.value
+                    scored[name].append((pos, it))
+            if level == plan.n_levels - 1:
+                break
+            verdict = compare(plan, level, seen, self.targets, self.suite.objectives)
+            if verdict.beaten_by is not None:
+                beaten = verdict
+                break
+        n_seen = sum(len(v) for v in seen.values())
+        of = plan.items_at(plan.n_levels - 1)
+        results: dict[str, TaskResult] = {}
+        for name in plan.order:
+            ordered = sorted(scored[name], key=lambda p: p[0])
+            items = [it for _, it in ordered]
+            spec = self.suite.task(name).spec
+            measured = _means(items, spec.metric, spec.kind)
+            value = beaten.estimate[name] if beaten else measured[spec.metric]
+            results[name] = TaskResult(name, spec.metric, value, spec.weight, measured, items)
+        values = self.suite.objective_values({k: t.value for k, t in results.items()})
+        fitness_all = combine(results)
+        result = FitnessResult(fitness_all, results, split="search", backend=self.evaluator.backend.name,
+                               seconds=eval_s)
+        out = Evaluation(fitness_all if len(values) > 1 else values[0], result, merge_seconds=merged,
+                         eval_seconds=eval_s, values=values, objective_names=self.suite.objective_names)
+        out.positions = {name: [p for p, _ in sorted(scored[name], key=lambda p: p[0])] for name in plan.order}
+        out.counts = {name: len(plan.order[name]) for name in plan.order}
+        out.fidelity = {"level": level, "levels": plan.n_levels, "items": n_seen, "of": of}
+        if beaten:
+            out.fidelity |= {"estimated": True, "beaten_by": beaten.beaten_by}
+        return out
+
+
+def _means(items: list, metric: str, kind: str) -> dict[str, float]:
+    """The metric measured on the items scored (and, for margins, their accuracy)."""
+    n = max(1, len(items))
+    out = {metric: sum(it.value for it in items) / n}
+    if metric == "margin":
+        out["exact_match" if kind == "generate" else "acc"] = sum(it.correct for it in items) / n
+    return out
