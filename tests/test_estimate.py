@@ -75,6 +75,8 @@ def test_plan_levels_are_nested_prefixes_of_one_order():
         assert sum(plan.weights(0, task).values()) == pytest.approx(1.0)
     assert make_plan(counts, None, [0.1], None, [], seed=0).sizes == [{"a": 4, "b": 2}, counts]
     assert make_plan(counts, 5, None, None, calib, seed=0).z == 0.0  # anchors alone: promote what beats the best
+    blind = make_plan(counts, 5, None, None, [], seed=0)  # no calibration rows: seeded items, equal weights
+    assert blind.sizes[0] == {"a": 5, "b": 5} and blind.anchor_weights["a"] == [0.2] * 5
 
 
 def test_difference_estimate_and_the_racing_rule():
@@ -141,7 +143,9 @@ def test_racing_search_records_estimates_it_can_justify(tmp_path, zoo):
         assert full.fitness < target.fitness  # it was rightly stopped
     best = max((r for r in rows if r.fitness is not None), key=lambda r: r.fitness)
     assert is_full(best.result)
-    assert "candidates stopped before all items" in status_text(run)
+    status = status_text(run, recent=len(rows))
+    assert "candidates stopped before all items" in status and "estimated from 10 of 100 items" in status
+    assert "(estimated from 10 of 100 items)" in (tmp_path / "run" / "search.log").read_text()
     report = export(run, tmp_path / "best", heldout=False)
     assert report["candidate"] == best.number and is_full({"fidelity": report["fidelity_recorded"]})
     assert report["fitness_recomputed_from_export"] == pytest.approx(best.fitness, abs=1e-6)

@@ -155,8 +155,11 @@ def make_plan(counts: dict[str, int], anchors: Optional[int], rungs: Optional[Se
         random.Random(f"evomerge-estimate-{seed}-{task}").shuffle(rest)
         if anchors:
             rows = [r[task] for r in calibration if r.get(task) is not None and None not in r[task]]
-            matrix = np.array(rows, dtype=np.float64).T if rows else np.zeros((n, 1))
-            chosen, w = choose_anchors(matrix, anchors, seed)
+            if rows:
+                chosen, w = choose_anchors(np.array(rows, dtype=np.float64).T, anchors, seed)
+            else:  # nothing to cluster on: the first items of the seeded order, alike
+                chosen = sorted(rest[:anchors])
+                w = [1.0 / len(chosen)] * len(chosen)
             weights[task] = w
             rest = chosen + [i for i in rest if i not in set(chosen)]
             first[task] = len(chosen)

@@ -81,6 +81,9 @@ def status_text(run: Run, recent: int = 8) -> str:
         lines += ["", f"recent candidates (of {len(rows)}):"]
         for r in rows[-recent:]:
             extra = f"  {r.error}" if r.error else ""
+            f = r.result.get("fidelity")
+            if f and f["items"] < f["of"]:
+                extra += f"  estimated from {f['items']} of {f['of']} items"
             lines.append(f"  #{r.number:<6d}{r.state:12s}{_fitness_cell(r):>10s}  merge {r.result.get('merge_s', 0) * 1e3:5.0f} ms"
                          f"  eval {r.result.get('eval_s', 0) * 1e3:6.0f} ms{extra}")
     return "\n".join(lines)

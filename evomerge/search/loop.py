@@ -450,7 +450,7 @@ class _Search:
                     if self.racer is not None:
                         self.racer.add(number, ev, record)
                     progress.update(number, ev.fitness, ev.error, ev.merge_seconds, ev.eval_seconds,
-                                    tag=self.tag)
+                                    tag=self.tag, fidelity=ev.fidelity)
                     if time.perf_counter() - last_save > 5:
                         db.metadata.save_elapsed(elapsed())
                         last_save = time.perf_counter()

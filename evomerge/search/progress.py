@@ -74,11 +74,15 @@ class Progress:
         return min(options) if options else None
 
     def update(self, number: int, fitness: Optional[float], error: Optional[str], merge_s: float,
-               eval_s: float, tag: str = "") -> None:
+               eval_s: float, tag: str = "", fidelity: Optional[dict] = None) -> None:
+        """``fidelity``: the candidate was scored on part of the items (fitness.estimate)."""
         self.done += 1
-        if fitness is not None and (self.best is None or fitness > self.best):
+        partial = fidelity is not None and fidelity["items"] < fidelity["of"]
+        if fitness is not None and not partial and (self.best is None or fitness > self.best):
             self.best, self.best_number = fitness, number
         last = f"{fitness:.4f}" if fitness is not None else "failed"
+        if partial and fitness is not None:
+            last += f" (estimated from {fidelity['items']} of {fidelity['of']} items)"
         best = f"{self.best:.4f} (#{self.best_number})" if self.best is not None else "-"
         eta = self.eta()
         if self.bar is not None:

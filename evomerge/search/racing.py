@@ -15,7 +15,7 @@ from typing import Optional
 
 from evomerge.config import EstimateSpec
 from evomerge.fitness.estimate import Plan, Target, compare, is_full, item_values, make_plan, pareto
-from evomerge.fitness.result import FitnessResult, TaskResult, combine
+from evomerge.fitness.result import FitnessResult, ItemResult, TaskResult, combine
 from evomerge.fitness.suite import Suite
 from evomerge.merging.recipe import Recipe
 from evomerge.rundb.store import RunDB, Row
@@ -101,8 +101,7 @@ class Racer:
         if isinstance(merged, Evaluation):
             return merged
         plan = self.plan
-        seen: dict[str, dict[int, float]] = {t: {} for t in plan.order}
-        scored: dict[str, list[tuple[int, object]]] = {t: [] for t in plan.order}
+        scored: dict[str, dict[int, ItemResult]] = {t: {} for t in plan.order}  # task -> position -> item
         eval_s = 0.0
         beaten = None
         for level in range(plan.n_levels):
@@ -113,38 +112,34 @@ class Racer:
                 ev.merge_seconds, ev.eval_seconds = merged, eval_s
                 return ev
             for name, task in ev.result.tasks.items():
-                for pos, it in zip(part.task(name).keep, task.items):
-                    seen[name][pos] = it.value
-                    scored[name].append((pos, it))
+                scored[name].update(zip(part.task(name).keep, task.items))
             if level == plan.n_levels - 1:
                 break
+            seen = {t: {p: it.value for p, it in by_pos.items()} for t, by_pos in scored.items()}
             verdict = compare(plan, level, seen, self.targets, self.suite.objectives)
             if verdict.beaten_by is not None:
                 beaten = verdict
                 break
-        n_seen = sum(len(v) for v in seen.values())
-        of = plan.items_at(plan.n_levels - 1)
         results: dict[str, TaskResult] = {}
-        for name in plan.order:
-            ordered = sorted(scored[name], key=lambda p: p[0])
-            items = [it for _, it in ordered]
+        for name, by_pos in scored.items():
+            items = [by_pos[p] for p in sorted(by_pos)]
             spec = self.suite.task(name).spec
             measured = _means(items, spec.metric, spec.kind)
             value = beaten.estimate[name] if beaten else measured[spec.metric]
             results[name] = TaskResult(name, spec.metric, value, spec.weight, measured, items)
         values = self.suite.objective_values({k: t.value for k, t in results.items()})
         fitness_all = combine(results)
-        result = FitnessResult(fitness_all, results, split="search", backend=self.evaluator.backend.name,
-                               seconds=eval_s)
-        out = Evaluation(fitness_all if len(values) > 1 else values[0], result, merge_seconds=merged,
-                         eval_seconds=eval_s, values=values, objective_names=self.suite.objective_names)
-        out.positions = {name: [p for p, _ in sorted(scored[name], key=lambda p: p[0])] for name in plan.order}
-        out.counts = {name: len(plan.order[name]) for name in plan.order}
-        out.fidelity = {"level": level, "levels": plan.n_levels, "items": n_seen, "of": of}
+        fidelity = {"level": level, "levels": plan.n_levels, "items": sum(len(v) for v in scored.values()),
+                    "of": plan.items_at(plan.n_levels - 1)}
         if beaten:
-            out.fidelity |= {"estimated": True, "beaten_by": beaten.beaten_by}
-        return out
-
+            fidelity |= {"estimated": True, "beaten_by": beaten.beaten_by}
+        return Evaluation(fitness_all if len(values) > 1 else values[0],
+                          FitnessResult(fitness_all, results, split="search", backend=self.evaluator.backend.name,
+                                        seconds=eval_s),
+                          merge_seconds=merged, eval_seconds=eval_s, values=values,
+                          objective_names=self.suite.objective_names,
+                          positions={name: sorted(by_pos) for name, by_pos in scored.items()},
+                          counts={name: len(order) for name, order in plan.order.items()}, fidelity=fidelity)
 
 def _means(items: list, metric: str, kind: str) -> dict[str, float]:
     """The metric measured on the items scored (and, for margins, their accuracy)."""
