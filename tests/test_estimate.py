@@ -143,6 +143,11 @@ def test_racing_search_records_estimates_it_can_justify(tmp_path, zoo):
         assert full.fitness < target.fitness  # it was rightly stopped
     best = max((r for r in rows if r.fitness is not None), key=lambda r: r.fitness)
     assert is_full(best.result)
+    # the racer reads each record once: all complete ones, then none that it has seen
+    tables = run.db.leases.tables
+    read = tables.complete_results(set())
+    assert [(n, rec["fitness"]) for _, n, rec in read] == [(r.number, r.fitness) for r in rows]
+    assert tables.complete_results({i for i, _, _ in read[:-1]}) == read[-1:]
     status = status_text(run, recent=len(rows))
     assert "candidates stopped before all items" in status and "estimated from 10 of 100 items" in status
     assert "(estimated from 10 of 100 items)" in (tmp_path / "run" / "search.log").read_text()

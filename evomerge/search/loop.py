@@ -439,7 +439,7 @@ class _Search:
                     with db.lock():
                         ok = driver.tell(current, ev.values, record)
                     heartbeat.trial_id = None
-                    number, current = current.number, None
+                    number, trial_id, current = current.number, current.trial_id, None
                     if not ok:
                         dropped += 1
                         log.warning("%scandidate #%d was reclaimed while it ran (no heartbeat for %d s); its "
@@ -448,7 +448,7 @@ class _Search:
                         continue
                     own += 1
                     if self.racer is not None:
-                        self.racer.add(number, ev, record)
+                        self.racer.add(trial_id, number, record)
                     progress.update(number, ev.fitness, ev.error, ev.merge_seconds, ev.eval_seconds,
                                     tag=self.tag, fidelity=ev.fidelity)
                     if time.perf_counter() - last_save > 5:

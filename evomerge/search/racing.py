@@ -3,8 +3,8 @@
 
 :class:`Racer` keeps the run's plan (chosen once, under the run's lock, by the first process that
 has enough full-fidelity rows, and kept in the run database's metadata, so resumed sessions and
-workers score the same items) and its targets (re-read from the database every few seconds, and
-updated at once with this process's own full-fidelity candidates).
+workers score the same items) and its targets (the Pareto front of the fully scored rows: new
+records are read from the database every few seconds, this process's own at once).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from evomerge.fitness.estimate import Plan, Target, compare, is_full, item_value
 from evomerge.fitness.result import FitnessResult, ItemResult, TaskResult, combine
 from evomerge.fitness.suite import Suite
 from evomerge.merging.recipe import Recipe
-from evomerge.rundb.store import RunDB, Row
+from evomerge.rundb.store import RunDB
 from evomerge.search.evaluator import Evaluation, Evaluator
 
 log = logging.getLogger("evomerge.search")
@@ -34,26 +34,35 @@ class Racer:
         self.seed = seed
         self.plan: Optional[Plan] = None
         self._subsets: dict[int, Suite] = {}
-        self._full: list[Target] = []
-        self.targets: list[Target] = []
+        self.targets: list[Target] = []  # the Pareto front of the fully scored rows read so far
+        self._seen: set[int] = set()  # candidate trials read (or recorded here)
+        self._refs: set[str] = set()  # reference rows read
+        self._calibration: list[dict] = []  # fully scored records, until the plan is chosen
+        self._calibrated = 0  # fully scored candidates among them
         self._read_at = -REFRESH_S
 
     # -- the run's plan and targets -----------------------------------------------------------
 
     def refresh(self, db: RunDB, force: bool = False) -> None:
-        """Read the run's full-fidelity rows (every ``REFRESH_S``), and its plan (chosen here,
-        under the lock, once there are enough of them)."""
+        """Read the run's new fully scored rows (every ``REFRESH_S``; each record is read once),
+        and its plan (chosen here, under the lock, once there are enough of them)."""
         if self.plan is not None and not force and time.perf_counter() - self._read_at < REFRESH_S:
             return
         self._read_at = time.perf_counter()
-        rows = [r for r in db.references() + db.rows() if r.state == "complete" and is_full(r.result)]
-        self._full = [t for t in (self._target(r) for r in rows) if t is not None]
-        self.targets = pareto(self._full)
+        new = []
+        for r in db.references():  # a few rows
+            if r.state == "complete" and r.name not in self._refs:
+                self._refs.add(r.name)
+                new.append((r.name, r.result))
+        for trial_id, number, record in db.leases.tables.complete_results(self._seen):
+            self._seen.add(trial_id)
+            new.append((f"#{number}", record))
+        self._take([(name, record) for name, record in new if is_full(record)])
         if self.plan is None:
             with db.lock():
                 saved = db.metadata.get().get("estimate_plan")
                 if saved is None:
-                    plan = self._new_plan(rows)
+                    plan = self._new_plan()
                     if plan is not None:
                         db.metadata.set({"estimate_plan": plan.to_dict()})
                         log.info("fitness estimate: levels of %s items%s", ", ".join(
@@ -62,28 +71,36 @@ class Racer:
                     saved = plan.to_dict() if plan is not None else None
             if saved is not None:
                 self.plan = Plan.from_dict(saved)
+                self._calibration = []
 
-    def _new_plan(self, rows: list[Row]) -> Optional[Plan]:
-        candidates = [r for r in rows if not r.name]
-        if not rows or (self.spec.anchors and len(candidates) < (self.spec.calibration or 0)):
+    def _take(self, rows: list[tuple[str, dict]]) -> None:
+        """Fully scored rows (name, record): targets, and calibration data until the plan exists."""
+        fresh = []
+        for name, record in rows:
+            if record.get("objectives") is None or not record.get("items"):
+                continue
+            items = {t: item_values(record, t) for t in record["items"]}
+            fresh.append(Target(name, list(record["objectives"].values()),
+                                {k: v["value"] for k, v in record["tasks"].items()}, items))
+            if self.plan is None:
+                self._calibration.append(items)
+                self._calibrated += name.startswith("#")
+        if fresh:
+            self.targets = pareto(self.targets + fresh)
+
+    def _new_plan(self) -> Optional[Plan]:
+        if not self._calibration or (self.spec.anchors and self._calibrated < (self.spec.calibration or 0)):
             return None
-        counts = {k: len(v) for k, v in rows[0].result["items"].items()}
+        counts = {k: len(v) for k, v in self._calibration[0].items()}
         racing = self.spec.racing
         return make_plan(counts, self.spec.anchors, racing.rungs if racing else None, racing.z if racing else None,
-                         [{t: item_values(r.result, t) for t in counts} for r in rows], self.seed)
+                         self._calibration, self.seed)
 
-    def _target(self, row: Row) -> Optional[Target]:
-        if not row.values or not row.result.get("items"):
-            return None
-        items = {t: item_values(row.result, t) for t in row.result["items"]}
-        return Target(row.name or f"#{row.number}", list(row.values), row.tasks, items)
-
-    def add(self, number: int, ev: Evaluation, record: dict) -> None:
+    def add(self, trial_id: int, number: int, record: dict) -> None:
         """This process's own candidate, as soon as it is recorded."""
-        if ev.values is not None and is_full(record):
-            self._full.append(Target(f"#{number}", list(ev.values), {k: v["value"] for k, v in record["tasks"].items()},
-                                     {t: item_values(record, t) for t in record["items"]}))
-            self.targets = pareto(self._full)
+        self._seen.add(trial_id)
+        if record.get("fitness") is not None and is_full(record):
+            self._take([(f"#{number}", record)])
 
     # -- scoring --------------------------------------------------------------------------------
 
