@@ -83,20 +83,17 @@ class Curve:
     spearman: Optional[float] = None  # estimated against true search fitness (estimated candidates)
 
 
-def items_used(row) -> int:
-    f = row.result.get("fidelity")
-    return f["items"] if f else sum(len(v) for v in row.result["items"].values())
-
-
 def curve(run, checkpoints: list[int], heldout) -> Curve:
     """The best candidate so far (by recorded, possibly estimated, search fitness) at each checkpoint."""
+    from evomerge.fitness.estimate import items_scored
+
     trials = {t.number: t for t in run.db.trials()}
     rows = sorted((r for r in run.db.rows() if r.state == "complete" and r.fitness is not None),
                   key=lambda r: r.number)
     start = min(t.datetime_start for t in trials.values())
     out, best, used = Curve([], [], []), None, 0
     for i, row in enumerate(rows, start=1):
-        used += items_used(row)
+        used += items_scored(row.result)
         if best is None or row.fitness > best.fitness:
             best = row
         if i in checkpoints:

@@ -51,8 +51,20 @@ def item_values(record: dict, task: str) -> Optional[Values]:
 
 def is_full(record: dict) -> bool:
     """Whether a row was scored on every search item (rows without a fidelity always were)."""
+    return estimated_from(record.get("fidelity")) is None
+
+
+def estimated_from(fidelity: Optional[dict]) -> Optional[str]:
+    """'estimated from N of M items' for a row scored on part of the items, else None."""
+    if fidelity is None or fidelity["items"] == fidelity["of"]:
+        return None
+    return f"estimated from {fidelity['items']} of {fidelity['of']} items"
+
+
+def items_scored(record: dict) -> int:
+    """How many search items a row was scored on."""
     f = record.get("fidelity")
-    return f is None or f["items"] == f["of"]
+    return f["items"] if f else sum(len(v) for v in record.get("items", {}).values())
 
 
 def usage(records: Sequence[dict]) -> Optional[dict]:
@@ -62,11 +74,9 @@ def usage(records: Sequence[dict]) -> Optional[dict]:
     for r in records:
         if not r.get("items"):
             continue
-        n = sum(len(v) for v in r["items"].values())
-        f = r.get("fidelity")
-        used += f["items"] if f else n
-        full += n
-        stopped += bool(f and f["items"] < f["of"])
+        used += items_scored(r)
+        full += sum(len(v) for v in r["items"].values())
+        stopped += not is_full(r)
     if not stopped:
         return None
     return {"items": used, "full": full, "share": used / full, "stopped": stopped}

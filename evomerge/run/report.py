@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 from evomerge.errors import EvomergeError
+from evomerge.fitness.estimate import estimated_from, is_full, usage
 from evomerge.fitness.suite import Suite
 from evomerge.rundb.secrets import redact
 from evomerge.rundb.store import Row, best_row, pareto_front
-from evomerge.fitness.estimate import is_full, usage
 from evomerge.search.loop import Run, parents, reference_recipes, versions
 
 
@@ -81,9 +81,9 @@ def status_text(run: Run, recent: int = 8) -> str:
         lines += ["", f"recent candidates (of {len(rows)}):"]
         for r in rows[-recent:]:
             extra = f"  {r.error}" if r.error else ""
-            f = r.result.get("fidelity")
-            if f and f["items"] < f["of"]:
-                extra += f"  estimated from {f['items']} of {f['of']} items"
+            estimated = estimated_from(r.result.get("fidelity"))
+            if estimated:
+                extra += f"  {estimated}"
             lines.append(f"  #{r.number:<6d}{r.state:12s}{_fitness_cell(r):>10s}  merge {r.result.get('merge_s', 0) * 1e3:5.0f} ms"
                          f"  eval {r.result.get('eval_s', 0) * 1e3:6.0f} ms{extra}")
     return "\n".join(lines)
@@ -310,9 +310,8 @@ def report_markdown(report: dict) -> str:
 
 
 def _fidelity_text(f: Optional[dict]) -> str:
-    if not f or f["items"] == f["of"]:
-        return ""
-    return f" (the recorded fitness was estimated from {f['items']} of {f['of']} search items)"
+    estimated = estimated_from(f)
+    return f" (the recorded fitness was {estimated} of the search split)" if estimated else ""
 
 
 def _estimates_text(e: Optional[dict]) -> list[str]:

@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Optional
 
+from evomerge.fitness.estimate import estimated_from
+
 log = logging.getLogger("evomerge.search.candidates")
 
 
@@ -77,12 +79,12 @@ class Progress:
                eval_s: float, tag: str = "", fidelity: Optional[dict] = None) -> None:
         """``fidelity``: the candidate was scored on part of the items (fitness.estimate)."""
         self.done += 1
-        partial = fidelity is not None and fidelity["items"] < fidelity["of"]
-        if fitness is not None and not partial and (self.best is None or fitness > self.best):
+        estimated = estimated_from(fidelity)
+        if fitness is not None and estimated is None and (self.best is None or fitness > self.best):
             self.best, self.best_number = fitness, number
         last = f"{fitness:.4f}" if fitness is not None else "failed"
-        if partial and fitness is not None:
-            last += f" (estimated from {fidelity['items']} of {fidelity['of']} items)"
+        if estimated and fitness is not None:
+            last += f" ({estimated})"
         best = f"{self.best:.4f} (#{self.best_number})" if self.best is not None else "-"
         eta = self.eta()
         if self.bar is not None:

@@ -158,6 +158,7 @@ class Racer:
                           positions={name: sorted(by_pos) for name, by_pos in scored.items()},
                           counts={name: len(order) for name, order in plan.order.items()}, fidelity=fidelity)
 
+
 def _means(items: list, metric: str, kind: str) -> dict[str, float]:
     """The metric measured on the items scored (and, for margins, their accuracy)."""
     n = max(1, len(items))
