@@ -43,10 +43,12 @@ class Evaluation:
     counts: Optional[dict[str, int]] = None
     fidelity: Optional[dict] = None
 
-    def record(self, items: Optional[dict[str, list[str]]] = None, recipe: Optional[Recipe] = None) -> dict:
+    def record(self, items: Optional[dict[str, list[str]]] = None, recipe: Optional[Recipe] = None,
+               item_values: bool = False) -> dict:
         """The JSON record kept in the run database. Per-item correctness is a string of 0/1 in the
         order of ``items[task]`` (the run's subsample ids, stored once), '-' for an item not scored;
-        a margin task's item values are kept too (``item_values``, None where not scored)."""
+        with ``item_values`` (estimated fitness compares items), a margin task's item values too
+        (None where not scored)."""
         out: dict[str, Any] = {"merge_s": round(self.merge_seconds, 4), "eval_s": round(self.eval_seconds, 4)}
         if recipe is not None:
             out["recipe"] = recipe.to_dict()
@@ -72,7 +74,7 @@ class Evaluation:
                 if ids is not None and len(slots) != len(ids):
                     raise EvomergeError(f"task {k}: the scored items differ from the run's subsample")
                 out["items"][k] = "".join("-" if it is None else "1" if it.correct else "0" for it in slots)
-                if t.metric == "margin":
+                if item_values and t.metric == "margin":
                     out.setdefault("item_values", {})[k] = [None if it is None else round(it.value, 6)
                                                             for it in slots]
         return out

@@ -339,7 +339,7 @@ class _Search:
         self.tag = f"w{self.slot} " if worker else ""
 
     def _record(self, ev: Evaluation, recipe=None) -> dict:
-        return ev.record(self.items, recipe)
+        return ev.record(self.items, recipe, item_values=self.racer is not None)
 
     def _references_are_mine(self) -> bool:
         """One process scores the references: a single search, or the first worker to ask."""
