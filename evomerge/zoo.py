@@ -14,8 +14,13 @@ Training has three stages, each a pure function of the seed:
 2. *drift*: more pretraining on generic sequence tasks alone (copy, first, last), which leaves the
    skills latent: the base still knows the formats and its representations hold the skills, but
    it answers poorly;
-3. *experts*: few, low-learning-rate steps of full fine-tuning of the base on one skill each, so
-   each task vector is a small step, as for real fine-tunes of a strong base.
+3. *experts*: low-rank (LoRA-style) fine-tunes of the base, one per skill: every linear layer of
+   the decoder gets a trainable rank-``lora_rank`` update ``scale * B @ A`` (B starts at zero, A
+   from one seeded draw shared by the experts, as fine-tunes started from one seed share it), the
+   base's weights stay frozen, and the update is merged into the weights once the expert answers
+   ``EXPERT_TARGET`` of fresh lines. Each task vector is a small, dense, low-rank step, as for real
+   adapter fine-tunes of a strong base: the regime where magnitude trimming and sign election
+   (TIES at its defaults) lose most of a skill, and dilution (task arithmetic at 1/n) loses part.
 
 The evaluation items (the suites' ``search`` and ``heldout`` splits, written to
 ``fitness/data/zoo/``) never appear in training, except for ``fact``, whose skill *is* the table:
@@ -31,6 +36,7 @@ import json
 import logging
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -50,7 +56,8 @@ COMPOSED = "revenc"
 GENERIC = ("copy", "first", "last")  # sequence tasks on both alphabets: the drift stage's mix
 PRETRAIN = ("rev", "rev", "enc", "fact", "copy")  # reversal is the slowest to learn: twice the share
 WORLD_SEED = 20261123  # the world is fixed; --seed only changes training
-ZOO_VERSION = 2  # a zoo built by another design is rebuilt, not reused
+LORA_SEED = 1234  # plus --seed: the adapters' initial A, one draw shared by the experts
+ZOO_VERSION = 3  # a zoo built by another design is rebuilt, not reused
 EXPERT_TARGET = 0.99  # an expert trains until it answers this share of fresh training lines exactly
 VALIDATION_LINES = 128
 EVAL_ITEMS = {"search": 120, "heldout": 120}  # per sequence task; fact splits the 48 facts in two
@@ -187,14 +194,16 @@ class ZooSize:
     expert_steps: int
     batch_size: int
     lr: float  # pretraining and drift
-    expert_lr: float
+    expert_lr: float  # the low-rank updates'
+    lora_rank: int = 4
+    lora_scale: float = 2.0
 
 
 SIZES = {  # head_dim 32 in both, so vLLM's CPU backend runs them
     "tiny": ZooSize(64, 128, 2, 2, 1, pretrain_steps=600, drift_steps=300, expert_steps=300, batch_size=64,
-                    lr=3e-3, expert_lr=5e-4),
+                    lr=3e-3, expert_lr=2e-3),
     "small": ZooSize(128, 384, 4, 4, 2, pretrain_steps=1000, drift_steps=1000, expert_steps=400, batch_size=64,
-                     lr=2e-3, expert_lr=5e-4),
+                     lr=2e-3, expert_lr=2e-3),
 }
 
 
@@ -221,10 +230,13 @@ def _batches(texts: Iterator[str], tokenizer, batch_size: int, answers_only: boo
 
 
 def _train(model, batches: Iterator[tuple], steps: int, lr: float,
-           done: Optional[Callable[[], bool]] = None, check_every: int = 10) -> tuple[float, int]:
-    """AdamW with warm-up; without ``done``, a linear decay over ``steps``; with it, a constant rate
-    until ``done()`` (asked every ``check_every`` steps) says the model is there, or ``steps``."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+           done: Optional[Callable[[], bool]] = None, check_every: int = 10,
+           params: Optional[list[torch.nn.Parameter]] = None) -> tuple[float, int]:
+    """AdamW with warm-up on ``params`` (default: all of the model's); without ``done``, a linear
+    decay over ``steps``; with it, a constant rate until ``done()`` (asked every ``check_every``
+    steps) says the model is there, or ``steps``."""
+    params = list(model.parameters()) if params is None else params
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     decay = (lambda i: 1.0) if done else (lambda i: max(0.05, 1 - i / steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 20) * decay(i))
     model.train()
@@ -240,11 +252,48 @@ def _train(model, batches: Iterator[tuple], steps: int, lr: float,
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
     model.eval()
     return float(loss.detach()), steps
+
+
+class LowRankUpdate(torch.nn.Module):
+    """A weight parametrization ``W + scale * B @ A`` with trainable ``A`` (rank x in, a seeded
+    normal draw scaled by 1/sqrt(in)) and ``B`` (out x rank, zeros): a LoRA adapter, applied to the
+    weight itself so that removing the parametrization merges it."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, scale: float, generator: torch.Generator):
+        super().__init__()
+        out_features, in_features = weight.shape
+        self.scale = scale
+        self.A = torch.nn.Parameter(torch.randn(rank, in_features, generator=generator) / in_features ** 0.5)
+        self.B = torch.nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.scale * self.B @ self.A
+
+
+@contextmanager
+def low_rank_adapters(model, rank: int, scale: float, seed: int) -> Iterator[list[torch.nn.Parameter]]:
+    """Freeze ``model`` and give every linear layer of its decoder a :class:`LowRankUpdate`; yield
+    the adapters' parameters, then merge the updates into the weights and unfreeze."""
+    from torch.nn.utils import parametrize
+
+    generator = torch.Generator().manual_seed(seed)
+    linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in linears:
+        parametrize.register_parametrization(m, "weight", LowRankUpdate(m.weight, rank, scale, generator))
+    try:
+        yield [p for m in linears for p in m.parametrizations.weight[0].parameters()]
+    finally:
+        for m in linears:
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+        for p in model.parameters():
+            p.requires_grad_(True)
 
 
 def _accuracy(model, tokenizer, lines: list[str]) -> float:
@@ -285,9 +334,10 @@ def build_zoo(out: Path, size: str = "tiny", seed: int = 0, overwrite: bool = Fa
         [f"fact {e} -> v{i} ." for e in w.facts for i in range(N_VALUES)]
     tokenizer = build_tokenizer(vocab_texts)
 
-    def train(model, tasks: tuple[str, ...], steps: int, lr: float, answers_only: bool, done=None) -> tuple:
+    def train(model, tasks: tuple[str, ...], steps: int, lr: float, answers_only: bool, done=None,
+              params=None) -> tuple:
         batches = _batches(_stream(tasks, rng, w, excluded), tokenizer, spec.batch_size, answers_only)
-        return _train(model, batches, steps, lr, done)
+        return _train(model, batches, steps, lr, done, params=params)
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
         def save(model, name: str) -> str:
@@ -311,8 +361,9 @@ def build_zoo(out: Path, size: str = "tiny", seed: int = 0, overwrite: bool = Fa
             model.load_state_dict(base_state)
             torch.manual_seed(seed * 1000 + SKILLS.index(skill) + 1)
             check = [_training_text(skill, check_rng, w, excluded) for _ in range(VALIDATION_LINES)]
-            loss, steps = train(model, (skill,), spec.expert_steps, spec.expert_lr, True,
-                                done=lambda: _accuracy(model, tokenizer, check) >= EXPERT_TARGET)
+            with low_rank_adapters(model, spec.lora_rank, spec.lora_scale, LORA_SEED + seed) as adapters:
+                loss, steps = train(model, (skill,), spec.expert_steps, spec.expert_lr, True,
+                                    done=lambda: _accuracy(model, tokenizer, check) >= EXPERT_TARGET, params=adapters)
             manifest["experts"][skill] = save(model, f"expert_{skill}")
             manifest["expert_steps"][skill] = steps
             log.info("expert %s trained (loss %.3f, %d steps) at %.1f s", skill, loss, steps, time.perf_counter() - t0)
