@@ -18,6 +18,7 @@ from evomerge.fitness.suite import Suite
 from evomerge.merging.recipe import Recipe
 from evomerge.run.report import export, export_pareto, status_text
 from evomerge.search.evaluator import Evaluator
+from evomerge.rundb.store import best_row
 from evomerge.search.loop import create_run, open_run, run_search
 from test_search import ENV, config
 
@@ -141,7 +142,11 @@ def test_racing_search_records_estimates_it_can_justify(tmp_path, zoo):
             assert [item_values(r.result, t)[p] for p in positions] == pytest.approx(
                 [full.result.tasks[t].items[p].value for p in positions], abs=1e-5)
         assert full.fitness < target.fitness  # it was rightly stopped
-    best = max((r for r in rows if r.fitness is not None), key=lambda r: r.fitness)
+    # the best row, the references counted (a stopped candidate may lead the candidates when a
+    # reference stopped it), was scored on every item
+    leader = max([r for r in rows if r.fitness is not None] + list(refs.values()), key=lambda r: r.fitness)
+    assert is_full(leader.result)
+    best = best_row(rows)  # what status and export call the best candidate
     assert is_full(best.result)
     # the racer reads each record once: all complete ones, then none that it has seen
     tables = run.db.leases.tables

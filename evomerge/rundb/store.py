@@ -28,6 +28,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from evomerge.errors import EvomergeError, first_line
+from evomerge.fitness.estimate import is_full
 from evomerge.rundb.leases import HOST, Leases
 from evomerge.rundb.lock import RunLock
 from evomerge.rundb.meta import RunMeta
@@ -230,8 +231,12 @@ def _row(t: FrozenTrial) -> Row:
 
 
 def best_row(rows: list[Row]) -> Optional[Row]:
-    """The row with the highest fitness (the first one on ties), or None."""
-    return max((r for r in rows if r.fitness is not None), key=lambda r: r.fitness, default=None)
+    """The row with the highest fitness (the first one on ties) among those scored on every search
+    item, or among all when none was; None when no row has a fitness. An estimated row can lead the
+    candidates only when a reference stopped it, and its estimate is the less certain figure."""
+    scored = [r for r in rows if r.fitness is not None]
+    full = [r for r in scored if is_full(r.result or {})]
+    return max(full or scored, key=lambda r: r.fitness, default=None)
 
 
 def pareto_front(rows: list[Row]) -> list[Row]:
