@@ -36,6 +36,24 @@ def _hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*.safetensors"))}
 
 
+def test_experts_are_low_rank_updates_of_the_decoder(zoo):
+    """Each expert differs from the base by a rank-``lora_rank`` update on every decoder linear
+    layer, and nowhere else (embeddings, norms and the LM head are the base's)."""
+    from safetensors.torch import load_file
+
+    base = load_file(str(Path(zoo["base"]) / "model.safetensors"))
+    rank = zoo["config"]["lora_rank"]
+    for skill, path in zoo["experts"].items():
+        expert = load_file(str(Path(path) / "model.safetensors"))
+        assert expert.keys() == base.keys()
+        for name, w in expert.items():
+            delta = (w - base[name]).double()
+            if ".layers." in name and name.endswith("proj.weight"):
+                assert 0 < int(torch.linalg.matrix_rank(delta, rtol=1e-4)) <= rank, (skill, name)
+            else:
+                assert torch.equal(w, base[name]), (skill, name)
+
+
 def test_zoo_models_load_with_transformers_and_round_trip(zoo, tmp_path):
     manifest = load_zoo(zoo["root"])
     assert manifest["experts"] == zoo["experts"]
