@@ -17,8 +17,8 @@ from evomerge.fitness.estimate import Target, choose_anchors, compare, is_full, 
 from evomerge.fitness.suite import Suite
 from evomerge.merging.recipe import Recipe
 from evomerge.run.report import export, export_pareto, status_text
-from evomerge.search.evaluator import Evaluator
 from evomerge.rundb.store import best_row
+from evomerge.search.evaluator import Evaluator
 from evomerge.search.loop import create_run, open_run, run_search
 from test_search import ENV, config
 

@@ -235,7 +235,7 @@ def best_row(rows: list[Row]) -> Optional[Row]:
     item, or among all when none was; None when no row has a fitness. An estimated row can lead the
     candidates only when a reference stopped it, and its estimate is the less certain figure."""
     scored = [r for r in rows if r.fitness is not None]
-    full = [r for r in scored if is_full(r.result or {})]
+    full = [r for r in scored if is_full(r.result)]
     return max(full or scored, key=lambda r: r.fitness, default=None)
 
 
