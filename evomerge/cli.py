@@ -44,12 +44,12 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo_build(args: argparse.Namespace) -> int:
-    from evomerge.zoo import build_zoo, format_report
+    from evomerge.zoo import build_zoo, describe_zoo, format_report
 
     manifest = build_zoo(args.out_dir, size=args.size, seed=args.seed, overwrite=args.overwrite)
     print(format_report(manifest["report"]))
-    print(f"built the {args.size} zoo in {manifest['build_seconds']:.0f} s "
-          f"(training {manifest['train_seconds']:.0f} s): {manifest['root']}")
+    print(f"built the {args.size} zoo in {manifest['build_seconds']:.0f} s on {manifest['built_on']}: "
+          f"{manifest['root']}\n{describe_zoo(manifest)}")
     return 0 if manifest["report"]["goals_met"] else 1
 
 
@@ -106,7 +106,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
         summary = run_workers(run, devices, args.storage)
     else:
-        summary = run_search(run)
+        summary = run_search(run, threads=args.threads)
     return _finish(run, summary)
 
 
@@ -120,11 +120,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             run.cfg = run.cfg.model_copy(update={"device": check_device(args.device)})
         except ValueError as e:
             raise EvomergeError(f"--device: {e}") from None
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    summary = run_search(run, worker=True, max_candidates=args.max_candidates, max_minutes=args.max_minutes)
+    summary = run_search(run, worker=True, max_candidates=args.max_candidates, max_minutes=args.max_minutes,
+                         threads=args.threads)
     print(f"worker {summary['slot']} ({run.cfg.device}): {summary['own']} candidates of the run's "
           f"{summary['evaluated']}, busy {summary['busy_s']:.0f} s of {summary['wall_s']:.0f} s "
           f"(idle share {summary['idle_share'] or 0:.1%})", file=sys.stderr)
@@ -135,7 +132,8 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from evomerge.search.loop import open_run, run_search
 
     run = open_run(args.run_dir, args.storage)
-    summary = run_search(run, resume=True, max_candidates=args.max_candidates, max_minutes=args.max_minutes)
+    summary = run_search(run, resume=True, max_candidates=args.max_candidates, max_minutes=args.max_minutes,
+                         threads=args.threads)
     return _finish(run, summary)
 
 
@@ -198,6 +196,18 @@ def _storage_option(parser: argparse.ArgumentParser,
     parser.add_argument("--storage", default=STORAGE_ENV, help=text)
 
 
+def _threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_positive_int, metavar="N",
+                        help="torch's CPU threads (default: the cores other processes leave free, looked at "
+                             "again every 30 s; OMP_NUM_THREADS also fixes them)")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evomerge", description="Evolutionary merge-recipe optimizer for LLMs.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -248,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_option(s, "SQLAlchemy URL of the run database (default: $EVOMERGE_STORAGE, else SQLite in the run "
                        "directory); PostgreSQL for workers on several hosts")
     s.add_argument("--devices", help="one worker process per device on this node, e.g. cuda:0,cuda:1 (or cpu,cpu)")
+    _threads_option(s)
     s.set_defaults(func=_cmd_search)
 
     w = sub.add_parser("worker", help="join a search: evaluate candidates and record them in the shared run database")
@@ -255,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_option(w, "the run's database URL (default: $EVOMERGE_STORAGE, else the run directory's)")
     w.add_argument("--device", help="this worker's device (cpu, cuda, cuda:N); default: the config's")
     w.add_argument("--run-dir", help="with a config: this host's run directory (default: runs/NAME)")
-    w.add_argument("--threads", type=int, help="CPU threads for torch")
+    _threads_option(w)
     w.add_argument("--max-candidates", type=int, help="override the run's candidate budget (total)")
     w.add_argument("--max-minutes", type=float, help="override the run's wall-time budget (total)")
     w.set_defaults(func=_cmd_worker)
@@ -265,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_option(r)
     r.add_argument("--max-candidates", type=int, help="a new candidate budget (total, not additional)")
     r.add_argument("--max-minutes", type=float, help="a new wall-time budget (total search minutes)")
+    _threads_option(r)
     r.set_defaults(func=_cmd_resume)
 
     sp = sub.add_parser("space", help="print a config's search space: its dimension and each coordinate")

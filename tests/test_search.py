@@ -223,6 +223,30 @@ def test_cli_space_status_export(tmp_path, zoo):
     assert bad.returncode == 2 and "not a run directory" in bad.stderr
 
 
+def test_the_thread_choice_is_logged_and_threads_fix_it(tmp_path, zoo, monkeypatch):
+    """By default the threads follow the free cores, and search.log says so; --threads N fixes them
+    (the worker registry keeps the count); a count that is not a positive number is refused."""
+    cfg = config(tmp_path, zoo, budget={"max_candidates": 2}, references=False)
+    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
+    fixed = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--run-dir", str(tmp_path / "a"),
+                            "--threads", "1"], env=env, capture_output=True, text=True)
+    assert fixed.returncode == 0, fixed.stderr
+    assert "torch threads: 1 (--threads)" in (tmp_path / "a" / "search.log").read_text()
+    assert [w["threads"] for w in open_run(tmp_path / "a").db.registry.all()] == [1]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "set_num_threads", torch._C.set_num_threads)  # an in-process vLLM test replaces it
+    before = torch.get_num_threads()
+    try:
+        summary = run_search(create_run(cfg, tmp_path / "b"), live=False)
+    finally:
+        torch.set_num_threads(before)
+    logged = (tmp_path / "b" / "search.log").read_text()
+    assert f"torch threads: {summary['threads']} of " in logged and "it follows the load" in logged
+    bad = subprocess.run([sys.executable, "-m", "evomerge.cli", "resume", str(tmp_path / "a"), "--threads", "0"],
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--threads: '0' is not a positive whole number" in bad.stderr
+
+
 def test_progress_bar_keeps_candidate_lines_in_the_log_file(tmp_path):
     import io
     import logging

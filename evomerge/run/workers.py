@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from evomerge.errors import EvomergeError
+from evomerge.machine import usable_cores
 from evomerge.search.loop import Run
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def run_workers(run: Run, devices: list[str], storage: Optional[str] = None, pol
     if not run.db.shareable:
         raise EvomergeError("--devices: the workers need a SQLite file or PostgreSQL as the run's storage")
     n_cpu = sum(d == "cpu" for d in devices)
-    threads = max(1, (os.cpu_count() or 1) // n_cpu) if n_cpu else None
+    threads = max(1, usable_cores() // n_cpu) if n_cpu else None
     env = os.environ.copy()
     if storage:
         env["EVOMERGE_STORAGE"] = storage  # not on the command line, where a password would show

@@ -32,6 +32,7 @@ from typing import Iterator, Optional
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError
 from evomerge.fitness.suite import Suite, SuiteError
+from evomerge.machine import ThreadFit
 from evomerge.merging.model_io import resolve_model_path
 from evomerge.search.evaluator import Evaluation, Evaluator
 from evomerge.search.fingerprint import changes, fingerprint
@@ -265,12 +266,16 @@ def x0_vector(run: Run) -> list[float]:
 
 
 def run_search(run: Run, *, resume: bool = False, max_candidates: Optional[int] = None,
-               max_minutes: Optional[float] = None, live: Optional[bool] = None, worker: bool = False) -> dict:
+               max_minutes: Optional[float] = None, live: Optional[bool] = None, worker: bool = False,
+               threads: Optional[int] = None) -> dict:
     """Run (or continue) the search until the budget is spent or a signal stops it. ``worker``:
     one of several processes on this run (its own sampler seed; the first worker to get there
-    scores the references)."""
+    scores the references). ``threads``: torch's intra-op threads; by default they follow the
+    cores other processes leave free (:class:`~evomerge.machine.ThreadFit`)."""
     with _file_log(run.run_dir / "search.log"):
-        return _Search(run, resume, max_candidates, max_minutes, live, worker).loop()
+        fit = ThreadFit(threads)
+        log.info("%s", fit.describe())
+        return _Search(run, resume, max_candidates, max_minutes, live, worker, fit).loop()
 
 
 class _Heartbeat:
@@ -300,9 +305,10 @@ class _Heartbeat:
 
 class _Search:
     def __init__(self, run: Run, resume: bool, max_candidates: Optional[int], max_minutes: Optional[float],
-                 live: Optional[bool], worker: bool):
+                 live: Optional[bool], worker: bool, threads: ThreadFit):
         self.run = run
         self.worker = worker
+        self.threads = threads
         cfg = run.cfg
         self.max_candidates = max_candidates if max_candidates is not None else cfg.budget.max_candidates
         minutes = max_minutes if max_minutes is not None else cfg.budget.max_minutes
@@ -428,6 +434,7 @@ class _Search:
                         waited += time.perf_counter() - t0
                         continue
                     heartbeat.trial_id = current.trial_id
+                    self.threads.check()
                     recipe = run.space.decode(current.vector)
                     if self.racer is not None:
                         self.racer.refresh(db)
@@ -466,7 +473,7 @@ class _Search:
                 done = db.leases.counts()[0]
         summary = {"evaluated": done, "stopped_by": stopped_by, "elapsed_s": db.metadata.elapsed(), "slot": self.slot,
                    "own": own, "dropped": dropped, "wall_s": round(mine, 3), "busy_s": round(busy, 3),
-                   "waited_s": round(waited, 3), "setup_s": round(setup_s, 3),
+                   "waited_s": round(waited, 3), "setup_s": round(setup_s, 3), "threads": self.threads.threads,
                    "idle_share": round(1 - busy / mine, 4) if mine > 0 else None}
         db.registry.update(self.slot, {k: v for k, v in summary.items() if k not in ("evaluated", "slot")}
                          | {"ended": _dt.datetime.now().isoformat(timespec="seconds")})
