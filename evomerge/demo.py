@@ -8,7 +8,12 @@
    table (parents, the default merge and the best found, on the search and held-out splits), then
    the fixed metric: held-out accuracy of the base, the parents, the default merges and the best.
 
-    python -m evomerge.demo [--out runs/demo] [--zoo runs/zoo-small] [--candidates N]
+The zoo is the same on every x86-64 machine (it trains under pinned numerics: see
+:mod:`evomerge.zoo`); the search runs at the machine's own speed and floats, so its winner can
+differ between CPUs. The closing lines name the machine and the zoo's weights digest, so that a
+run can be matched with the README's table.
+
+    python -m evomerge.demo [--out runs/demo] [--zoo runs/zoo-small] [--zoo-seed N] [--candidates N] [--threads N]
 """
 
 from __future__ import annotations
@@ -46,17 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--zoo", default="runs/zoo-small")
     ap.add_argument("--candidates", type=int, default=960)
+    ap.add_argument("--zoo-seed", type=int, default=0, help="the small zoo's training seed")
+    ap.add_argument("--threads", type=int, help="torch's CPU threads (default: the cores other processes leave free)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("evomerge.merging.engine", "evomerge.merging.kernel", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+    from evomerge import machine
     from evomerge.run.report import comparison_table, export, status_text, write_plots
     from evomerge.search.loop import create_run, run_search
-    from evomerge.zoo import load_or_build_zoo
+    from evomerge.zoo import describe_zoo, load_or_build_zoo
 
     t0 = time.perf_counter()
-    zoo, trained = load_or_build_zoo(args.zoo, "small")
+    zoo, trained = load_or_build_zoo(args.zoo, "small", seed=args.zoo_seed)
     print(f"model zoo: trained {zoo['root']} in {zoo['build_seconds']:.0f} s" if trained
           else f"model zoo: {zoo['root']} (cached)")
 
@@ -68,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo always starts a fresh run
     run = create_run(config, run_dir)
     print(f"search: {config} -> {run_dir} (dimension {run.space.dimension}, {args.candidates} candidates)")
-    summary = run_search(run)
+    summary = run_search(run, threads=args.threads)
     print(status_text(run, recent=3))
     for path in write_plots(run):
         print(f"plot: {path}")
@@ -90,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nbest against the best parent: {best - parent_best:+.3f} (goal >= +0.15); "
           f"against the best default merge: {best - default_best:+.3f} (goal >= +0.15); "
           f"{COMPOSED}: {table['best (exported)'][COMPOSED]:.3f} against the best parent's {composed_parent:.3f}")
+    print(f"machine: {machine.describe()}\n{describe_zoo(zoo)}")
     print(f"demo took {(time.perf_counter() - t0) / 60:.1f} min")
     return 0 if best > parent_best else 1
 
