@@ -161,10 +161,10 @@ class ThreadFit:
     def check(self, force: bool = False) -> bool:
         """Look at the load again if ``interval`` seconds have passed (or ``force``); set torch's
         threads to the free cores. Whether the count changed."""
-        if self.fixed or self._mark is None:
+        if self.fixed or self._mark is None or (not force and time.monotonic() - self._mark[0] < self.interval):
             return False
         now = self._sample()
-        if now is None or (not force and now[0] - self._mark[0] < self.interval):
+        if now is None:
             return False
         wall = now[0] - self._mark[0]
         if wall <= 0:
