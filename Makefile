@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.evomerge-installed
 
-.PHONY: setup setup-vllm demo test bench bench-fitness bench-vllm bench-search bench-quality bench-workers clean
+.PHONY: setup setup-vllm demo test bench bench-fitness bench-vllm bench-search bench-quality bench-workers bench-busy bench-zoo-numerics clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,14 @@ bench-quality: setup
 bench-workers: setup
 	$(PY) benchmarks/workers.py
 	$(PY) benchmarks/workers.py --postgres
+
+## The demo's search rate alone and beside a busy process, with one thread per core and with threads fitted to the free cores.
+bench-busy: setup
+	$(PY) benchmarks/busy_machine.py
+
+## The tiny and small zoos built under other machines' float settings (threads, AVX2 or plain kernels): one weights digest each.
+bench-zoo-numerics: setup
+	$(PY) benchmarks/zoo_numerics.py --jobs 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs/*
