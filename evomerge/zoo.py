@@ -336,8 +336,11 @@ def build_zoo(out: str | Path, size: str = "tiny", seed: int = 0, overwrite: boo
     paths are relative to ``out``: :func:`load_zoo` resolves them). Training runs in a child
     process under pinned numerics, so the bytes are the same for a seed on every x86-64 machine
     with the same torch and transformers: every draw comes from seeded generators."""
+    from evomerge.merging.model_io import refuse_existing
+
     if size not in SIZES:
         raise ZooError(f"unknown zoo size {size!r}; choose one of {sorted(SIZES)}")
+    refuse_existing(Path(out).resolve(), overwrite)  # here, so the child's own check never has to say it
     args = ["-m", "evomerge.zoo", str(out), "--size", size, "--seed", str(seed)] + (["--overwrite"] if overwrite else [])
     rc = machine.run_pinned(args).returncode
     if rc == 130:

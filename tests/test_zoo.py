@@ -68,6 +68,17 @@ def test_zoo_build_is_bit_reproducible_whatever_the_callers_numerics(zoo, tmp_pa
     assert again["torch"] == torch.__version__ and again["report"] == zoo["report"]
 
 
+def test_zoo_build_into_a_full_directory_is_one_line_and_trains_nothing(tmp_path):
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "mine.txt").write_text("not a zoo")
+    out = subprocess.run([sys.executable, "-m", "evomerge.cli", "zoo", "build", str(tmp_path / "z")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"evomerge: error: output {tmp_path / 'z'}: exists and is not empty "
+                                               "(pass --overwrite to replace it)"]
+    assert [p.name for p in tmp_path.iterdir()] == ["z"] and (tmp_path / "z" / "mine.txt").read_text() == "not a zoo"
+
+
 def _hashes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*.safetensors"))}

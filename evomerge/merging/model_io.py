@@ -391,13 +391,18 @@ class ShardedWriter:
             self._file = None
 
 
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    """Refuse an output directory that exists and is not empty, unless ``overwrite``."""
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise ModelError(f"output {out}: exists and is not empty (pass --overwrite to replace it)")
+
+
 @contextmanager
 def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a hidden temporary directory beside ``out_dir``; rename it to ``out_dir`` on success,
     delete it on any failure."""
     out = Path(out_dir).resolve()
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise ModelError(f"output {out}: exists and is not empty (pass --overwrite to replace it)")
+    refuse_existing(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(out.parent)
     tag = this_process_tag()
