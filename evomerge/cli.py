@@ -197,12 +197,12 @@ def _storage_option(parser: argparse.ArgumentParser,
 
 
 def _threads_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=_positive_int, metavar="N",
+    parser.add_argument("--threads", type=positive_int, metavar="N",
                         help="torch's CPU threads (default: the cores other processes leave free, looked at "
                              "again every 30 s; OMP_NUM_THREADS also fixes them)")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return int(text)

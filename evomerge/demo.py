@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from evomerge.cli import positive_int
 from evomerge.zoo import COMPOSED, format_heldout, heldout_scores, skill_mean
 
 
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zoo", default="runs/zoo-small")
     ap.add_argument("--candidates", type=int, default=960)
     ap.add_argument("--zoo-seed", type=int, default=0, help="the small zoo's training seed")
-    ap.add_argument("--threads", type=int, help="torch's CPU threads (default: the cores other processes leave free)")
+    ap.add_argument("--threads", type=positive_int, metavar="N",
+                    help="torch's CPU threads (default: the cores other processes leave free)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("evomerge.merging.engine", "evomerge.merging.kernel", "transformers", "httpx"):
