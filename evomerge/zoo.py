@@ -436,7 +436,9 @@ def _sha256(path: Path) -> str:
 
 def weights_digest(manifest: dict) -> str:
     """One short hash of the zoo's weights (its models' sha256 together): equal digests, equal zoos."""
-    return hashlib.sha256(json.dumps(manifest["sha256"], sort_keys=True).encode()).hexdigest()[:16]
+    from evomerge.search.fingerprint import digest
+
+    return digest(manifest["sha256"])
 
 
 def _resolve(manifest: dict, root: Path) -> dict:

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 MERGE_KEYS = ("merge_method", "fixed_parameters", "default_parameters", "dtype", "seed", "space")
 
 
-def _digest(value: Any) -> str:
+def digest(value: Any) -> str:
+    """16 hex digits of the sha256 of ``value`` as sorted JSON."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -39,7 +40,7 @@ def _model_digest(ref: str) -> str:
                 parts.append([f.name, hashlib.sha256(fh.read(min(n, 100_000_000))).hexdigest()])
             else:
                 parts.append([f.name, f.stat().st_size])
-    return _digest(parts)
+    return digest(parts)
 
 
 def fingerprint(cfg: "RunConfig", suite: "Suite") -> dict[str, dict[str, str]]:
@@ -47,15 +48,15 @@ def fingerprint(cfg: "RunConfig", suite: "Suite") -> dict[str, dict[str, str]]:
     for t in suite.tasks:
         items = ([[it.id, it.prompt, it.answer, list(it.choices or ())] for it in t.all_items()]
                  + [it.id for it in t.items("search")] if t.local else [])
-        tasks[t.name] = _digest([t.spec.model_dump(mode="json", exclude={"data"}), items])
-    tasks["(objectives)"] = _digest(suite.spec.model_dump(mode="json").get("objectives"))
+        tasks[t.name] = digest([t.spec.model_dump(mode="json", exclude={"data"}), items])
+    tasks["(objectives)"] = digest(suite.spec.model_dump(mode="json").get("objectives"))
     models = [m for m in [cfg.models.base, *cfg.models.experts] if m]
     config = cfg.to_dict()
     return {
         "suite": tasks,
         "models": {m: _model_digest(m) for m in models},
-        "config": {k: _digest(config.get(k)) for k in MERGE_KEYS}
-        | {"fitness": _digest({k: v for k, v in config.get("fitness", {}).items() if k != "suite"})},
+        "config": {k: digest(config.get(k)) for k in MERGE_KEYS}
+        | {"fitness": digest({k: v for k, v in config.get("fitness", {}).items() if k != "suite"})},
     }
 
 
