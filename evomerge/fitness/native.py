@@ -73,7 +73,8 @@ class NativeBackend:
                 else:
                     if task.spec.metric == "margin":
                         reqs.append(_Request((i, 0), *encode_pair(tokenizer, it.prompt, " " + it.answer)))
-                    prompts.append(tokenizer.encode(it.prompt))
+                    if not task.spec.teacher_forced:
+                        prompts.append(tokenizer.encode(it.prompt))
             for r in reqs:
                 if not r.continuation:
                     raise SuiteError(f"suite {task.suite.name}, task {task.name}: item {items[r.key[0]].id}: "
@@ -103,11 +104,18 @@ class NativeBackend:
         sums: dict[str, float] = defaultdict(float)
         if spec.kind == "multiple_choice":
             for i, it in enumerate(items):
-                m = choose([lls[(i, j)] for j in range(len(it.choices))], it.choices, it.answer)
+                m = choose([lls[(i, j)][0] for j in range(len(it.choices))], it.choices, it.answer)
                 for k, v in m.items():
                     sums[k] += v
                 per_item.append(ItemResult(it.id, bool(m["acc" if spec.metric == "margin" else spec.metric]),
                                            m[spec.metric]))
+        elif spec.teacher_forced:  # the margin, and whether the reference is the greedy continuation
+            lengths = {r.key[0]: len(r.continuation) for r in reqs}
+            for i, it in enumerate(items):
+                ll, greedy = lls[(i, 0)]
+                sums["greedy"] += greedy
+                sums["margin"] += ll / lengths[i]
+                per_item.append(ItemResult(it.id, greedy, ll / lengths[i]))
         else:
             outputs = self.generate(model, tokenizer, prompts, spec.stop, spec.max_new_tokens)
             pattern = re.compile(spec.answer_regex) if spec.answer_regex else None
@@ -118,7 +126,7 @@ class NativeBackend:
                 sums["exact_match"] += ok
                 value = float(ok)
                 if spec.metric == "margin":  # mean log-prob per token of the reference answer
-                    value = lls[(i, 0)] / lengths[i]
+                    value = lls[(i, 0)][0] / lengths[i]
                     sums["margin"] += value
                 per_item.append(ItemResult(it.id, ok, value, got))
         n = len(items)
@@ -126,12 +134,13 @@ class NativeBackend:
         return TaskResult(task.name, spec.metric, metrics[spec.metric], spec.weight, metrics, per_item)
 
     @torch.inference_mode()
-    def loglikelihoods(self, model, reqs: list[_Request], where: str = "") -> dict[tuple, float]:
-        """Summed log-probability of each request's continuation; raises CandidateFailed on
-        non-finite logits."""
+    def loglikelihoods(self, model, reqs: list[_Request], where: str = "") -> dict[tuple, tuple[float, bool]]:
+        """Summed log-probability of each request's continuation, and whether every continuation
+        token is the greedy choice (lm-eval's ``is_greedy``); raises CandidateFailed on non-finite
+        logits."""
         device = next(model.parameters()).device
         order = sorted(range(len(reqs)), key=lambda i: -(len(reqs[i].context) + len(reqs[i].continuation)))
-        out: dict[tuple, float] = {}
+        out: dict[tuple, tuple[float, bool]] = {}
         pad = 0
         start = 0
         while start < len(order):
@@ -149,8 +158,9 @@ class NativeBackend:
                 picked = logits[b, s:s + len(r.continuation)].float()
                 if not torch.isfinite(picked).all():
                     raise CandidateFailed(f"non-finite logits in {where}")
-                lp = torch.log_softmax(picked, -1).gather(1, torch.tensor(r.continuation, device=device)[:, None])
-                out[r.key] = float(lp.sum())
+                target = torch.tensor(r.continuation, device=device)
+                lp = torch.log_softmax(picked, -1).gather(1, target[:, None])
+                out[r.key] = (float(lp.sum()), bool((picked.argmax(-1) == target).all()))
         return out
 
     @torch.inference_mode()

@@ -23,6 +23,12 @@ A suite is a YAML file::
       - {name: retention, tasks: {arc: 1.0}}
     # or  objectives: per_task       (one objective per task)
 
+``metric: margin`` on a generate task scores the mean log-probability per token of the reference
+answer (native scorer only); the item also counts as right or wrong by generating and matching
+its output (``exact_match``), unless ``teacher_forced: true``: then an item is right when every
+reference token is the greedy choice given the ones before (lm-eval's ``is_greedy``; the side
+metric is ``greedy``), and nothing is generated, which on a large vocabulary is most of the cost.
+
 Without ``objectives`` the suite has one objective, its fitness: the weighted mean of the tasks'
 metric values. Each objective is the weighted mean of its tasks' values; all are maximized.
 
@@ -81,6 +87,7 @@ class TaskSpec(BaseModel):
     ignore_case: bool = False
     heldout_fraction: float = Field(0.5, gt=0, lt=1)
     filter: str = "none"  # which of an lm-eval task's filters the metric is read from
+    teacher_forced: bool = False  # margin on a generate task: no generation (see the module's docstring)
 
     @field_validator("answer_regex")
     @classmethod
@@ -103,6 +110,8 @@ class TaskSpec(BaseModel):
             if self.metric not in allowed:
                 raise ValueError(f"task {self.name!r}: metric {self.metric!r} does not apply to kind {self.kind!r} "
                                  f"(use one of {', '.join(allowed)})")
+        if self.teacher_forced and (self.kind != "generate" or self.metric != "margin"):
+            raise ValueError(f"task {self.name!r}: teacher_forced applies to metric margin on a generate task")
         return self
 
 

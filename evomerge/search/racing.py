@@ -141,7 +141,7 @@ class Racer:
         for name, by_pos in scored.items():
             items = [by_pos[p] for p in sorted(by_pos)]
             spec = self.suite.task(name).spec
-            measured = _means(items, spec.metric, spec.kind)
+            measured = _means(items, spec)
             value = beaten.estimate[name] if beaten else measured[spec.metric]
             results[name] = TaskResult(name, spec.metric, value, spec.weight, measured, items)
         values = self.suite.objective_values({k: t.value for k, t in results.items()})
@@ -159,10 +159,11 @@ class Racer:
                           counts={name: len(order) for name, order in plan.order.items()}, fidelity=fidelity)
 
 
-def _means(items: list, metric: str, kind: str) -> dict[str, float]:
+def _means(items: list, spec) -> dict[str, float]:
     """The metric measured on the items scored (and, for margins, their accuracy)."""
     n = max(1, len(items))
-    out = {metric: sum(it.value for it in items) / n}
-    if metric == "margin":
-        out["exact_match" if kind == "generate" else "acc"] = sum(it.correct for it in items) / n
+    out = {spec.metric: sum(it.value for it in items) / n}
+    if spec.metric == "margin":
+        side = "acc" if spec.kind != "generate" else "greedy" if spec.teacher_forced else "exact_match"
+        out[side] = sum(it.correct for it in items) / n
     return out
