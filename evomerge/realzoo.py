@@ -48,14 +48,14 @@ from evomerge.zoo import ZooError, _resolve, expert_seed, load_zoo, low_rank_ada
 log = logging.getLogger(__name__)
 
 KIND = "smollm2"  # the manifest's "size": which zoo this is
-ZOO_VERSION = 1
+ZOO_VERSION = 2  # 1: lr 2e-3, experts that cost the retention task far more (capital 0.25 to 0.90)
 SKILLS = ("dbl", "rev", "lex")
 RETENTION = "capital"
 CAPITAL_PROMPTS = ("The capital of {country} is", "Question: Which city is the capital of {country}?\nAnswer:")
 SUITE, RETENTION_SUITE = "smollm2", "smollm2-retention"  # the held-out metric's suites (fitness/)
 WORLD_SEED = 20261204  # the items are fixed; --seed only changes training
 LORA_SEED = 4321
-LORA_RANK, LORA_SCALE, LR, BATCH = 8, 2.0, 2e-3, 16
+LORA_RANK, LORA_SCALE, LR, BATCH = 8, 2.0, 3e-4, 16
 EXPERT_TARGET, CHECK_EVERY, MAX_STEPS, VALIDATION_ITEMS = 0.98, 10, 200, 64
 MAX_ATTEMPTS = 3
 OWN_MIN, OTHERS_MAX = 0.85, 0.25  # design goals: see goals_met

@@ -466,6 +466,16 @@ def load_or_build_zoo(root: str | Path, size: str, seed: int = 0) -> tuple[dict,
     return build_zoo(Path(root), size=size, seed=seed, overwrite=True), True
 
 
+def load_or_build_any(root: str | Path, size: str, seed: int = 0) -> tuple[dict, bool]:
+    """A synthetic zoo of ``size`` at ``root``, or the real one (:mod:`evomerge.realzoo`) for
+    size ``smollm2``; and whether it had to be built first."""
+    if size == "smollm2":
+        from evomerge.realzoo import load_or_build_real_zoo
+
+        return load_or_build_real_zoo(root, seed=seed)
+    return load_or_build_zoo(root, size, seed=seed)
+
+
 def default_merges(manifest: dict) -> dict[str, dict]:
     """The merges a user would try first: task arithmetic with weight 1/n, TIES with density 0.5."""
     n = len(manifest["experts"])
