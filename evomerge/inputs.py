@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -67,3 +68,12 @@ def key_text(key: Any) -> str:
     """A key as written in a message: quoted when it is empty or holds spaces or control characters."""
     text = str(key)
     return text if text and text.isprintable() and " " not in text else repr(text)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

