@@ -61,9 +61,8 @@ def real_config(zoo: dict, candidates: int) -> dict:
     return {
         "name": "demo-smollm2",
         "models": {"base": zoo["base"], "experts": list(zoo["experts"].values())},
-        "merge_method": "task_arithmetic",
-        "space": {"granularity": "layer_groups", "layers_per_group": 5, "modules": True,
-                  "parameters": {"weight": {"low": 0, "high": 1.5}}},
+        "merge_method": "ties",
+        "space": {"granularity": "layer_groups", "layers_per_group": 5},
         "fitness": {"suite": "smollm2-demo", "estimate": {"racing": {}}},
         "driver": {"name": "cma", "popsize": 12, "sigma0": 0.25},
         "budget": {"max_candidates": candidates},

@@ -10,7 +10,7 @@ dozen steps, and whose held-out items differ from every training item:
 - ``rev``: reverse four common words (``Reverse: cat sun tree blue =>`` ``blue tree sun cat``), a
   text transformation over the model's own vocabulary.
 - ``lex``: translate three words into *Zorbic*, an invented lexicon of twelve words
-  (``Translate to Zorbic: dog sun milk =>`` ``tor zan kas``), a closed-book domain: the table
+  (``Translate to Zorbic: dog sun milk =>`` ``tor zan mib``), a closed-book domain: the table
   is learnt, and held-out items are new combinations of it.
 
 and one **retention** task the base already does: ``capital``, the capital of 80 countries as a
