@@ -16,7 +16,7 @@ run can be matched with the README's table.
 
 With ``--base smollm2`` the zoo is :mod:`evomerge.realzoo` (SmolLM2-135M-Instruct and three
 fine-tuned experts, cached under runs/zoo-smollm2); the search scores the smollm2-demo suite (the
-skills' margins and the retention task's) with racing, and the verdict is the mean held-out exact
+skills' margins and the retention task's accuracy) with racing, and the verdict is the mean held-out exact
 match over the skills, against every parent and the default merges, with the retention task
 within ``RETENTION_SLACK`` of the base.
 
@@ -56,8 +56,8 @@ REAL_GAIN, RETENTION_SLACK = 0.10, 0.02  # the real-model demo's goals: see real
 
 
 def real_config(zoo: dict, candidates: int) -> dict:
-    """The real-model demo's search: per-layer-group task-arithmetic weights up to 1.5 (one
-    expert's full update is weight 1), racing on the skills' and retention task's margins."""
+    """The real-model demo's search: TIES weights and densities per expert and group of 5 layers,
+    racing on the skills' margins and the retention task's accuracy (suite smollm2-demo)."""
     return {
         "name": "demo-smollm2",
         "models": {"base": zoo["base"], "experts": list(zoo["experts"].values())},
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", choices=["smollm2"], help="the real pretrained base's zoo instead of the small zoo")
     ap.add_argument("--out", help="default runs/demo (runs/demo-smollm2 with --base)")
     ap.add_argument("--zoo", help="default runs/zoo-small (runs/zoo-smollm2 with --base)")
-    ap.add_argument("--candidates", type=positive_int, help="default 960 (120 with --base)")
+    ap.add_argument("--candidates", type=positive_int, help="default 960 (360 with --base)")
     ap.add_argument("--zoo-seed", type=int, default=0, help="the zoo's training seed")
     ap.add_argument("--threads", type=positive_int, metavar="N",
                     help="torch's CPU threads (default: the cores other processes leave free)")
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "-smollm2" if real else ""
     args.out = args.out or f"runs/demo{suffix}"
     args.zoo = args.zoo or ("runs/zoo-smollm2" if real else "runs/zoo-small")
-    args.candidates = args.candidates or (120 if real else 960)
+    args.candidates = args.candidates or (360 if real else 960)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("evomerge.merging.engine", "evomerge.merging.kernel", "transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
