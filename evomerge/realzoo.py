@@ -294,9 +294,10 @@ def load_or_build_real_zoo(root: str | Path, seed: int = 0) -> tuple[dict, bool]
     if not (Path(root) / "zoo.json").exists():
         return build_real_zoo(root, seed=seed), True
     manifest = load_zoo(root)
-    if (manifest.get("version"), manifest["size"], manifest["seed"]) == (ZOO_VERSION, KIND, seed):
+    if (manifest.get("version"), manifest["size"], manifest["seed"], manifest.get("measured")) == \
+            (ZOO_VERSION, KIND, seed, True):
         return manifest, False
-    log.warning("%s holds another zoo; rebuilding it", root)
+    log.warning("%s holds another zoo (or a quick, unmeasured one); rebuilding it", root)
     return build_real_zoo(root, seed=seed, overwrite=True), True
 
 
