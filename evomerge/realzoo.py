@@ -44,7 +44,7 @@ from evomerge import machine, smollm2
 from evomerge.inputs import file_sha256
 from evomerge.resources import suites_dir
 from evomerge.zoo import (_resolve, expert_seed, heldout_lines, load_zoo, low_rank_adapters, pinned_main,
-                          score_models, train_pinned, write_items)
+                          score_models, suite_scores, train_pinned, write_items)
 
 log = logging.getLogger(__name__)
 
@@ -224,14 +224,7 @@ def train_expert(model, tokenizer, skill: str, eseed: int, excluded: set[str], m
 
 def heldout_scores(model, tokenizer) -> dict[str, float]:
     """A model's held-out scores on the skills (suite ``smollm2``) and the retention task."""
-    from evomerge.fitness.native import NativeBackend
-    from evomerge.fitness.suite import Suite
-
-    out = {}
-    for name in (SUITE, RETENTION_SUITE):
-        result = NativeBackend().score(model, tokenizer, Suite.load(name), "heldout")
-        out |= {k: round(v.value, 4) for k, v in result.tasks.items()}
-    return out
+    return suite_scores(model, tokenizer, (SUITE, RETENTION_SUITE))
 
 
 def skill_mean(scores: dict[str, float]) -> float:

@@ -494,21 +494,27 @@ def skill_mean(scores: dict[str, float]) -> float:
     return sum(scores[k] for k in SKILLS) / len(SKILLS)
 
 
-@functools.lru_cache(maxsize=1)
-def _heldout_suites() -> tuple:
+@functools.lru_cache(maxsize=4)
+def _suites_and_scorer(names: tuple[str, ...]) -> tuple:
     from evomerge.fitness.native import NativeBackend
     from evomerge.fitness.suite import Suite
 
-    return (Suite.load("zoo"), Suite.load("zoo-composed")), NativeBackend()
+    return tuple(Suite.load(n) for n in names), NativeBackend()
 
 
-def heldout_scores(model, tokenizer) -> dict[str, float]:
-    """A model's held-out scores on the skills (suite ``zoo``) and the composed task, natively."""
-    suites, scorer = _heldout_suites()
+def suite_scores(model, tokenizer, names: tuple[str, ...]) -> dict[str, float]:
+    """A model's held-out score on every task of the shipped suites ``names``, natively (the
+    suites and the scorer, with its tokenized items, are kept between calls)."""
+    suites, scorer = _suites_and_scorer(names)
     out = {}
     for suite in suites:
         out |= {k: round(v.value, 4) for k, v in scorer.score(model, tokenizer, suite, "heldout").tasks.items()}
     return out
+
+
+def heldout_scores(model, tokenizer) -> dict[str, float]:
+    """A model's held-out scores on the skills (suite ``zoo``) and the composed task, natively."""
+    return suite_scores(model, tokenizer, ("zoo", "zoo-composed"))
 
 
 def score_models(manifest: dict, scores: Callable) -> dict[str, dict[str, float]]:

@@ -194,3 +194,17 @@ def real_zoo(tmp_path_factory, wheel_cache):
 
     return build_real_zoo(tmp_path_factory.mktemp("real") / "zoo", seed=0, cache=wheel_cache, max_steps=2,
                           measured=False)
+
+
+def item_map(result) -> dict:
+    """Every item of a FitnessResult: (task, id) -> (correct, value, output)."""
+    return {(t, it.id): (it.correct, it.value, it.output) for t, r in result.tasks.items() for it in r.items}
+
+
+def same_items(a, b, tol: float = 1e-4) -> None:
+    """Two results score the same items with the same correctness and output, values within ``tol``."""
+    ai, bi = item_map(a), item_map(b)
+    assert ai.keys() == bi.keys() and len(ai) > 0
+    for key in ai:
+        assert ai[key][0] == bi[key][0] and ai[key][2] == bi[key][2], key
+        assert ai[key][1] == pytest.approx(bi[key][1], abs=tol), key

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from conftest import item_map, same_items
 from evomerge.errors import SuiteError
 from evomerge.fitness.base import get_backend
 from evomerge.fitness.suite import Suite
@@ -187,10 +188,6 @@ def vllm_backend(vllm_family):
     return get_backend("vllm", model_dir=vllm_family["base"], dtype="float32", engine={"max_model_len": 256})
 
 
-def _items(result) -> dict:
-    return {(t, it.id): (it.correct, it.value, it.output) for t, r in result.tasks.items() for it in r.items}
-
-
 def test_vllm_equals_native_item_by_item(suite, vllm_family, vllm_backend):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -201,8 +198,8 @@ def test_vllm_equals_native_item_by_item(suite, vllm_family, vllm_backend):
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         v, n = vllm_backend.score(model, tok, suite), native.score(model, tok, suite)
         assert v.failed is None and n.failed is None
-        _compare_items(v, n)  # correctness, generated text and metric value of every item
-        seen.append(_items(v))
+        same_items(v, n)  # correctness, generated text and metric value of every item
+        seen.append(item_map(v))
     assert seen[0] != seen[1]  # the weights did change between candidates
     assert seen[0] == seen[2]  # and nothing of the previous candidate survives (prefix cache reset)
 
@@ -213,16 +210,8 @@ def test_vllm_scores_the_trained_zoo_as_native_does(suite, zoo, zoo_model, vllm_
     for skill in ("rev", "enc"):
         model, tok = zoo_model(skill)
         v, n = backend.score(model, tok, suite), get_backend("native").score(model, tok, suite)
-        _compare_items(v, n)
+        same_items(v, n)
         assert v.tasks[skill].value >= 0.9
-
-
-def _compare_items(a, b) -> None:
-    ai, bi = _items(a), _items(b)
-    assert ai.keys() == bi.keys() and len(ai) > 0
-    for key in ai:
-        assert ai[key][0] == bi[key][0] and ai[key][2] == bi[key][2], key
-        assert ai[key][1] == pytest.approx(bi[key][1], abs=1e-4), key
 
 
 CHAT = ("{% for m in messages %}<s> {{ m['content'] }} {% endfor %}"
@@ -247,10 +236,10 @@ def test_lm_eval_options_reach_the_vllm_and_lm_eval_backends_alike(tmp_path, sui
                "system_instruction": "w1 w2", "gen_kwargs": {"max_gen_toks": 1}}
     v = get_backend("vllm", model_dir=str(chat), engine={"max_model_len": 256}, options=options).score(model, tok, suite)
     h = get_backend("lm-eval", options=options).score(model, tok, suite)
-    _compare_items(v, h)
+    same_items(v, h)
     assert all(len(tok.encode(it.output, add_special_tokens=False)) <= 1 for it in v.tasks["rev"].items)
-    plain = _items(vllm_backend.score(model, tok, suite))
-    assert any(plain[k][1] != x[1] for k, x in _items(v).items() if k[0] == "fact")  # other contexts
+    plain = item_map(vllm_backend.score(model, tok, suite))
+    assert any(plain[k][1] != x[1] for k, x in item_map(v).items() if k[0] == "fact")  # other contexts
 
 
 def test_few_shot_examples_of_local_tasks_come_from_the_search_split(suite):
@@ -276,7 +265,7 @@ def test_vllm_with_two_tensor_parallel_cpu_workers(suite, vllm_family):
     model = AutoModelForCausalLM.from_pretrained(vllm_family["experts"][0]).eval()
     backend = get_backend("vllm", model_dir=vllm_family["base"], engine={"max_model_len": 256,
                                                                           "tensor_parallel_size": 2})
-    _compare_items(backend.score(model, tok, suite), get_backend("native").score(model, tok, suite))
+    same_items(backend.score(model, tok, suite), get_backend("native").score(model, tok, suite))
 
 
 def test_eval_command_with_the_vllm_backend(tmp_path, suite, vllm_family):

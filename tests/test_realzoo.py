@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import item_map, same_items
 from evomerge import realzoo, smollm2
 from evomerge.fitness.base import get_backend
 from evomerge.fitness.suite import Suite
@@ -174,18 +175,6 @@ def test_search_and_export_on_the_real_model_and_mergekit_agrees(real_zoo, tmp_p
     assert merged.lm_head.weight is merged.model.embed_tokens.weight
 
 
-def _items(result) -> dict:
-    return {(t, it.id): (it.correct, it.value, it.output) for t, r in result.tasks.items() for it in r.items}
-
-
-def _same(a, b, tol: float) -> None:
-    ai, bi = _items(a), _items(b)
-    assert ai.keys() == bi.keys() and ai
-    for key in ai:
-        assert (ai[key][0], ai[key][2]) == (bi[key][0], bi[key][2]), key
-        assert ai[key][1] == pytest.approx(bi[key][1], abs=tol), key
-
-
 def test_native_lm_eval_and_vllm_agree_item_by_item_on_the_real_model(real_zoo, vllm_available):
     """The real tokenizer (a BPE with digits split) on the shipped suites: native, lm-eval and
     vLLM's CPU build (head_dim 64) give the same outputs and correctness on every item, without
@@ -198,11 +187,11 @@ def test_native_lm_eval_and_vllm_agree_item_by_item_on_the_real_model(real_zoo, 
     native = get_backend("native").score(model, tok, suite)
     lm = get_backend("lm-eval", batch_size=16).score(model, tok, suite)
     vllm = get_backend("vllm", model_dir=real_zoo["base"], dtype="float32", engine={"max_model_len": 256})
-    _same(native, lm, 1e-9)
-    _same(native, vllm.score(model, tok, suite), 1e-3)
+    same_items(native, lm, 1e-9)
+    same_items(native, vllm.score(model, tok, suite), 1e-3)
     chat = {"apply_chat_template": True, "system_instruction": "You are a careful assistant."}
     lm_chat = get_backend("lm-eval", batch_size=16, options=chat).score(model, tok, suite)
     v_chat = get_backend("vllm", model_dir=real_zoo["base"], dtype="float32", engine={"max_model_len": 256},
                          options=chat).score(model, tok, suite)
-    _same(lm_chat, v_chat, 1e-3)
-    assert _items(lm_chat) != _items(lm)  # the template changed what was scored
+    same_items(lm_chat, v_chat, 1e-3)
+    assert item_map(lm_chat) != item_map(lm)  # the template changed what was scored
