@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.evomerge-installed
 
-.PHONY: setup setup-vllm demo demo-real test bench bench-fitness bench-vllm bench-search bench-quality bench-workers bench-busy bench-zoo-numerics clean
+.PHONY: setup setup-vllm demo demo-real test bench bench-fitness bench-vllm bench-search bench-quality bench-quality-real bench-workers bench-busy bench-zoo-numerics clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,10 @@ bench-search: setup
 ## Held-out quality against candidates for cma (full and estimated fitness), tpe, random and the mergekit-evolve protocol, 5 seeds each.
 bench-quality: setup
 	$(PY) benchmarks/search_quality.py --candidates 240 --seeds 0 1 2 3 4
+
+## The same on the real zoo (SmolLM2-135M's experts): cma, tpe and the mergekit-evolve protocol, all racing, 3 seeds.
+bench-quality-real: setup
+	$(PY) benchmarks/search_quality.py --size smollm2 --candidates 120 --seeds 0 1 2
 
 ## Candidates per minute with 1, 2 and 3 workers on the tiny zoo, and each worker's idle share.
 bench-workers: setup

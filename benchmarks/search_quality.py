@@ -1,9 +1,13 @@
-"""Search quality on the small zoo: which driver finds the better merge for the same budget.
+"""Search quality: which driver finds the better merge for the same budget, on the small zoo or
+on the real one (SmolLM2-135M-Instruct's experts, ``--size smollm2``).
 
-Every method searches TIES recipes for the small zoo's three experts, with the same budget of
-candidates, on the same search fitness (log-prob margins of the search split, as in zoo-smooth),
-for several seeds. Along the way, the best candidate so far (by search fitness) is scored on the
-held-out split with the fixed metric: the mean held-out accuracy over the skills (suite zoo).
+Every method searches TIES recipes for the zoo's three experts, with the same budget of
+candidates, on the same search fitness (log-prob margins of the search split: suite zoo-smooth,
+or smollm2-demo on the real zoo), for several seeds. Along the way, the best candidate so far (by
+search fitness) is scored on the held-out split with the fixed metric: the mean held-out accuracy
+over the skills (suite zoo, or smollm2).
+
+On the small zoo:
 
 - ``cma``: CMA-ES on per_layer_per_module (the demo's driver settings);
 - ``tpe``: Optuna's TPE on per_layer_per_module;
@@ -17,10 +21,15 @@ held-out split with the fixed metric: the mean held-out accuracy over the skills
   with full-fitness cma at equal candidates, at equal item evaluations and at equal wall time,
   and their estimates with the truth (Spearman's rho on 30 estimated candidates per run).
 
+On the real zoo every method races (``fitness.estimate`` racing with its defaults) on the demo's
+space, TIES weights and densities per group of 5 layers: ``cma`` with the demo's settings, ``tpe``,
+and the ``mergekit-evolve`` protocol (first N items, pycma's defaults). They are compared at equal
+candidates and at equal item evaluations.
+
 Prints the curves (mean and spread over seeds) against candidates evaluated and against item
 evaluations, the final ratios against the mergekit-evolve protocol, and writes a PNG.
 
-    python benchmarks/search_quality.py [--candidates 120] [--seeds 0 1 2] [--zoo runs/zoo-small]
+    python benchmarks/search_quality.py [--candidates 120] [--seeds 0 1 2] [--size small|smollm2] [--zoo DIR]
 """
 
 from __future__ import annotations
@@ -55,24 +64,55 @@ METHODS = {
     "cma-anchors": {"space": "per_layer_per_module", "driver": {"name": "cma", "popsize": 16, "sigma0": 0.2},
                     "subsample": "seeded", "estimate": {"anchors": 3, "calibration": 8, "racing": {"rungs": [0.3]}}},
 }
+GROUPS_OF_5 = {"granularity": "layer_groups", "layers_per_group": 5}
+RACING = {"racing": {}}
+REAL_METHODS = {  # the real zoo: every method races, on the real demo's space
+    "cma": {"space": GROUPS_OF_5, "driver": {"name": "cma", "popsize": 12, "sigma0": 0.25}, "subsample": "seeded",
+            "estimate": RACING},
+    "tpe": {"space": GROUPS_OF_5, "driver": {"name": "optuna", "sampler": "tpe"}, "subsample": "seeded",
+            "estimate": RACING},
+    "mergekit-evolve": {"space": GROUPS_OF_5, "driver": {"name": "cma", "sigma0": 1 / 6, "x0": "center"},
+                        "subsample": "first", "estimate": RACING},
+}
 PEER = "mergekit-evolve"
-FULL = "cma"  # what the estimated-fitness methods are compared with
+FULL = "cma"  # on the small zoo, what the estimated-fitness methods are compared with
 RANKED = 30  # estimated candidates per run scored on every item for the rank correlation
-N_ITEMS = {"rev": 40, "enc": 40, "fact": 20}  # the search fitness's items per task
 
 
-def search_suite(work: Path, subsample: str) -> Path:
-    """zoo-smooth's tasks (margins) with the given subsample rule, as a suite file."""
+@dataclass(frozen=True)
+class Profile:
+    """What a zoo size is searched and judged with."""
+
+    zoo: str  # default zoo directory
+    methods: dict[str, dict]
+    search: str  # shipped suite of the search fitness
+    heldout: str  # shipped suite of the fixed held-out metric
+    compare_full: bool  # compare estimated-fitness methods with full-fitness cma (small zoo only)
+
+
+PROFILES = {
+    "small": Profile("runs/zoo-small", METHODS, "zoo-smooth", "zoo", True),
+    "smollm2": Profile("runs/zoo-smollm2", REAL_METHODS, "smollm2-demo", "smollm2", False),
+}
+
+
+def search_suite(work: Path, name: str, subsample: str) -> Path:
+    """The shipped suite ``name`` with the given subsample rule on every task, as a suite file."""
     from evomerge.resources import suites_dir
 
-    data = suites_dir() / "data" / "zoo"
-    seq = {"kind": "generate", "metric": "margin", "stop": ["."], "answer_regex": "([a-l](?: [a-l])*)",
-           "max_new_tokens": 6}
-    tasks = [{"name": t, "data": str(data / f"{t}.jsonl"), "n": N_ITEMS[t], "subsample": subsample,
-              **(seq if t != "fact" else {"kind": "multiple_choice", "metric": "margin"})} for t in N_ITEMS]
+    raw = yaml.safe_load((suites_dir() / f"{name}.yaml").read_text())
+    tasks = [t | {"data": str(suites_dir() / t["data"]), "subsample": subsample} for t in raw["tasks"]]
     path = work / f"suite-{subsample}.yaml"
-    path.write_text(yaml.safe_dump({"name": f"zoo-smooth-{subsample}", "tasks": tasks}))
+    path.write_text(yaml.safe_dump({"name": f"{name}-{subsample}", "tasks": tasks}))
     return path
+
+
+def items_per_candidate(suite_file: Path) -> int:
+    """Item evaluations of one candidate on every item of the search fitness."""
+    from evomerge.fitness.suite import Suite
+
+    suite = Suite.resolve(str(suite_file))
+    return sum(len(task.items("search")) for task in suite.tasks)
 
 
 @dataclass
@@ -150,28 +190,39 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--candidates", type=int, default=120)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--zoo", default="runs/zoo-small")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    ap.add_argument("--png", default="runs/search_quality.png")
+    ap.add_argument("--size", default="small", choices=list(PROFILES), help="the small zoo or the real one")
+    ap.add_argument("--zoo", help="the zoo's directory (default runs/zoo-small or runs/zoo-smollm2)")
+    ap.add_argument("--methods", nargs="+", help="default: every method of the zoo's size")
+    ap.add_argument("--png", help="default runs/search_quality.png (small) or runs/search_quality-smollm2.png")
     args = ap.parse_args()
+    profile = PROFILES[args.size]
+    methods = args.methods or list(profile.methods)
+    unknown = sorted(set(methods) - set(profile.methods))
+    if unknown:
+        ap.error(f"--methods: {', '.join(unknown)} not among {', '.join(profile.methods)} for size {args.size}")
+    png = Path(args.png or ("runs/search_quality.png" if args.size == "small" else f"runs/search_quality-{args.size}.png"))
     logging.basicConfig(level=logging.WARNING)
 
     from evomerge.fitness.suite import Suite
     from evomerge.merging.recipe import Recipe
     from evomerge.search.evaluator import Evaluator
     from evomerge.search.loop import create_run, run_search
-    from evomerge.zoo import load_or_build_zoo, skill_mean
+    from evomerge.zoo import load_or_build_any
 
-    zoo, _ = load_or_build_zoo(args.zoo, "small", seed=0)
+    if args.size == "smollm2":
+        from evomerge.realzoo import skill_mean
+    else:
+        from evomerge.zoo import skill_mean
+    zoo, _ = load_or_build_any(args.zoo or profile.zoo, args.size, seed=0)
     work = Path(tempfile.mkdtemp(prefix="evomerge-quality-"))
     checkpoints = sorted({c for c in (10, 20, 40, 60, 80, 100, 120, 160, 240, 320, 480) if c < args.candidates}
                          | {args.candidates})
-    exact = Suite.load("zoo")
+    exact = Suite.load(profile.heldout)
     curves: dict[str, list[list[float]]] = {}
     t0 = time.perf_counter()
-    for method in args.methods:
-        spec = METHODS[method]
-        suite_file = search_suite(work, spec["subsample"])
+    for method in methods:
+        spec = profile.methods[method]
+        suite_file = search_suite(work, profile.search, spec["subsample"])
         for seed in args.seeds:
             cfg = {"name": f"{method}-{seed}", "models": {"base": zoo["base"], "experts": list(zoo["experts"].values())},
                    "merge_method": "ties", "space": spec["space"],
@@ -192,16 +243,16 @@ def main() -> int:
                 return cache[row.number]
 
             c = curve(run, checkpoints, heldout)
-            if "estimate" in spec:
+            if "estimate" in spec and profile.compare_full:
                 c.spearman = rank_correlation(run, Evaluator(run.cfg, Suite.resolve(run.cfg.fitness.suite)))
             curves.setdefault(method, []).append(c)
             print(f"{method} seed {seed}: held-out skill mean of the best so far {[round(v, 3) for v in c.heldout]}, "
                   f"{c.items[-1]} item evaluations, {c.seconds[-1]:.0f} s ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
 
-    items_per_candidate = sum(N_ITEMS.values())
+    full_items = items_per_candidate(search_suite(work, profile.search, "seeded"))
     print(f"\nheld-out mean accuracy over the skills of the best candidate so far, mean (min-max) over seeds "
-          f"{args.seeds}; with full fitness one candidate = {items_per_candidate} item evaluations")
+          f"{args.seeds}; with full fitness one candidate = {full_items} item evaluations")
     print(f"  {'candidates':>10s}" + "".join(f"{m:>22s}" for m in curves))
     for i, c in enumerate(checkpoints):
         cells = []
@@ -216,12 +267,15 @@ def main() -> int:
         if PEER in curves:
             line += f"  {statistics.mean(r.heldout[-1] for r in runs) / statistics.mean(r.heldout[-1] for r in curves[PEER]):.2f}x {PEER}"
         print(line)
-    if FULL in curves:
+    budget = min(statistics.mean(r.items[-1] for r in runs) for runs in curves.values())
+    print(f"at equal item evaluations ({budget:.0f}, the smallest method's mean), mean over seeds: " + ", ".join(
+        f"{method} {statistics.mean(at(r, 'items', budget) for r in runs):.3f}" for method, runs in curves.items()))
+    if profile.compare_full and FULL in curves:
         compare_estimates(curves)
     parents = {k: skill_mean(v) for k, v in zoo["report"]["heldout"].items()}
     print("  zoo references (held-out skill mean): " + ", ".join(f"{k} {v:.3f}" for k, v in parents.items()))
-    write_png(Path(args.png), checkpoints, curves, parents)
-    print(f"plot: {args.png}; took {(time.perf_counter() - t0) / 60:.1f} min")
+    write_png(png, checkpoints, curves, parents)
+    print(f"plot: {png}; took {(time.perf_counter() - t0) / 60:.1f} min")
     return 0
 
 
