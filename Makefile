@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.evomerge-installed
 
-.PHONY: setup setup-vllm demo demo-real test bench bench-fitness bench-vllm bench-search bench-quality bench-quality-real bench-workers bench-busy bench-zoo-numerics clean
+.PHONY: setup setup-vllm demo demo-real test bench bench-fitness bench-vllm bench-search bench-quality bench-quality-real bench-fingerprint bench-workers bench-busy bench-zoo-numerics clean
 
 setup: $(STAMP)
 
@@ -58,6 +58,10 @@ bench-quality: setup
 ## The same on the real zoo (SmolLM2-135M's experts): cma, tpe and the mergekit-evolve protocol, all racing, 3 seeds.
 bench-quality-real: setup
 	$(PY) benchmarks/search_quality.py --size smollm2 --candidates 120 --seeds 0 1 2
+
+## The resume fingerprint's start-up cost: every weight file hashed on a run's first start, cached hashes on resume.
+bench-fingerprint: setup
+	$(PY) benchmarks/fingerprint_cost.py
 
 ## Candidates per minute with 1, 2 and 3 workers on the tiny zoo, and each worker's idle share.
 bench-workers: setup

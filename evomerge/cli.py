@@ -6,12 +6,16 @@ import argparse
 import logging
 import os
 import sys
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+if __name__ == "__main__" or sys.argv[0].endswith("evomerge"):  # the command, not an import
+    if "--debug" not in sys.argv[1:]:  # lm-eval's and vLLM's bars; tqdm reads this when imported
+        os.environ.setdefault("TQDM_DISABLE", "1")  # (evomerge's own bar passes disable=False)
 
 from evomerge.errors import EvomergeError, first_line
 from evomerge.fitness.base import BACKENDS
 from evomerge.merging.recipe import DTYPES
-
-STORAGE_ENV = os.environ.get("EVOMERGE_STORAGE") or None
 
 
 def _parse_size(text: str) -> int:
@@ -100,6 +104,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0 if not result.failed else 1
 
 
+@contextmanager
+def _closing(run) -> Iterator[None]:
+    """Close the run's database when the command ends (a SQLite run folds its log back into run.db)."""
+    try:
+        yield
+    finally:
+        run.db.close()
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from evomerge.search.loop import create_run, run_search
 
@@ -108,43 +121,49 @@ def _cmd_search(args: argparse.Namespace) -> int:
         from evomerge.run.workers import parse_devices
 
         devices = parse_devices(args.devices)
-    run = create_run(args.config, args.run_dir, args.storage)
-    print(f"run {run.name}: {run.run_dir} (dimension {run.space.dimension}); watch it with: evomerge status {run.run_dir}",
-          file=sys.stderr)
-    if devices:
-        from evomerge.run.workers import run_workers
+    storage = args.storage or _env_storage()
+    run = create_run(args.config, args.run_dir, storage)
+    with _closing(run):
+        print(f"run {run.name}: {run.run_dir} (dimension {run.space.dimension}); watch it with: evomerge status "
+              f"{run.run_dir}", file=sys.stderr)
+        if devices:
+            from evomerge.run.workers import run_workers
 
-        summary = run_workers(run, devices, args.storage)
-    else:
-        summary = run_search(run, threads=args.threads)
-    return _finish(run, summary)
+            summary = run_workers(run, devices, storage)
+        else:
+            summary = run_search(run, threads=args.threads)
+        return _finish(run, summary)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from evomerge.config import check_device
     from evomerge.search.loop import join_run, run_search
 
-    run = join_run(args.target, args.storage, args.run_dir)
-    if args.device:
-        try:
-            run.cfg = run.cfg.model_copy(update={"device": check_device(args.device)})
-        except ValueError as e:
-            raise EvomergeError(f"--device: {e}") from None
-    summary = run_search(run, worker=True, max_candidates=args.max_candidates, max_minutes=args.max_minutes,
-                         threads=args.threads)
+    run = join_run(args.target, args.storage, args.run_dir, env=_env_storage())
+    with _closing(run):
+        if args.device:
+            try:
+                run.cfg = run.cfg.model_copy(update={"device": check_device(args.device)})
+            except ValueError as e:
+                raise EvomergeError(f"--device: {e}") from None
+        summary = run_search(run, worker=True, max_candidates=args.max_candidates, max_minutes=args.max_minutes,
+                             threads=args.threads)
     print(f"worker {summary['slot']} ({run.cfg.device}): {summary['own']} candidates of the run's "
           f"{summary['evaluated']}, busy {summary['busy_s']:.0f} s of {summary['wall_s']:.0f} s "
           f"(idle share {summary['idle_share'] or 0:.1%})", file=sys.stderr)
-    return 130 if summary["stopped_by"].startswith("signal") else 0
+    if summary["stopped_by"].startswith("signal"):
+        return 130
+    return 1 if summary["stopped_by"].startswith("failures") else 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     from evomerge.search.loop import open_run, run_search
 
-    run = open_run(args.run_dir, args.storage)
-    summary = run_search(run, resume=True, max_candidates=args.max_candidates, max_minutes=args.max_minutes,
-                         threads=args.threads)
-    return _finish(run, summary)
+    run = open_run(args.run_dir, args.storage, env=_env_storage())
+    with _closing(run):
+        summary = run_search(run, resume=True, max_candidates=args.max_candidates, max_minutes=args.max_minutes,
+                             threads=args.threads)
+        return _finish(run, summary)
 
 
 def _finish(run, summary: dict) -> int:
@@ -155,7 +174,7 @@ def _finish(run, summary: dict) -> int:
         print(f"plot: {path}")
     if summary["stopped_by"].startswith("signal"):
         return 130
-    if summary["stopped_by"] == "worker failure":
+    if summary["stopped_by"] == "worker failure" or summary["stopped_by"].startswith("failures"):
         return 1
     print(f"export the best recipe with: evomerge export {run.run_dir} OUT_DIR"
           + (" (or every Pareto-optimal one with --pareto)" if run.db.n_objectives > 1 else ""))
@@ -174,19 +193,26 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from evomerge.run.report import status_text, write_plots
     from evomerge.search.loop import open_run
 
-    run = open_run(args.run_dir, args.storage)
-    print(status_text(run, recent=args.recent))
-    if not args.no_plots:
-        for path in write_plots(run):
-            print(f"plot: {path}")
+    run = open_run(args.run_dir, args.storage, env=_env_storage())
+    with _closing(run):
+        print(status_text(run, recent=args.recent))
+        if not args.no_plots:
+            for path in write_plots(run):
+                print(f"plot: {path}")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from evomerge.run.report import comparison_table, export, export_pareto, pareto_markdown
     from evomerge.search.loop import open_run
 
-    run = open_run(args.run_dir, args.storage)
+    run = open_run(args.run_dir, args.storage, env=_env_storage())
+    with _closing(run):
+        return _export(run, args)
+
+
+def _export(run, args: argparse.Namespace) -> int:
+    from evomerge.run.report import comparison_table, export, export_pareto, pareto_markdown
+
     if args.pareto:
         if args.trial is not None:
             raise EvomergeError("export: give --pareto or --trial, not both")
@@ -201,9 +227,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env_storage() -> Optional[str]:
+    """$EVOMERGE_STORAGE: a new run's default storage; for an existing run directory, only the
+    password of the storage its run.json names."""
+    return os.environ.get("EVOMERGE_STORAGE") or None
+
+
 def _storage_option(parser: argparse.ArgumentParser,
-                    text: str = "the run's storage URL when it holds a password (default: $EVOMERGE_STORAGE)") -> None:
-    parser.add_argument("--storage", default=STORAGE_ENV, help=text)
+                    text: str = "another storage URL holding this run (a copy of its database), or its own URL "
+                                "with the password (default: run.json's; $EVOMERGE_STORAGE only supplies the "
+                                "password of that one)") -> None:
+    parser.add_argument("--storage", help=text)
 
 
 def _threads_option(parser: argparse.ArgumentParser) -> None:
@@ -221,7 +255,8 @@ def positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evomerge", description="Evolutionary merge-recipe optimizer for LLMs.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an unexpected error, and the libraries' progress bars and warnings")
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("merge", help="merge models from a mergekit-style YAML recipe")
@@ -277,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="join a search: evaluate candidates and record them in the shared run database")
     w.add_argument("target", help="a run directory, or a run config (the run named in it is joined, or created)")
-    _storage_option(w, "the run's database URL (default: $EVOMERGE_STORAGE, else the run directory's)")
+    _storage_option(w, "with a config: the run's database URL (default: $EVOMERGE_STORAGE, else SQLite in the run directory); with a run directory: as for resume")
     w.add_argument("--device", help="this worker's device (cpu, cuda, cuda:N); default: the config's")
     w.add_argument("--run-dir", help="with a config: this host's run directory (default: runs/NAME)")
     _threads_option(w)
@@ -335,6 +370,20 @@ DISK_FULL_HINT = ("; free some space, then run the command again (a search conti
                   "'evomerge resume RUN_DIR'; every candidate recorded so far is kept)")
 
 
+def _damaged_run_database(e: BaseException, args: argparse.Namespace) -> Optional[str]:
+    """For a database error on a run directory's own SQLite file that SQLite finds damaged: what
+    to tell the user (see :func:`evomerge.rundb.store.sqlite_damage`)."""
+    from pathlib import Path
+
+    run_dir = getattr(args, "run_dir", None) or getattr(args, "target", None)
+    if run_dir is None or not any(type(c).__module__.split(".")[0] in ("sqlalchemy", "optuna", "sqlite3")
+                                  for c in _causes(e)):
+        return None
+    from evomerge.rundb.store import sqlite_damage, sqlite_url
+
+    return sqlite_damage(sqlite_url(Path(run_dir).resolve() / "run.db"))
+
+
 def _causes(e: BaseException):
     """The exception and those it was raised from or during, innermost last."""
     seen = set()
@@ -352,10 +401,30 @@ def _one_line(text: str, args: argparse.Namespace) -> str:
     return " ".join(text.split())
 
 
+def _quiet_libraries() -> None:
+    """Keep the libraries' progress bars, notices and deprecation warnings out of normal output
+    (``--debug`` shows them): evomerge reports its own progress."""
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    for name in ("lm_eval", "vllm", "transformers", "datasets", "httpx", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" in sys.modules:  # imported before this command (in-process use)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.debug:
+        _quiet_libraries()
     try:
         return args.func(args)
     except EvomergeError as e:
@@ -372,7 +441,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         text = f"{type(e).__name__}: {first_line(e)}"
         full = next((c for c in _causes(e) if "disk is full" in str(c) or "No space left" in str(c)), None)
-        if full is not None:
+        damage = _damaged_run_database(e, args)
+        if damage:
+            text = damage
+        elif full is not None:
             text = f"{type(full).__name__}: {first_line(full)}{DISK_FULL_HINT}"
         else:
             text += " (run with --debug for the traceback)"

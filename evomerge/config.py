@@ -8,6 +8,7 @@ the self-contained form a run directory keeps (absolute paths, inline suites wit
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -42,25 +43,36 @@ class VllmEngineSpec(_Strict):
     enforce_eager: bool = True
 
 
-GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k", "seed")
+MAX_FEWSHOT = 256  # more examples than any benchmark prompt of a causal LM holds
+MAX_GEN_TOKS = 32768
+
+
+class GenKwargs(_Strict):
+    """lm-eval's generation arguments of generate tasks, typed: a wrong type or range is refused
+    when the run starts, not by every candidate."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    until: Optional[list[str]] = None  # stop sequences (one string is a list of one)
+    max_gen_toks: Optional[int] = Field(None, ge=1, le=MAX_GEN_TOKS)
+    do_sample: Optional[bool] = None
+    temperature: Optional[float] = Field(None, ge=0, le=100)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=1)
+    seed: Optional[int] = None
+
+    @field_validator("until", mode="before")
+    @classmethod
+    def _one_stop(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
 
 class LmEvalOptions(_Strict):
     """How lm-eval builds the requests (the lm-eval and vllm backends): lm-eval's own names."""
-    num_fewshot: Optional[int] = Field(None, ge=0)  # None: each task's default (0 for local tasks)
+    num_fewshot: Optional[int] = Field(None, ge=0, le=MAX_FEWSHOT)  # None: each task's default (0 for local tasks)
     fewshot_seed: int = 1234  # which examples are drawn: fixed, so every candidate sees the same prompts
     apply_chat_template: bool = False
     system_instruction: Optional[str] = None
     fewshot_as_multiturn: bool = False
-    gen_kwargs: dict[str, Union[bool, int, float, str, list[str]]] = {}  # generate tasks
-
-    @field_validator("gen_kwargs")
-    @classmethod
-    def _gen_kwargs(cls, v: dict) -> dict:
-        unknown = [k for k in v if k not in GEN_KWARGS]
-        if unknown:
-            raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(GEN_KWARGS)}")
-        return v
+    gen_kwargs: GenKwargs = GenKwargs()  # generate tasks
 
     @model_validator(mode="after")
     def _multiturn(self) -> "LmEvalOptions":
@@ -187,6 +199,18 @@ class HeartbeatSpec(_Strict):
         return self
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+
+
+def run_name_problem(name: str) -> Optional[str]:
+    """Why ``name`` cannot name a run (it names the run's directory under runs/ and its studies in
+    the run database): one path component of letters, digits and ``._+-``; None if it can."""
+    if RUN_NAME.fullmatch(name) and not name.endswith(".references"):
+        return None
+    return (f"{name!r} is not a run name: use 1 to 100 letters, digits, '.', '_', '+' or '-', starting with "
+            "a letter or digit (one path component)")
+
+
 class RunConfig(_Strict):
     name: Optional[str] = None
     models: ModelsSpec
@@ -197,6 +221,7 @@ class RunConfig(_Strict):
     budget: BudgetSpec
     heartbeat: HeartbeatSpec = HeartbeatSpec()
     references: bool = True
+    fail_fast: int = Field(3, ge=0)  # stop when a session's first N candidates all fail with one error (0: never)
     default_parameters: dict[str, float] = {}
     fixed_parameters: dict[str, Union[float, bool]] = {}
     device: str = "cpu"
@@ -210,6 +235,14 @@ class RunConfig(_Strict):
     @classmethod
     def _device(cls, v: str) -> str:
         return check_device(v)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: Optional[str]) -> Optional[str]:
+        problem = v is not None and run_name_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":

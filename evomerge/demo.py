@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     config = out / "search.yaml"
     config.write_text(yaml.safe_dump((real_config if real else demo_config)(zoo, args.candidates), sort_keys=False))
     run_dir = out / "search"
-    shutil.rmtree(run_dir, ignore_errors=True)  # the demo always starts a fresh run
+    if run_dir.exists() and not (run_dir / "run.json").is_file():
+        raise SystemExit(f"demo: {run_dir} exists and holds no run: it is not the demo's; pass another --out")
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo always starts a fresh run (its own previous one)
     run = create_run(config, run_dir)
     print(f"search: {config} -> {run_dir} (dimension {run.space.dimension}, {args.candidates} candidates)")
     summary = run_search(run, threads=args.threads)

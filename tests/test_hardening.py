@@ -5,6 +5,7 @@ the inputs are checked, pickle only behind the flag, stale temporary directories
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import pickle
@@ -96,6 +97,84 @@ def test_resume_refuses_changed_inputs(tmp_path, zoo, change, named):
     assert len(open_run(tmp_path / "run").db.rows()) == 2  # nothing was added
 
 
+def _run_with_copied_models(tmp_path, zoo, **over) -> tuple[Path, Path, Path]:
+    """A finished 2-candidate run whose base and rev expert are this test's copies."""
+    models = tmp_path / "models"
+    shutil.copytree(Path(zoo["base"]), models / "base")
+    shutil.copytree(Path(zoo["experts"]["rev"]), models / "rev")
+    cfg = config(tmp_path, zoo, models={"base": str(models / "base"),
+                                        "experts": [str(models / "rev"), zoo["experts"]["enc"]]}, **over)
+    run = create_run(cfg, tmp_path / "run")
+    run_search(run, live=False)
+    run.db.close()
+    return tmp_path / "run", models / "base", models / "rev"
+
+
+def _resume_error(run_dir: Path) -> str:
+    with pytest.raises(RunError, match="inputs changed since it started") as e:
+        run_search(open_run(run_dir), resume=True, max_candidates=4, live=False)
+    return str(e.value)
+
+
+def test_resume_refuses_new_weights_of_the_same_shapes(tmp_path, zoo):
+    run_dir, _, rev = _run_with_copied_models(tmp_path, zoo)
+    f = rev / "model.safetensors"
+    save_file({k: v * 1.01 for k, v in load_file(f).items()}, f)  # same header, other content
+    assert f"model {rev}: file model.safetensors" in _resume_error(run_dir)
+
+
+@pytest.mark.parametrize("file, edit", [("config.json", lambda c: c | {"rms_norm_eps": 0.01}),
+                                        ("tokenizer_config.json", lambda c: c | {"model_max_length": 7})])
+def test_resume_refuses_an_edited_model_config_or_tokenizer(tmp_path, zoo, file, edit):
+    run_dir, base, _ = _run_with_copied_models(tmp_path, zoo)
+    if not (base / file).exists():
+        pytest.fail(f"the zoo's base has no {file}")
+    (base / file).write_text(json.dumps(edit(json.loads((base / file).read_text()))))
+    assert f"model {base}: file {file}" in _resume_error(run_dir)
+
+
+@pytest.mark.parametrize("key, value", [("sigma0", 0.4), ("popsize", 6)])
+def test_resume_refuses_changed_driver_settings_and_allows_a_new_budget(tmp_path, zoo, key, value):
+    run = create_run(config(tmp_path, zoo), tmp_path / "run")
+    run_search(run, live=False)
+    run.db.close()
+    path = tmp_path / "run" / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump(cfg | {"budget": {"max_candidates": 3}}))
+    run_search(open_run(tmp_path / "run"), resume=True, live=False)  # the budget may change
+    assert len(open_run(tmp_path / "run").db.rows()) == 3
+    path.write_text(yaml.safe_dump(cfg | {"driver": cfg["driver"] | {key: value}}))
+    assert f"config key driver.{key}" in _resume_error(tmp_path / "run")
+
+
+def test_weight_hashes_are_cached_in_the_run_directory(tmp_path, zoo):
+    run_dir, _, rev = _run_with_copied_models(tmp_path, zoo)
+    cache = json.loads((run_dir / "hashes.json").read_text())
+    key = str((rev / "model.safetensors").resolve())
+    assert cache[key]["sha256"] == hashlib.sha256((rev / "model.safetensors").read_bytes()).hexdigest()
+    cache[key]["sha256"] = "0" * 64  # a resume that trusted the cache sees a change; one that re-hashed would not
+    (run_dir / "hashes.json").write_text(json.dumps(cache))
+    assert f"model {rev}: file model.safetensors" in _resume_error(run_dir)
+    os.utime(rev / "model.safetensors")  # a new mtime: hashed again, and the same content passes
+    run_search(open_run(run_dir), resume=True, max_candidates=3, live=False)
+
+
+def test_an_older_runs_fingerprint_is_compared_as_computed_then_upgraded(tmp_path, zoo):
+    from evomerge.search.fingerprint import LEGACY_CONFIG_KEYS, _legacy_model_digest, digest
+
+    run = create_run(config(tmp_path, zoo), tmp_path / "run")
+    run_search(run, live=False)
+    stored = run.db.metadata.get()["fingerprint"]
+    cfg = run.cfg.to_dict()
+    legacy = {"suite": stored["suite"], "models": {m: _legacy_model_digest(m) for m in stored["models"]},
+              "config": {k: digest(cfg.get(k)) for k in LEGACY_CONFIG_KEYS}
+              | {"fitness": digest({k: v for k, v in cfg["fitness"].items() if k != "suite"})}}
+    run.db.metadata.set({"fingerprint": legacy})
+    run.db.close()
+    run_search(open_run(tmp_path / "run"), resume=True, max_candidates=3, live=False)
+    assert open_run(tmp_path / "run").db.metadata.get()["fingerprint"]["version"] == 2
+
+
 def test_a_changed_model_is_named(tmp_path, zoo):
     experts = tmp_path / "experts"
     shutil.copytree(Path(zoo["experts"]["rev"]), experts / "rev")
@@ -169,7 +248,7 @@ def test_a_run_directory_with_at_sign_and_colon(tmp_path, zoo):
     run_dir = tmp_path / "run:v1@v2"
     assert cli("search", config(tmp_path, zoo), "--run-dir", run_dir).returncode == 0
     info = json.loads((run_dir / "run.json").read_text())
-    assert info["storage"] == f"sqlite:///{run_dir / 'run.db'}" and not info["storage_has_password"]
+    assert info["storage"] == "run.db" and info["storage_in_run_dir"] and not info["storage_has_password"]
     assert cli("resume", run_dir, "--max-candidates", "3").returncode == 0
 
 
@@ -249,7 +328,13 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path, zoo):
     ({"suite": "zoo", "lm_eval": {"num_fewshot": 2}}, "fitness.lm_eval: .*apply to the lm-eval and vllm backends, "
                                                       "not 'native'"),
     ({"suite": "zoo", "backend": "lm-eval", "lm_eval": {"gen_kwargs": {"max_tokens": 3}}},
-     "fitness.lm_eval.gen_kwargs: unknown key.*'max_tokens'"),
+     "fitness.lm_eval.gen_kwargs.max_tokens: unknown key"),
+    ({"suite": "zoo", "backend": "lm-eval", "lm_eval": {"num_fewshot": 1000000000}},
+     "fitness.lm_eval.num_fewshot: Input should be less than or equal to 256"),
+    ({"suite": "zoo", "backend": "lm-eval", "lm_eval": {"gen_kwargs": {"max_gen_toks": -5, "temperature": "hot",
+                                                                       "until": 7}}},
+     "gen_kwargs.until: .*gen_kwargs.max_gen_toks: .*greater than or equal to 1.*gen_kwargs.temperature: "
+     "Input should be a valid number"),
     ({"suite": "zoo", "backend": "lm-eval", "lm_eval": {"fewshot_as_multiturn": True}},
      "fitness.lm_eval: fewshot_as_multiturn needs apply_chat_template"),
     ({"suite": "zoo", "backend": "lm-eval", "lm_eval": {"apply_chat_template": True}},
@@ -260,6 +345,49 @@ def test_a_backend_that_cannot_score_the_suite_is_refused_at_start(tmp_path, zoo
     line = one_line_error(cli("search", config(tmp_path, zoo, fitness=fitness), "--run-dir", tmp_path / "run"))
     assert re.search(message, line), line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_task_asking_for_more_items_than_its_split_holds_is_refused_at_start(tmp_path, zoo):
+    suite = suite_copy(tmp_path)
+    spec = yaml.safe_load(suite.read_text())
+    spec["tasks"][0]["n"] = 1000
+    suite.write_text(yaml.safe_dump(spec))
+    line = one_line_error(cli("search", config(tmp_path, zoo, fitness={"suite": str(suite)}), "--run-dir",
+                              tmp_path / "run"))
+    assert re.search(r"task rev: n 1000 is more than the \d+ items of its search split \(.*rev.jsonl\)", line), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_option_the_backend_rejects_stops_the_run_before_it_exists(tmp_path, zoo):
+    """num_fewshot 200 passes the config's checks, but lm-eval cannot draw 200 examples from the
+    zoo's tasks: the dry scoring of the base finds it before the run directory is created."""
+    cfg = config(tmp_path, zoo, fitness={"suite": "zoo", "backend": "lm-eval", "lm_eval": {"num_fewshot": 200}})
+    line = one_line_error(cli("search", cfg, "--run-dir", tmp_path / "run"))
+    assert "the lm-eval backend failed to score" in line and "on one item of each task" in line
+    assert "Sample larger than population" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_whose_first_candidates_all_fail_alike_stops(tmp_path, zoo):
+    """Merge weights near 1e30 give non-finite logits: every candidate fails the same way, but
+    the base scores fine. The search stops after fail_fast candidates, not at its budget."""
+    space = {"granularity": "global", "parameters": {"weight": {"low": 1e30, "high": 2e30}}}
+    cfg = config(tmp_path, zoo, merge_method="task_arithmetic", space=space, budget={"max_candidates": 8},
+                 fail_fast=2)
+    proc = cli("search", cfg, "--run-dir", tmp_path / "run")
+    assert proc.returncode == 1, proc.stderr
+    assert "the first 2 candidates of this session all failed with the same error" in proc.stderr
+    assert "non-finite logits" in proc.stderr
+    assert len(open_run(tmp_path / "run").db.rows()) == 2
+
+
+@pytest.mark.parametrize("errors, n, stops", [(["x", "x", "x"], 3, True), (["x", "y", "x"], 3, False),
+                                             ([None, "x", "x"], 3, False), (["x", "x"], 3, False),
+                                             (["x", "x", "x", "x"], 3, False), (["x"], 0, False)])
+def test_same_failure(errors, n, stops):
+    from evomerge.search.loop import same_failure
+
+    assert same_failure(errors, n) is stops
 
 
 def test_vllm_on_cpu_refuses_a_head_dim_under_32_at_start(tmp_path, zoo):
@@ -289,7 +417,8 @@ def test_concurrent_starts_on_one_run_directory(tmp_path, zoo):
     for p, (_, err) in zip(procs, outs):
         if p.returncode:
             assert p.returncode == 2 and "OperationalError" not in err and "Traceback" not in err, err
-            assert "a run already lives here" in err or "already holds a run" in err or "just created" in err, err
+            assert any(k in err for k in ("a run already lives here", "already holds a run", "just created",
+                                          "exists and is not empty")), err
     assert len(open_run(tmp_path / "run").db.rows()) == 2
 
 

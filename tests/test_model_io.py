@@ -87,9 +87,16 @@ def test_existing_output_is_refused_unless_overwrite(families, tmp_path):
     (out / "keep.txt").write_text("x")
     with pytest.raises(ModelError, match="exists and is not empty"):
         merge_to_disk(Recipe.from_dict(ties(fam)), out)
+    with pytest.raises(ModelError, match="was not written by evomerge"):  # not ours: never replaced
+        merge_to_disk(Recipe.from_dict(ties(fam)), out, overwrite=True)
     assert (out / "keep.txt").exists()
-    merge_to_disk(Recipe.from_dict(ties(fam)), out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    out.joinpath("keep.txt").unlink()
+    merge_to_disk(Recipe.from_dict(ties(fam)), out)  # an empty directory is taken
+    (out / "stale.txt").write_text("x")
+    with pytest.raises(ModelError, match="exists and is not empty"):
+        merge_to_disk(Recipe.from_dict(ties(fam)), out)
+    merge_to_disk(Recipe.from_dict(ties(fam)), out, overwrite=True)  # evomerge's own output: replaced
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
 
 
 def test_pickle_checkpoints_need_the_flag(families, tmp_path):
@@ -163,3 +170,15 @@ def test_missing_model_and_offline_hub_id(tmp_path):
     r["base_model"], r["models"][0]["model"] = "someorg/somemodel", str(tmp_path / "nope")
     with pytest.raises(ModelError, match="someorg/somemodel: not a local directory, and fetching it from the hub failed"):
         merge_to_disk(Recipe.from_dict(r), tmp_path / "out")
+
+
+def test_a_search_over_two_vocabularies_says_what_a_search_needs(families, tmp_path):
+    from evomerge.config import RunConfig
+    from evomerge.search.space import checked_space
+
+    fam = families("vocab")
+    cfg = RunConfig.from_dict({"models": {"base": fam["base"], "experts": fam["experts"]}, "merge_method": "ties",
+                               "fitness": {"suite": "zoo-smooth"}, "budget": {"max_candidates": 2}})
+    with pytest.raises(ModelError, match="136 rows .* a search needs models of one vocabulary") as e:
+        checked_space(cfg)
+    assert "set tokenizer_source" not in str(e.value)

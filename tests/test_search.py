@@ -149,7 +149,7 @@ def test_failed_candidates_are_recorded_and_the_search_goes_on(tmp_path, zoo):
     # task arithmetic with weights up to 1e38: most candidates overflow to inf/NaN and fail
     space = {"granularity": "global", "parameters": {"weight": {"low": 0.0, "high": 1e38}}}
     run = create_run(config(tmp_path, zoo, merge_method="task_arithmetic", space=space, references=False,
-                            budget={"max_candidates": 8}), tmp_path / "run")
+                            budget={"max_candidates": 8}, fail_fast=0), tmp_path / "run")  # 0: never stop
     summary = run_search(run, live=False)
     assert summary["evaluated"] == 8
     rows = run.db.rows()
@@ -183,7 +183,8 @@ def test_export_is_what_mergekit_builds(tmp_path, zoo):
     run_search(run, live=False)
     out = tmp_path / "best"
     report = export(run, out)
-    assert sorted(p.name for p in out.iterdir()) == ["model", "recipe.yaml", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [".evomerge-output", "model", "recipe.yaml", "report.json",
+                                                     "report.md"]
     assert report["fitness_recomputed_from_export"] == pytest.approx(report["fitness_recorded"], abs=1e-9)
     table = report["table"]
     assert set(table) == {"base", "parent:expert_rev", "parent:expert_enc", "parent:expert_fact", "default",

@@ -192,9 +192,17 @@ class Task:
         n = self.spec.n if split == "search" else self.spec.n_heldout
         if not pool:
             raise SuiteError(f"suite {self.suite.name}, task {self.name}: {self.path} has no {split!r} items")
-        if n is not None and n < len(pool):
-            pool = self._subsample(pool, n)
-        return self._kept(pool, split)
+        return self._kept(self._sized(pool, n, split, str(self.path)), split)
+
+    def _sized(self, pool: list, n: Optional[int], split: str, where: str) -> list:
+        """The subsample of ``n`` of ``pool`` (all of it for None); more than it holds is an error."""
+        if n is None or n == len(pool):
+            return pool
+        if n > len(pool):
+            key = "n" if split == "search" else "n_heldout"
+            raise SuiteError(f"suite {self.suite.name}, task {self.name}: {key} {n} is more than the {len(pool)} "
+                             f"items of its {split} split ({where})")
+        return self._subsample(pool, n)
 
     def _kept(self, pool: list, split: str) -> list:
         return [pool[i] for i in self.keep] if self.keep is not None and split == "search" else pool
@@ -211,9 +219,7 @@ class Task:
         cut = n_docs - int(round(n_docs * self.spec.heldout_fraction))
         pool = sorted(order[:cut] if split == "search" else order[cut:])
         n = self.spec.n if split == "search" else self.spec.n_heldout
-        if n is not None and n < len(pool):
-            pool = self._subsample(pool, n)
-        return self._kept(pool, split)
+        return self._kept(self._sized(pool, n, split, f"lm-eval task {self.spec.lm_eval}"), split)
 
 
 class Suite:

@@ -60,7 +60,13 @@ def _embed_name(names: list[str]) -> Optional[str]:
     return None
 
 
-def build_layout(recipe: Recipe, files: dict[str, ModelFiles], trust_remote_code: bool = False) -> Layout:
+ALIGN_HINT = "set tokenizer_source (e.g. 'base') to align vocabularies"
+SEARCH_HINT = ("a search needs models of one vocabulary: merge each expert onto one first (a recipe with "
+               "tokenizer_source, 'evomerge merge')")
+
+
+def build_layout(recipe: Recipe, files: dict[str, ModelFiles], trust_remote_code: bool = False,
+                 vocab_hint: str = ALIGN_HINT) -> Layout:
     """Plan every output tensor and check the models are compatible; every mismatch is reported
     in one error."""
     models = recipe.model_names()
@@ -154,7 +160,7 @@ def build_layout(recipe: Recipe, files: dict[str, ModelFiles], trust_remote_code
             if is_vocab_tensor(ts.name) and shape[1:] == ref_shape[1:]:
                 if not vocab:
                     problems.append(f"tensor {ts.name}: {m} has {shape[0]} rows (vocabulary) but {ref} has "
-                                    f"{ref_shape[0]}; set tokenizer_source (e.g. 'base') to align vocabularies")
+                                    f"{ref_shape[0]}; {vocab_hint}")
             else:
                 problems.append(f"tensor {ts.name}: shape {list(shape)} in {m} but {list(ref_shape)} in {ref}")
     extra = {m: sorted(set(files[m].names()) - {ts.inputs[i] for ts in tensors}) for i, m in enumerate(models)}

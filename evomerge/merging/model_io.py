@@ -391,18 +391,45 @@ class ShardedWriter:
             self._file = None
 
 
-def refuse_existing(out: Path, overwrite: bool) -> None:
-    """Refuse an output directory that exists and is not empty, unless ``overwrite``."""
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+OUTPUT_MARKER = ".evomerge-output"  # written into every directory evomerge creates as an output
+
+
+def is_evomerge_output(path: Path) -> bool:
+    """Whether ``path`` is a directory evomerge wrote as an output (merged model, export, zoo): it
+    holds the marker; or, written before the marker existed, an export (``report.json`` and
+    ``recipe.yaml``) or a zoo (``zoo.json``)."""
+    return path.is_dir() and ((path / OUTPUT_MARKER).is_file() or (path / "zoo.json").is_file()
+                              or ((path / "report.json").is_file() and (path / "recipe.yaml").is_file()))
+
+
+def refuse_existing(out: Path, overwrite: bool, protected: Sequence[Path] = ()) -> None:
+    """Refuse an output directory that exists and is not empty, unless ``overwrite``; even then
+    refuse one that evomerge did not write (:func:`is_evomerge_output`), that is or holds one of
+    ``protected`` (the command's inputs), or that holds a run directory."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
         raise ModelError(f"output {out}: exists and is not empty (pass --overwrite to replace it)")
+    for p in protected:
+        p = Path(p).resolve()
+        if out == p or out in p.parents:
+            raise ModelError(f"output {out}: {'is' if out == p else 'holds'} {p}, an input of this command; "
+                             "--overwrite never replaces an input")
+    if not is_evomerge_output(out):
+        raise ModelError(f"output {out}: was not written by evomerge (no {OUTPUT_MARKER}); --overwrite only "
+                         "replaces evomerge's own outputs: remove it yourself, or pick another directory")
+    run = next((f.parent for f in out.rglob("run.json") if (f.parent / "config.yaml").is_file()), None)
+    if run is not None:
+        raise ModelError(f"output {out}: holds the run directory {run}; --overwrite never replaces a run")
 
 
 @contextmanager
-def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a hidden temporary directory beside ``out_dir``; rename it to ``out_dir`` on success,
-    delete it on any failure."""
+def atomic_directory(out_dir: str | Path, overwrite: bool = False, protected: Sequence[Path] = ()) -> Iterator[Path]:
+    """Yield a hidden temporary directory beside ``out_dir``; rename it to ``out_dir`` (marked as
+    evomerge's output) on success, delete it on any failure. An existing ``out_dir`` is replaced
+    only under the conditions of :func:`refuse_existing`."""
     out = Path(out_dir).resolve()
-    refuse_existing(out, overwrite)
+    refuse_existing(out, overwrite, protected)
     out.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(out.parent)
     tag = this_process_tag()
@@ -412,6 +439,7 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
     tmp.mkdir()
     try:
         yield tmp
+        (tmp / OUTPUT_MARKER).write_text("written by evomerge: 'evomerge ... --overwrite' may replace this directory\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

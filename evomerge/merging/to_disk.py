@@ -208,7 +208,8 @@ def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", a
         tok_src = recipe.tokenizer_source
 
     out = Path(out_dir)
-    with atomic_directory(out, overwrite=overwrite) as tmp, ThreadPoolExecutor(1) as pool:
+    with atomic_directory(out, overwrite=overwrite, protected=[f.path for f in files.values()]) as tmp, \
+            ThreadPoolExecutor(1) as pool:
         writer = ShardedWriter(tmp, specs, max_shard_bytes)
         try:
             pending = pool.submit(read_inputs, files, layout, layout.tensors[0])

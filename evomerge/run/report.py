@@ -12,7 +12,7 @@ from evomerge.fitness.estimate import estimated_from, is_full, usage
 from evomerge.fitness.suite import Suite
 from evomerge.rundb.secrets import redact
 from evomerge.rundb.store import Row, best_row, pareto_front
-from evomerge.search.loop import Run, parents, reference_recipes, versions
+from evomerge.search.loop import Run, parents, reference_recipes, run_budget, versions
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -33,23 +33,24 @@ def status_text(run: Run, recent: int = 8) -> str:
     failed = [r for r in rows if r.state == "failed"]
     interrupted = [r for r in rows if r.state == "interrupted"]
     running = [r for r in rows if r.state == "running"]
-    budget = run.cfg.budget
+    budget = run_budget(run)
+    max_candidates, max_minutes = budget.get("max_candidates"), budget.get("max_minutes")
     elapsed = run.db.metadata.elapsed()
     lines = [f"run {run.name} ({run.run_dir}): {run.cfg.merge_method}, space {run.space.spec.name or 'inline'} "
              f"(dimension {run.space.dimension}), driver {run.cfg.driver.name}"
              + (f"/{run.cfg.driver.sampler}" if run.cfg.driver.sampler else "")]
-    progress = f"{len(counted)}" + (f"/{budget.max_candidates}" if budget.max_candidates else "") + " candidates"
+    progress = f"{len(counted)}" + (f"/{max_candidates}" if max_candidates else "") + " candidates"
     progress += f" ({len(failed)} failed, {len(interrupted)} interrupted and redone)"
     progress += f", {len(running)} running" if running else ""
-    progress += f"; search time {elapsed / 60:.1f} min" + (f" of {budget.max_minutes:g}" if budget.max_minutes else "")
+    progress += f"; search time {elapsed / 60:.1f} min" + (f" of {max_minutes:g}" if max_minutes else "")
     lines.append(progress)
     if counted and elapsed > 0:
         rate = len(counted) / elapsed * 60
         left = []
-        if budget.max_candidates:
-            left.append(max(budget.max_candidates - len(counted), 0) / rate * 60)
-        if budget.max_minutes:
-            left.append(max(budget.max_minutes * 60 - elapsed, 0))
+        if max_candidates:
+            left.append(max(max_candidates - len(counted), 0) / rate * 60)
+        if max_minutes:
+            left.append(max(max_minutes * 60 - elapsed, 0))
         lines.append(f"throughput {rate:.1f} candidates/min; time left about {min(left) / 60:.1f} min" if left
                      else f"throughput {rate:.1f} candidates/min")
     best = best_row(rows)
@@ -164,7 +165,8 @@ def write_plots(run: Run) -> list[Path]:
     ax.set_xlabel("candidate")
     ax.set_ylabel("fitness (search split)")
     ax.set_title(f"run {run.name}")
-    ax.legend(fontsize=7, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # nothing scored yet: no legend
+        ax.legend(fontsize=7, loc="lower right")
     out.append(_save_figure(fig, run.run_dir / "fitness.png", plt))
 
     best = best_row(rows)
@@ -203,6 +205,12 @@ def _pick(run: Run, rows: list[Row], trial: Optional[int]) -> Row:
     raise EvomergeError(f"run {run.run_dir}: no candidate #{trial}")
 
 
+def run_inputs(run: Run) -> list[Path]:
+    """What an export must never replace: the run directory and the run's local models."""
+    models = [m for m in [run.cfg.models.base, *run.cfg.models.experts] if m and Path(m).exists()]
+    return [run.run_dir, *map(Path, models)]
+
+
 def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite: bool = False,
            heldout: bool = True) -> dict:
     """Write OUT_DIR/recipe.yaml, OUT_DIR/model (the merged model), OUT_DIR/report.{json,md}.
@@ -219,7 +227,7 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
         raise EvomergeError(f"candidate #{row.number}: its recorded recipe differs from its decoded vector")
     suite = Suite.resolve(run.cfg.fitness.suite)
     evaluator = Evaluator(run.cfg, suite)
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, protected=run_inputs(run)) as tmp:
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         model_dir = merge_to_disk(recipe, tmp / "model", device=run.cfg.device, allow_pickle=run.cfg.allow_pickle,
                                   trust_remote_code=run.cfg.trust_remote_code)
@@ -346,7 +354,7 @@ def export_pareto(run: Run, out_dir: str | Path, overwrite: bool = False, heldou
         raise EvomergeError(f"run {run.run_dir}: no candidate has completed yet")
     evaluator = Evaluator(run.cfg, Suite.resolve(run.cfg.fitness.suite)) if heldout else None
     members = []
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, protected=run_inputs(run)) as tmp:
         for r in front:
             recipe = Recipe.from_dict(r.recipe, source=f"candidate #{r.number}")
             sub = tmp / f"candidate-{r.number:04d}"

@@ -20,7 +20,7 @@ from typing import Optional
 
 from evomerge.errors import EvomergeError
 from evomerge.machine import usable_cores
-from evomerge.search.loop import Run
+from evomerge.search.loop import Run, run_budget
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def run_workers(run: Run, devices: list[str], storage: Optional[str] = None, pol
                 p.send_signal(signal.SIGINT)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    budget = run.cfg.budget.max_candidates
+    budget = run_budget(run).get("max_candidates")
     last = -1
     try:
         while any(p.poll() is None for p, _ in procs):

@@ -16,6 +16,8 @@ SQL against Optuna's tables.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 import warnings
 from contextlib import contextmanager
@@ -47,6 +49,28 @@ def sqlite_url(path) -> str:
     return f"sqlite:///{path}"
 
 
+def sqlite_damage(url: str) -> Optional[str]:
+    """For a SQLite URL whose file SQLite's own check finds damaged: what to tell the user (the
+    file, and how to recover what it holds); None otherwise."""
+    import sqlite3
+
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url.removeprefix("sqlite:///")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as con:
+            verdict = con.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as e:
+        verdict = str(e)
+    if verdict == "ok":
+        return None
+    return (f"run database {path} is damaged (SQLite: {first_line(verdict)}). Keep a copy of it and of the "
+            f"{os.path.basename(path)}-wal file beside it, then recover what it holds with: sqlite3 {path} .recover "
+            f"| sqlite3 {path}.recovered (and replace it with that file), or start a new run")
+
+
 def _creation_race(e: Exception) -> bool:
     """Another process created the same tables at the same moment (SQLite, PostgreSQL)."""
     text = str(e).lower()
@@ -71,6 +95,9 @@ def open_storage(url: str, heartbeat_s: Optional[int] = None, grace_s: Optional[
             if _creation_race(e) and attempt < 7:
                 time.sleep(0.05 * (attempt + 1))  # the other process finishes creating the tables
                 continue
+            damage = sqlite_damage(url)
+            if damage:
+                raise RunDBError(damage) from None
             raise RunDBError(f"storage {redact(url)}: cannot open ({type(e).__name__}: "
                              f"{scrub(first_line(e), url)})") from None
     raise AssertionError("unreachable")

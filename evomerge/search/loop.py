@@ -1,8 +1,15 @@
 """A search run: its directory, its references, its loop, its resume.
 
 A run directory holds ``config.yaml`` (the resolved config: absolute paths), ``run.json`` (the
-run's name and storage URL, without any password), ``run.db`` (the SQLite run database unless
-``--storage`` points elsewhere), ``search.log`` and the plots ``evomerge status`` writes.
+run's name, its id and its storage), ``run.db`` (the SQLite run database unless ``--storage``
+points elsewhere), ``search.log`` and the plots ``evomerge status`` writes.
+
+A run directory is self-contained: ``run.json`` names a database inside it by its path relative
+to the directory, so a copied or moved run opens its own ``run.db``. An external storage
+(PostgreSQL, or a SQLite file elsewhere) is named by its URL, without any password. Either way
+the database must hold the run of the same id: a database of another run is refused. An
+explicit ``--storage`` replaces the run's own storage, saying so; ``$EVOMERGE_STORAGE`` never
+does (it only supplies the password of the run's own storage).
 
 The loop: under the run's lock, reclaim candidates whose worker died and ask the driver (which
 claims a candidate); then decode the vector into a recipe, apply it into the live model, score
@@ -23,19 +30,21 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator, Optional
 
-from evomerge.config import RunConfig
+from evomerge.config import RunConfig, run_name_problem
 from evomerge.errors import EvomergeError
 from evomerge.fitness.suite import Suite, SuiteError
 from evomerge.machine import ThreadFit
+from evomerge.procs import ended, process_start
 from evomerge.merging.model_io import resolve_model_path
 from evomerge.search.evaluator import Evaluation, Evaluator
-from evomerge.search.fingerprint import changes, fingerprint
+from evomerge.search.fingerprint import HASHES_FILE, FileHashes, compare, fingerprint
 from evomerge.search.progress import Progress
 from evomerge.search.racing import Racer
 from evomerge.rundb.leases import Owner
@@ -78,10 +87,24 @@ def _heartbeat_options(cfg: RunConfig) -> dict:
     return {"heartbeat_s": cfg.heartbeat.interval_s, "grace_s": cfg.heartbeat.grace_s}
 
 
-def _write_run_dir(run_dir: Path, cfg: RunConfig, name: str, url: str) -> None:
+RUN_ID_KEY = "run_id"  # run.json's and the run database's metadata key of the run's identity
+
+
+def _local_database(run_dir: Path, url: str) -> Optional[str]:
+    """The path relative to ``run_dir`` of a SQLite database ``url`` inside it; None otherwise."""
+    if not url.startswith("sqlite:///"):
+        return None
+    try:
+        return Path(url.removeprefix("sqlite:///")).resolve().relative_to(run_dir.resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+def _write_run_dir(run_dir: Path, cfg: RunConfig, name: str, url: str, run_id: str) -> None:
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    info = {"name": name, "storage": redact(url), "storage_has_password": has_secret(url),
-            "created": _dt.datetime.now().isoformat(timespec="seconds")}
+    local = _local_database(run_dir, url)
+    info = {"name": name, RUN_ID_KEY: run_id, "storage": local or redact(url), "storage_in_run_dir": local is not None,
+            "storage_has_password": has_secret(url), "created": _dt.datetime.now().isoformat(timespec="seconds")}
     tmp = run_dir / f"run.json.{threading.get_native_id()}.tmp"
     tmp.write_text(json.dumps(info, indent=2))
     tmp.replace(run_dir / "run.json")
@@ -116,6 +139,18 @@ def _preflight(cfg: RunConfig, suite: Suite) -> None:
         from evomerge.fitness.lmeval import check_task_names
 
         check_task_names(suite)
+    _dry_score(cfg, suite)
+
+
+def _dry_score(cfg: RunConfig, suite: Suite) -> None:
+    """Score the reference model on the first search item of each task with the run's backend and
+    options: what the backend rejects (an lm-eval option, a prompt too long for the engine) stops
+    the run before it exists, not every candidate. A vLLM engine started here serves the run."""
+    ref = str(resolve_model_path(cfg.reference_model))
+    ev = Evaluator(cfg, suite.subset({t.name: [0] for t in suite.tasks})).score_model_dir(ref)["search"]
+    if ev.error:
+        raise SuiteError(f"fitness: the {cfg.fitness.backend} backend failed to score {ref} on one item of each "
+                         f"task, so every candidate would fail: {ev.error}")
 
 
 def _new_run_place(config_path: str | Path, run_dir: Optional[str | Path], storage: Optional[str]):
@@ -128,42 +163,92 @@ def _new_run_place(config_path: str | Path, run_dir: Optional[str | Path], stora
     cfg.check_objectives(n_objectives, str(config_path))
     _preflight(cfg, suite)
     name = cfg.name or Path(config_path).stem
+    problem = run_name_problem(name)
+    if problem:
+        raise RunError(f"{config_path}: no name given, and its file name {problem}; set name: in the config")
     run_dir = Path(run_dir) if run_dir else Path("runs") / name
     url = storage or sqlite_url((run_dir / "run.db").resolve())
     return cfg, space, n_objectives, name, run_dir, url
 
 
-def create_run(config_path: str | Path, run_dir: Optional[str | Path] = None, storage: Optional[str] = None) -> Run:
-    cfg, space, n_objectives, name, run_dir, url = _new_run_place(config_path, run_dir, storage)
+def _claim_run_dir(run_dir: Path) -> bool:
+    """Make ``run_dir`` a new run's directory: it must not exist, or be empty. Returns whether it
+    was created here (so a failed start may remove it)."""
     if (run_dir / "run.json").exists():
         raise RunError(f"{run_dir}: a run already lives here; continue it with: evomerge resume {run_dir}")
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise RunError(f"{run_dir}: exists and is not empty; a run directory must be new (pick another --run-dir "
+                       "or name)")
     fresh = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
+    return fresh
+
+
+def create_run(config_path: str | Path, run_dir: Optional[str | Path] = None, storage: Optional[str] = None) -> Run:
+    cfg, space, n_objectives, name, run_dir, url = _new_run_place(config_path, run_dir, storage)
+    fresh = _claim_run_dir(run_dir)
+    run_id = uuid.uuid4().hex
     try:
         db = RunDB(url, name, create=True, n_objectives=n_objectives, **_heartbeat_options(cfg))
+        db.metadata.set({RUN_ID_KEY: run_id})
     except BaseException:
         if fresh and not any(run_dir.iterdir()):
             run_dir.rmdir()  # ours and empty: nothing may block the corrected command
         raise
     try:
-        _write_run_dir(run_dir, cfg, name, url)
+        _write_run_dir(run_dir, cfg, name, url, run_id)
     except BaseException:
         db.delete_run()  # the run is ours: without its run directory it could never be resumed
         raise
     return Run(run_dir, cfg, db, space, name)
 
 
-def open_run(run_dir: str | Path, storage: Optional[str] = None) -> Run:
+def _run_storage(run_dir: Path, info: dict, storage: Optional[str], env: Optional[str]) -> str:
+    """The URL of a run's database: its own (run.json), or an explicit ``storage`` (said in the log).
+    ``env`` ($EVOMERGE_STORAGE) only supplies the password of the run's own external storage."""
+    own = info["storage"]
+    if info.get("storage_in_run_dir"):
+        own = sqlite_url((run_dir / own).resolve())
+    elif RUN_ID_KEY not in info and _local_database(run_dir, own) is None and (run_dir / "run.db").exists():
+        # a run directory of an older evomerge (an absolute SQLite URL), since moved or copied
+        log.warning("%s/run.json names %s, but the directory holds its own run.db (moved or copied): using that",
+                    run_dir, own)
+        own = sqlite_url((run_dir / "run.db").resolve())
+    if storage is not None:
+        if redact(storage) != redact(own):
+            log.warning("--storage %s replaces the run's own storage %s", redact(storage), redact(own))
+        return storage
+    if env is not None and redact(env) == own and info.get("storage_has_password"):
+        return env
+    if env is not None and redact(env) != redact(own):
+        log.warning("EVOMERGE_STORAGE (%s) is not this run's storage: using the run's own, %s (pass --storage to "
+                    "use another)", redact(env), redact(own))
+    if info.get("storage_has_password"):
+        raise RunError(f"{run_dir}: the run's storage {own} needs a password; pass --storage with the full URL "
+                       "(or set EVOMERGE_STORAGE to it)")
+    return own
+
+
+def _check_identity(db: RunDB, info: dict, run_dir: Path) -> None:
+    """Refuse a database that holds a run of the same name but not this run."""
+    mine, theirs = info.get(RUN_ID_KEY), db.metadata.get().get(RUN_ID_KEY)
+    if mine is not None and theirs != mine:
+        raise RunError(f"storage {redact(db.url)}: its run {db.name!r} is not the run of {run_dir} (run id "
+                       f"{theirs or 'none'}, not {mine}): pass that run's own --storage")
+
+
+def open_run(run_dir: str | Path, storage: Optional[str] = None, env: Optional[str] = None) -> Run:
+    """An existing run directory's run. ``storage`` replaces the run's own storage (a database
+    of the same run, see :func:`_run_storage`); ``env`` is ``$EVOMERGE_STORAGE``."""
     run_dir = Path(run_dir)
     info_path = run_dir / "run.json"
     if not info_path.exists():
         raise RunError(f"{run_dir}: not a run directory (no run.json); start one with: evomerge search CONFIG.yaml")
     info = json.loads(info_path.read_text())
-    url = storage or info["storage"]
-    if storage is None and info.get("storage_has_password"):
-        raise RunError(f"{run_dir}: the run's storage needs a password; pass --storage with the full URL")
+    url = _run_storage(run_dir, info, storage, env)
     cfg = RunConfig.load(run_dir / "config.yaml")
     db = RunDB(url, info["name"], create=False, **_heartbeat_options(cfg))
+    _check_identity(db, info, run_dir)
     return _checked_run(run_dir, cfg, space_for(cfg), db, info["name"], run_dir / "config.yaml")
 
 
@@ -174,18 +259,28 @@ def _checked_run(run_dir: Path, cfg: RunConfig, space: SearchSpace, db: RunDB, n
     return Run(run_dir, cfg, db, space, name)
 
 
-def join_run(target: str | Path, storage: Optional[str] = None, run_dir: Optional[str | Path] = None) -> Run:
+def join_run(target: str | Path, storage: Optional[str] = None, run_dir: Optional[str | Path] = None,
+             env: Optional[str] = None) -> Run:
     """A worker's view of a run: an existing run directory, or a config file (the run named in it
-    is joined in ``storage``, or created there if no worker has yet; ``run_dir``, by default
-    runs/NAME, keeps this host's copy of the config and the logs)."""
+    is joined in ``storage`` (default ``env``), or created there if no worker has yet; ``run_dir``,
+    by default runs/NAME, keeps this host's copy of the config and the logs)."""
     target = Path(target)
     if target.is_dir():
-        return open_run(target, storage)
-    cfg, space, n_objectives, name, run_dir, url = _new_run_place(target, run_dir, storage)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        return open_run(target, storage, env)
+    cfg, space, n_objectives, name, run_dir, url = _new_run_place(target, run_dir, storage or env)
+    info_path = run_dir / "run.json"
+    if not info_path.exists():
+        _claim_run_dir(run_dir)
     db = RunDB.join(url, name, n_objectives=n_objectives, **_heartbeat_options(cfg))
-    if not (run_dir / "run.json").exists():
-        _write_run_dir(run_dir, cfg, name, url)
+    with db.lock():
+        run_id = db.metadata.get().get(RUN_ID_KEY)
+        if run_id is None:
+            run_id = uuid.uuid4().hex
+            db.metadata.set({RUN_ID_KEY: run_id})
+    if info_path.exists():
+        _check_identity(db, json.loads(info_path.read_text()), run_dir)
+    else:
+        _write_run_dir(run_dir, cfg, name, url, run_id)
     return _checked_run(run_dir, cfg, space, db, name, target)
 
 
@@ -303,6 +398,21 @@ class _Heartbeat:
         self._thread.join()
 
 
+def same_failure(errors: list[Optional[str]], n: int) -> bool:
+    """Whether the first ``n`` of a session's candidates (``errors``, in order, None where one was
+    scored) all failed with one error: the cause is the run's, not the candidates'."""
+    return n > 0 and len(errors) == n and errors[0] is not None and len(set(errors)) == 1
+
+
+BUDGET_KEY = "budget"  # run metadata: the budget last given on a command line (resume, worker)
+
+
+def run_budget(run: Run) -> dict:
+    """The run's budget: its config's, replaced key by key by the last one given on a command line."""
+    given = run.db.metadata.get().get(BUDGET_KEY)
+    return run.cfg.budget.model_dump(exclude_none=True) | (given if isinstance(given, dict) else {})
+
+
 class _Search:
     def __init__(self, run: Run, resume: bool, max_candidates: Optional[int], max_minutes: Optional[float],
                  live: Optional[bool], worker: bool, threads: ThreadFit):
@@ -310,8 +420,13 @@ class _Search:
         self.worker = worker
         self.threads = threads
         cfg = run.cfg
-        self.max_candidates = max_candidates if max_candidates is not None else cfg.budget.max_candidates
-        minutes = max_minutes if max_minutes is not None else cfg.budget.max_minutes
+        budget = run_budget(run)
+        given = {k: v for k, v in (("max_candidates", max_candidates), ("max_minutes", max_minutes)) if v is not None}
+        if given:
+            budget |= given
+            run.db.metadata.set({BUDGET_KEY: budget})  # the run's budget from now on, for status and every worker
+        self.max_candidates = budget.get("max_candidates")
+        minutes = budget.get("max_minutes")
         self.max_seconds = minutes * 60 if minutes is not None else None
         self.live = live
         self.suite = Suite.resolve(cfg.fitness.suite)
@@ -320,18 +435,23 @@ class _Search:
         if worker and not db.shareable:
             raise RunError(f"storage {redact(db.url)}: several workers need a SQLite file (one host) or PostgreSQL")
         items = self.evaluator.items()
-        inputs = fingerprint(cfg, self.suite)
+        hashes = FileHashes(run.run_dir / HASHES_FILE)
+        inputs = fingerprint(cfg, self.suite, hashes)  # outside the run's lock: hashing new weights takes a while
+        hashes.save()
         with db.lock():
             meta = db.metadata.get()
             if "items" in meta and meta["items"] != items:
                 raise RunError(f"suite {self.suite.name}: its search subsample differs from the one the run started "
                                "with (were the data files or the suite changed?); candidates would not be comparable")
-            changed = changes(meta["fingerprint"], inputs) if "fingerprint" in meta else []
+            changed = compare(meta.get("fingerprint"), cfg, inputs)
             if changed:
                 raise RunError(f"{run.run_dir}: the run's inputs changed since it started: {'; '.join(changed)}. "
                                "Candidates scored before and after would not be comparable: restore them, or "
-                               "start a new run")
-            if not meta:
+                               "start a new run (what may change on resume: budget, heartbeat, device, cache, "
+                               "references)")
+            if "fingerprint" in meta and "version" not in meta["fingerprint"]:
+                db.metadata.set({"fingerprint": inputs})  # an older run's: the full one from now on
+            if "config" not in meta:
                 db.metadata.set({"config": cfg.to_dict(), "coordinates": run.space.names, "items": items,
                                  "fingerprint": inputs, "objectives": self.suite.objective_names,
                                  "versions": versions(), "suite": self.suite.name,
@@ -339,10 +459,30 @@ class _Search:
         self.items = items
         estimate = cfg.fitness.estimate
         self.racer = Racer(self.evaluator, self.suite, estimate, cfg.seed) if estimate else None
+        if not worker:
+            self._say_who_else_runs()
         self.slot = db.registry.register({"host": db.host, "device": cfg.device, "pid": os.getpid(),
+                                        "started": process_start(os.getpid()),
                                         "mode": "worker" if worker else ("resume" if resume else "search")})
         self.owner = Owner.this_process(self.slot, cfg.device)
         self.tag = f"w{self.slot} " if worker else ""
+
+    def _say_who_else_runs(self) -> None:
+        """A search or resume started beside a live process of the same run becomes a second
+        worker: say so, naming it."""
+        db = self.run.db
+        others = []
+        for w in db.registry.all():
+            if "ended" in w:
+                continue
+            if w.get("host") == db.host:
+                if not ended(int(w.get("pid", 0)), w.get("started")):
+                    others.append(f"process {w.get('pid')} on this host")
+            else:
+                others.append(f"process {w.get('pid')} on {w.get('host')} (unless it was killed)")
+        if others:
+            log.warning("this run is already being searched by %s: this process joins it as another worker, and "
+                        "they share its budget (stop the other to run alone)", ", ".join(others))
 
     def _record(self, ev: Evaluation, recipe=None) -> dict:
         return ev.record(self.items, recipe, item_values=self.racer is not None)
@@ -407,6 +547,7 @@ class _Search:
         current = None
         mine = busy = waited = 0.0
         own = dropped = 0
+        errors: list[Optional[str]] = []  # this session's candidates' errors (None: scored)
         last_save = time.perf_counter()
         heartbeat = _Heartbeat(db, cfg.heartbeat.interval_s)
         poll = min(1.0, cfg.heartbeat.interval_s / 2)
@@ -454,6 +595,14 @@ class _Search:
                                     cfg.heartbeat.grace_s)
                         continue
                     own += 1
+                    errors.append(ev.error)
+                    if same_failure(errors, cfg.fail_fast):
+                        stopped_by = f"failures: the first {cfg.fail_fast} candidates all failed with: {ev.error}"
+                        log.error("%sthe first %d candidates of this session all failed with the same error, so "
+                                  "the search stops: %s. Fix the cause, then: evomerge resume %s (fail_fast in the "
+                                  "config sets how many; 0 never stops)", self.tag, cfg.fail_fast, ev.error,
+                                  run.run_dir)
+                        break
                     if self.racer is not None:
                         self.racer.add(trial_id, number, record)
                     progress.update(number, ev.fitness, ev.error, ev.merge_seconds, ev.eval_seconds,

@@ -51,7 +51,7 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=max_candidates, initial=done, unit="cand", file=self.stream,
-                            dynamic_ncols=True, desc="search")
+                            dynamic_ncols=True, desc="search", disable=False)  # TQDM_DISABLE quiets only libraries
             self._filter = _NotCandidates()
             for h in logging.getLogger().handlers:
                 if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):

@@ -391,13 +391,13 @@ def checked_space(cfg: "RunConfig") -> SearchSpace:
     coordinate's reach (how many tensors it changes): a user-written coordinate that changes none
     is an error, a preset's a warning. For starting a run and ``evomerge space``; a run that is
     opened again was checked when it started."""
-    from evomerge.merging.layout import build_layout
+    from evomerge.merging.layout import SEARCH_HINT, build_layout
     from evomerge.merging.to_disk import open_models
 
     space = space_for(cfg)
     recipe = space.recipe_from(method_defaults(cfg.merge_method, len(cfg.models.experts)))
     space.reach = coordinate_reach(space, build_layout(recipe, open_models(recipe, cfg.allow_pickle),
-                                                       cfg.trust_remote_code))
+                                                       cfg.trust_remote_code, vocab_hint=SEARCH_HINT))
     dead = [c.name for c, n in zip(space.coordinates, space.reach) if n == 0]
     if dead:
         text = (f"space: coordinate(s) {', '.join(dead)} change no tensor of these models (family "
