@@ -401,13 +401,14 @@ def _one_line(text: str, args: argparse.Namespace) -> str:
     return " ".join(text.split())
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Keep the libraries' progress bars, notices and deprecation warnings out of normal output
     (``--debug`` shows them): evomerge reports its own progress."""
     import warnings
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # for tqdm imported from now on (see the top of this module)
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     for name in ("lm_eval", "vllm", "transformers", "datasets", "httpx", "torch"):
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not args.debug:
-        _quiet_libraries()
+        quiet_libraries()
     try:
         return args.func(args)
     except EvomergeError as e:

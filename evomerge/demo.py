@@ -33,9 +33,12 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__":  # the libraries' progress bars off: tqdm reads this when torch imports it
+    os.environ.setdefault("TQDM_DISABLE", "1")  # (the search's own bar passes disable=False)
+
 import yaml
 
-from evomerge.cli import positive_int
+from evomerge.cli import positive_int, quiet_libraries
 from evomerge.zoo import COMPOSED, format_heldout, heldout_scores, skill_mean
 
 
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     args.zoo = args.zoo or ("runs/zoo-smollm2" if real else "runs/zoo-small")
     args.candidates = args.candidates or (360 if real else 960)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("evomerge.merging.engine", "evomerge.merging.kernel", "transformers", "httpx"):
+    quiet_libraries()
+    for noisy in ("evomerge.merging.engine", "evomerge.merging.kernel"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from evomerge import machine
