@@ -411,6 +411,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # for tqdm imported from now on (see the top of this module)
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")  # child processes
     for name in ("lm_eval", "vllm", "transformers", "datasets", "httpx", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if "transformers" in sys.modules:  # imported before this command (in-process use)
