@@ -6,8 +6,8 @@ import argparse
 import logging
 import os
 import sys
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from contextlib import closing
+from typing import Optional
 
 if __name__ == "__main__" or sys.argv[0].endswith("evomerge"):  # the command, not an import
     if "--debug" not in sys.argv[1:]:  # lm-eval's and vLLM's bars; tqdm reads this when imported
@@ -104,15 +104,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0 if not result.failed else 1
 
 
-@contextmanager
-def _closing(run) -> Iterator[None]:
-    """Close the run's database when the command ends (a SQLite run folds its log back into run.db)."""
-    try:
-        yield
-    finally:
-        run.db.close()
-
-
 def _cmd_search(args: argparse.Namespace) -> int:
     from evomerge.search.loop import create_run, run_search
 
@@ -123,7 +114,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
         devices = parse_devices(args.devices)
     storage = args.storage or _env_storage()
     run = create_run(args.config, args.run_dir, storage)
-    with _closing(run):
+    with closing(run.db):  # a SQLite run folds its log back into run.db
         print(f"run {run.name}: {run.run_dir} (dimension {run.space.dimension}); watch it with: evomerge status "
               f"{run.run_dir}", file=sys.stderr)
         if devices:
@@ -140,7 +131,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from evomerge.search.loop import join_run, run_search
 
     run = join_run(args.target, args.storage, args.run_dir, env=_env_storage())
-    with _closing(run):
+    with closing(run.db):
         if args.device:
             try:
                 run.cfg = run.cfg.model_copy(update={"device": check_device(args.device)})
@@ -160,7 +151,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from evomerge.search.loop import open_run, run_search
 
     run = open_run(args.run_dir, args.storage, env=_env_storage())
-    with _closing(run):
+    with closing(run.db):
         summary = run_search(run, resume=True, max_candidates=args.max_candidates, max_minutes=args.max_minutes,
                              threads=args.threads)
         return _finish(run, summary)
@@ -194,7 +185,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from evomerge.search.loop import open_run
 
     run = open_run(args.run_dir, args.storage, env=_env_storage())
-    with _closing(run):
+    with closing(run.db):
         print(status_text(run, recent=args.recent))
         if not args.no_plots:
             for path in write_plots(run):
@@ -206,7 +197,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from evomerge.search.loop import open_run
 
     run = open_run(args.run_dir, args.storage, env=_env_storage())
-    with _closing(run):
+    with closing(run.db):
         return _export(run, args)
 
 
@@ -312,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="join a search: evaluate candidates and record them in the shared run database")
     w.add_argument("target", help="a run directory, or a run config (the run named in it is joined, or created)")
-    _storage_option(w, "with a config: the run's database URL (default: $EVOMERGE_STORAGE, else SQLite in the run directory); with a run directory: as for resume")
+    _storage_option(w, "with a config: the run's database URL (default: $EVOMERGE_STORAGE, else SQLite in the "
+                       "run directory); with a run directory: as for resume")
     w.add_argument("--device", help="this worker's device (cpu, cuda, cuda:N); default: the config's")
     w.add_argument("--run-dir", help="with a config: this host's run directory (default: runs/NAME)")
     _threads_option(w)

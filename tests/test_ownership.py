@@ -273,11 +273,10 @@ def test_status_shows_the_budget_a_resume_gave(tmp_path, finished_run, capsys):
 
 
 def test_a_second_resume_beside_a_live_process_says_it_becomes_a_worker(tmp_path, finished_run, capsys, caplog):
-    from evomerge.procs import process_start
+    from evomerge.rundb.leases import Owner
 
     run = open_run(finished_run)
-    run.db.registry.register({"host": run.db.host, "pid": os.getpid(), "started": process_start(os.getpid()),
-                              "mode": "search"})
+    run.db.registry.register(Owner.this_process().to_dict() | {"mode": "search"})  # as a live search registers
     run.db.close()
     assert run_cli(capsys, "resume", finished_run, "--max-candidates", "3")[0] == 0
     assert f"already being searched by process {os.getpid()} on this host" in caplog.text

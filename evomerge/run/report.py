@@ -207,8 +207,7 @@ def _pick(run: Run, rows: list[Row], trial: Optional[int]) -> Row:
 
 def run_inputs(run: Run) -> list[Path]:
     """What an export must never replace: the run directory and the run's local models."""
-    models = [m for m in [run.cfg.models.base, *run.cfg.models.experts] if m and Path(m).exists()]
-    return [run.run_dir, *map(Path, models)]
+    return [run.run_dir, *(Path(m) for m in parents(run).values() if Path(m).exists())]
 
 
 def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite: bool = False,

@@ -49,15 +49,24 @@ def sqlite_url(path) -> str:
     return f"sqlite:///{path}"
 
 
+def sqlite_path(url: str) -> Optional[str]:
+    """The file of a SQLite database URL; None for another database, an in-memory one or a URL
+    that does not parse."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return None
+    db = parsed.database
+    return db if parsed.get_backend_name() == "sqlite" and db and db != ":memory:" else None
+
+
 def sqlite_damage(url: str) -> Optional[str]:
     """For a SQLite URL whose file SQLite's own check finds damaged: what to tell the user (the
     file, and how to recover what it holds); None otherwise."""
     import sqlite3
 
-    if not url.startswith("sqlite:///"):
-        return None
-    path = url.removeprefix("sqlite:///")
-    if not os.path.isfile(path):
+    path = sqlite_path(url)
+    if path is None or not os.path.isfile(path):
         return None
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as con:
@@ -195,8 +204,7 @@ class RunDB:
 
     @property
     def _sqlite_file(self) -> Optional[str]:
-        db = self.storage.engine.url.database
-        return db if self.dialect == "sqlite" and db and db != ":memory:" else None
+        return sqlite_path(self.url)
 
     @property
     def shareable(self) -> bool:

@@ -25,14 +25,13 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 import signal
 import sys
 import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator, Optional
@@ -41,15 +40,15 @@ from evomerge.config import RunConfig, run_name_problem
 from evomerge.errors import EvomergeError
 from evomerge.fitness.suite import Suite, SuiteError
 from evomerge.machine import ThreadFit
-from evomerge.procs import ended, process_start
+from evomerge.procs import MACHINE
 from evomerge.merging.model_io import resolve_model_path
 from evomerge.search.evaluator import Evaluation, Evaluator
-from evomerge.search.fingerprint import HASHES_FILE, FileHashes, compare, fingerprint
+from evomerge.search.fingerprint import HASHES_FILE, RESUMABLE, FileHashes, compare, fingerprint
 from evomerge.search.progress import Progress
 from evomerge.search.racing import Racer
 from evomerge.rundb.leases import Owner
 from evomerge.rundb.secrets import has_secret, redact
-from evomerge.rundb.store import RunDB, best_row, sqlite_url
+from evomerge.rundb.store import RunDB, best_row, sqlite_path, sqlite_url
 from evomerge.search.claims import DriverClaims, make_driver
 from evomerge.search.space import SearchSpace, checked_space, method_defaults, space_for
 
@@ -92,10 +91,11 @@ RUN_ID_KEY = "run_id"  # run.json's and the run database's metadata key of the r
 
 def _local_database(run_dir: Path, url: str) -> Optional[str]:
     """The path relative to ``run_dir`` of a SQLite database ``url`` inside it; None otherwise."""
-    if not url.startswith("sqlite:///"):
+    path = sqlite_path(url)
+    if path is None:
         return None
     try:
-        return Path(url.removeprefix("sqlite:///")).resolve().relative_to(run_dir.resolve()).as_posix()
+        return Path(path).resolve().relative_to(run_dir.resolve()).as_posix()
     except ValueError:
         return None
 
@@ -218,7 +218,7 @@ def _run_storage(run_dir: Path, info: dict, storage: Optional[str], env: Optiona
         if redact(storage) != redact(own):
             log.warning("--storage %s replaces the run's own storage %s", redact(storage), redact(own))
         return storage
-    if env is not None and redact(env) == own and info.get("storage_has_password"):
+    if env is not None and redact(env) == redact(own) and info.get("storage_has_password"):
         return env
     if env is not None and redact(env) != redact(own):
         log.warning("EVOMERGE_STORAGE (%s) is not this run's storage: using the run's own, %s (pass --storage to "
@@ -447,8 +447,8 @@ class _Search:
             if changed:
                 raise RunError(f"{run.run_dir}: the run's inputs changed since it started: {'; '.join(changed)}. "
                                "Candidates scored before and after would not be comparable: restore them, or "
-                               "start a new run (what may change on resume: budget, heartbeat, device, cache, "
-                               "references)")
+                               "start a new run (what may change on resume: "
+                               f"{', '.join(k for k in RESUMABLE if k != 'name')})")
             if "fingerprint" in meta and "version" not in meta["fingerprint"]:
                 db.metadata.set({"fingerprint": inputs})  # an older run's: the full one from now on
             if "config" not in meta:
@@ -461,25 +461,22 @@ class _Search:
         self.racer = Racer(self.evaluator, self.suite, estimate, cfg.seed) if estimate else None
         if not worker:
             self._say_who_else_runs()
-        self.slot = db.registry.register({"host": db.host, "device": cfg.device, "pid": os.getpid(),
-                                        "started": process_start(os.getpid()),
-                                        "mode": "worker" if worker else ("resume" if resume else "search")})
-        self.owner = Owner.this_process(self.slot, cfg.device)
+        me = Owner.this_process(device=cfg.device)
+        mode = "worker" if worker else ("resume" if resume else "search")
+        self.slot = db.registry.register(me.to_dict() | {"mode": mode})
+        self.owner = replace(me, slot=self.slot)
         self.tag = f"w{self.slot} " if worker else ""
 
     def _say_who_else_runs(self) -> None:
         """A search or resume started beside a live process of the same run becomes a second
         worker: say so, naming it."""
-        db = self.run.db
         others = []
-        for w in db.registry.all():
-            if "ended" in w:
+        for w in self.run.db.registry.all():
+            other = Owner(w.get("host", "?"), w.get("machine", ""), int(w.get("pid", 0)), w.get("started"))
+            if "ended" in w or other.gone():
                 continue
-            if w.get("host") == db.host:
-                if not ended(int(w.get("pid", 0)), w.get("started")):
-                    others.append(f"process {w.get('pid')} on this host")
-            else:
-                others.append(f"process {w.get('pid')} on {w.get('host')} (unless it was killed)")
+            where = "this host" if other.machine == MACHINE else f"{other.host} (unless it was killed)"
+            others.append(f"process {other.pid} on {where}")
         if others:
             log.warning("this run is already being searched by %s: this process joins it as another worker, and "
                         "they share its budget (stop the other to run alone)", ", ".join(others))
