@@ -253,7 +253,8 @@ def test_no_command_rewrites_or_deletes_a_file_it_did_not_create(tmp_path, zoo, 
 
 
 def test_library_noise_stays_out_of_normal_output(zoo):
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")}
+    quieting = ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "TQDM_DISABLE", "PYTHONWARNINGS")
+    env = {k: v for k, v in os.environ.items() if k not in quieting}  # (in-process commands above set them)
     env |= {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "evomerge.cli", "eval", zoo["experts"]["rev"], "--suite", "zoo-smooth"]
     quiet = subprocess.run(cmd, capture_output=True, text=True, env=env)
