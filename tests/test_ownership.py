@@ -292,3 +292,38 @@ def test_a_damaged_run_database_is_named_with_how_to_recover(tmp_path, finished_
     for command in (("status", finished_run, "--no-plots"), ("resume", finished_run, "--max-candidates", "3")):
         line = error_line(*run_cli(capsys, *command))
         assert f"run database {db.resolve()} is damaged" in line and ".recover" in line, line
+
+
+@pytest.mark.parametrize("driver", [None, {"name": "optuna", "sampler": "random"}], ids=["cma", "optuna"])
+def test_candidate_numbers_stay_unique_after_rows_are_deleted(tmp_path, zoo, finished_run, capsys, caplog, driver):
+    """Rows deleted by hand (a middle one and the last one): their numbers are never given again,
+    whether evomerge numbers the candidate (cma) or Optuna's ask does."""
+    import sqlite3
+
+    run_dir = finished_run
+    if driver is not None:
+        run_dir = tmp_path / "optuna"
+        cfg = write_config(tmp_path / "cfg.yaml", zoo, driver=driver, budget={"max_candidates": 3})
+        assert run_cli(capsys, "search", cfg, "--run-dir", run_dir)[0] == 0
+    else:
+        assert run_cli(capsys, "resume", run_dir, "--max-candidates", "3")[0] == 0
+    con = sqlite3.connect(run_dir / "run.db")
+    with con:
+        study = con.execute("SELECT study_id FROM studies WHERE study_name = 'cfg'").fetchone()[0]
+        doomed = [r[0] for r in con.execute("SELECT trial_id FROM trials WHERE study_id = ? AND number IN (1, 2)",
+                                            (study,))]
+        assert len(doomed) == 2
+        for table in ("trial_values", "trial_params", "trial_user_attributes", "trial_system_attributes",
+                      "trial_heartbeats", "trial_intermediate_values", "trials"):
+            con.executemany(f"DELETE FROM {table} WHERE trial_id = ?", [(t,) for t in doomed])
+    con.close()
+    assert run_cli(capsys, "resume", run_dir, "--max-candidates", "4")[0] == 0
+    assert "candidate(s) #1, #2 were deleted from it" in caplog.text
+    run = open_run(run_dir)
+    try:
+        numbers = sorted(r.number for r in run.db.rows())
+    finally:
+        run.db.close()
+    assert numbers == [0, 3, 4, 5], numbers  # deleted rows do not count: three new ones, after the deleted
+    line = error_line(*run_cli(capsys, "export", run_dir, tmp_path / "out", "--trial", "2"))
+    assert "no candidate #2" in line, line

@@ -79,16 +79,20 @@ def _kill_midway(cmd: list[str], db_path: Path, name: str, after: int, sig=signa
     """Start the search, wait until `after` candidates are recorded, send `sig`."""
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
+    db = None
     while time.monotonic() < deadline and proc.poll() is None:
-        if db_path.exists():
-            try:
-                if RunDB(sqlite_url(db_path), name, create=False).leases.counts()[0] >= after:
-                    break
+        if db is None and db_path.exists():
+            try:  # opened once: each poll is then one query, so the signal lands soon after `after`
+                db = RunDB(sqlite_url(db_path), name, create=False)
             except EvomergeError:
                 pass  # the run is still being created
-        time.sleep(0.05)
+        if db is not None and db.leases.counts()[0] >= after:
+            break
+        time.sleep(0.01)
     assert proc.poll() is None, "the search finished before it could be interrupted:\n" + proc.stdout.read()
     proc.send_signal(sig)
+    if db is not None:
+        db.close()
     out, _ = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(cmd, proc.returncode, out)
 

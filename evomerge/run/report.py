@@ -197,12 +197,16 @@ def _pick(run: Run, rows: list[Row], trial: Optional[int]) -> Row:
         if best is None:
             raise EvomergeError(f"run {run.run_dir}: no candidate has a fitness yet")
         return best
-    for r in rows:
-        if r.number == trial:
-            if r.recipe is None:
-                raise EvomergeError(f"run {run.run_dir}: candidate #{trial} has no recipe ({r.state})")
-            return r
-    raise EvomergeError(f"run {run.run_dir}: no candidate #{trial}")
+    found = [r for r in rows if r.number == trial]
+    if not found:
+        raise EvomergeError(f"run {run.run_dir}: no candidate #{trial}")
+    if len(found) > 1:  # rows deleted by hand, then the run resumed by an evomerge that reused numbers
+        raise EvomergeError(f"run {run.run_dir}: {len(found)} candidates hold number #{trial} (rows were deleted "
+                            "from the run database and an older evomerge gave their numbers again); export "
+                            "another one, or the best")
+    if found[0].recipe is None:
+        raise EvomergeError(f"run {run.run_dir}: candidate #{trial} has no recipe ({found[0].state})")
+    return found[0]
 
 
 def run_inputs(run: Run) -> list[Path]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import optuna
 from optuna.storages import RDBStorage
@@ -60,11 +60,9 @@ class Lease:
 
 
 class Leases:
-    def __init__(self, storage: RDBStorage, tables: OptunaTables, study: Callable[[], optuna.Study],
-                 grace_s: Optional[int]):
+    def __init__(self, storage: RDBStorage, tables: OptunaTables, grace_s: Optional[int]):
         self.storage = storage
         self.tables = tables
-        self.study = study
         self.grace_s = grace_s
 
     @property
@@ -87,18 +85,29 @@ class Leases:
         for t in self.storage.get_all_trials(self.tables.study_id, deepcopy=False, states=(TrialState.WAITING,)):
             try:
                 if self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
-                    self.adopt(t._trial_id, owner)
+                    self.adopt(t._trial_id, t.number, owner)
                     return Lease(t._trial_id, t.number, dict(t.params), dict(t.user_attrs.get(attr) or {}))
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
         return None
 
-    def adopt(self, trial_id: int, owner: Owner) -> None:
+    def adopt(self, trial_id: int, number: int, owner: Owner) -> None:
         """Mark a trial Optuna created (``study.ask``) as this owner's, after its first heartbeat
         (so a trial with an owner always has a heartbeat; see :meth:`reclaim`)."""
         if self.heartbeats:
             self.storage.record_heartbeat(trial_id)
         self.storage.set_trial_user_attr(trial_id, OWNER_KEY, owner.to_dict())
+        self._numbered(number)
+
+    def retire_missing(self) -> list[int]:
+        """Keep the numbers of candidates deleted by hand from being given again; the numbers
+        retired now (see :meth:`OptunaTables.retire_missing`). Call under the run lock."""
+        with self.storage.engine.begin() as conn:
+            return self.tables.retire_missing(conn)
+
+    def _numbered(self, number: int) -> None:
+        with self.storage.engine.begin() as conn:
+            self.tables.note_number(conn, number)
 
     def heartbeat(self, trial_id: int) -> None:
         self.storage.record_heartbeat(trial_id)
@@ -153,10 +162,11 @@ class Leases:
         """A WAITING copy of a lost candidate (its params and attrs), which the next claim redoes;
         what Optuna's RetryFailedTrialCallback does, with the retry history it keeps."""
         history = list(lost.system_attrs.get("retry_history", [])) + [lost.number]
-        self.study().add_trial(create_trial(
+        copy = self.storage.create_new_trial(self.tables.study_id, template_trial=create_trial(
             state=TrialState.WAITING, params=lost.params, distributions=lost.distributions,
             user_attrs=lost.user_attrs,
             system_attrs=lost.system_attrs | {"failed_trial": lost.number, "retry_history": history}))
+        self._numbered(self.storage.get_trial(copy).number)
 
     def running(self) -> list[dict]:
         """The RUNNING candidates: trial id, number, owner (a dict or None), whether a heartbeat was

@@ -33,6 +33,8 @@ SCHEMA: dict[str, set[str]] = {
 }
 
 STATES = {"COMPLETE": "complete", "RUNNING": "running", "WAITING": "waiting"}
+NUMBERS_KEY = "evomerge:numbers"  # study system attr: one past the highest candidate number ever given
+RETIRED_KEY = "retired"  # user attr of a row that only holds the number of a candidate deleted by hand
 
 
 class SchemaError(EvomergeError):
@@ -79,7 +81,41 @@ class OptunaTables:
                 for k, v in params.items()])
         if heartbeat:
             conn.execute(self.t["trial_heartbeats"].insert().values(trial_id=trial_id, heartbeat=sa.func.now()))
+        self.note_number(conn, number)
         return trial_id, number
+
+    def note_number(self, conn: sa.Connection, number: int) -> None:
+        """Raise the run's number mark past ``number`` (the mark never goes down)."""
+        if number + 1 > self._mark(conn):
+            self.set_system_attr(conn, NUMBERS_KEY, number + 1)
+
+    def retire_missing(self, conn: sa.Connection) -> list[int]:
+        """Candidate numbers below the mark that no row holds (rows deleted by hand), each given a
+        FAIL row with the user attr ``RETIRED_KEY``, so the number is never given again: Optuna
+        numbers a new trial by counting the study's trials, and ``insert_running`` does the same.
+        Returns the numbers retired now (none in the usual case, at the cost of one query)."""
+        tr = self.t["trials"]
+        count, top = conn.execute(sa.select(sa.func.count(), sa.func.max(tr.c.number))
+                                  .where(tr.c.study_id == self.study_id)).one()
+        mark = max(self._mark(conn), -1 if top is None else top + 1)
+        if count >= mark:
+            return []
+        held = set(conn.execute(sa.select(tr.c.number).where(tr.c.study_id == self.study_id)).scalars())
+        missing = [n for n in range(mark) if n not in held]
+        now = datetime.datetime.now()
+        for number in missing:
+            trial_id = conn.execute(tr.insert().values(
+                number=number, study_id=self.study_id, state=TrialState.FAIL.name, datetime_start=now,
+                datetime_complete=now)).inserted_primary_key[0]
+            self.insert_user_attrs(conn, trial_id, {RETIRED_KEY: True})
+        self.note_number(conn, mark - 1)
+        return missing
+
+    def _mark(self, conn: sa.Connection) -> int:
+        a = self.t["study_system_attributes"]
+        text = conn.execute(sa.select(a.c.value_json).where(a.c.study_id == self.study_id,
+                                                            a.c.key == NUMBERS_KEY)).scalar()
+        return 0 if text is None else int(json.loads(text))
 
     def finish(self, conn: sa.Connection, trial_id: int, values: Optional[Sequence[float]],
                result: dict[str, Any]) -> bool:

@@ -34,7 +34,7 @@ from evomerge.fitness.estimate import is_full
 from evomerge.rundb.leases import HOST, Leases
 from evomerge.rundb.lock import RunLock
 from evomerge.rundb.meta import RunMeta
-from evomerge.rundb.optuna_sql import OptunaTables
+from evomerge.rundb.optuna_sql import RETIRED_KEY, OptunaTables
 from evomerge.rundb.registry import WorkerRegistry
 from evomerge.rundb.secrets import redact, scrub
 
@@ -182,7 +182,7 @@ class RunDB:
         self.host = HOST
         tables = OptunaTables(self.storage.engine, self._study_id)
         self._lock = RunLock(self.storage.engine, name, self._sqlite_file)
-        self.leases = Leases(self.storage, tables, self.study, grace_s or (2 * heartbeat_s if heartbeat_s else None))
+        self.leases = Leases(self.storage, tables, grace_s or (2 * heartbeat_s if heartbeat_s else None))
         self.registry = WorkerRegistry(self.storage, self._study_id, self._lock)
         self.metadata = RunMeta(self.storage, tables, self._lock)
 
@@ -239,7 +239,8 @@ class RunDB:
                                            states=tuple(states) if states else None)
 
     def rows(self) -> list[Row]:
-        return [_row(t) for t in self.trials()]
+        """The candidates; rows that only hold a deleted candidate's number are left out."""
+        return [_row(t) for t in self.trials() if not t.user_attrs.get(RETIRED_KEY)]
 
     def add_reference(self, name: str, record: dict, values: Optional[Sequence[float]]) -> None:
         state = TrialState.COMPLETE if values is not None else TrialState.FAIL

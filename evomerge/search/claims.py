@@ -63,7 +63,7 @@ class DriverClaims:
             lease = self.db.leases.claim(dict(zip(self.driver.names, proposal.vector)), self.owner, attrs)
             proposal.trial_id, proposal.number = lease.trial_id, lease.number
         else:  # the driver's library created the trial (Optuna's ask)
-            self.db.leases.adopt(proposal.trial_id, self.owner)
+            self.db.leases.adopt(proposal.trial_id, proposal.number, self.owner)
         return proposal
 
     def tell(self, proposal: Proposal, values: Optional[Sequence[float]], record: dict) -> bool:

@@ -439,6 +439,7 @@ class _Search:
         inputs = fingerprint(cfg, self.suite, hashes)  # outside the run's lock: hashing new weights takes a while
         hashes.save()
         with db.lock():
+            self._retire_missing()
             meta = db.metadata.get()
             if "items" in meta and meta["items"] != items:
                 raise RunError(f"suite {self.suite.name}: its search subsample differs from the one the run started "
@@ -466,6 +467,13 @@ class _Search:
         self.slot = db.registry.register(me.to_dict() | {"mode": mode})
         self.owner = replace(me, slot=self.slot)
         self.tag = f"w{self.slot} " if worker else ""
+
+    def _retire_missing(self) -> None:
+        """Candidates deleted from the run database by hand keep their numbers: none is given again."""
+        gone = self.run.db.leases.retire_missing()
+        if gone:
+            log.warning("run database: candidate(s) %s were deleted from it; their numbers are not given again",
+                        ", ".join(f"#{n}" for n in gone))
 
     def _say_who_else_runs(self) -> None:
         """A search or resume started beside a live process of the same run becomes a second
@@ -557,6 +565,7 @@ class _Search:
                         stopped_by = "signal"
                         break
                     with db.lock():
+                        self._retire_missing()
                         gone = db.leases.reclaim(retry=retry)
                         if gone:
                             log.info("%scandidate(s) %s lost their worker; they are redone", self.tag,
