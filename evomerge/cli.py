@@ -27,10 +27,21 @@ def _parse_size(text: str) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from evomerge.merging.to_disk import merge_to_disk
-    from evomerge.merging.recipe import Recipe
+    from evomerge.inputs import load_yaml
+    from evomerge.merging.layer_path import LayerPath
+    from evomerge.merging.recipe import Recipe, RecipeError
+    from evomerge.merging.to_disk import merge_to_disk, read_recipe
 
-    recipe = Recipe.from_yaml(args.recipe)
+    recipe = read_recipe(load_yaml(args.recipe, RecipeError, "recipe"), source=args.recipe)
+    if isinstance(recipe, LayerPath):
+        if args.out_dtype or args.seed is not None:
+            raise RecipeError(f"{args.recipe}: a layer path (passthrough) takes --dtype only")
+        if args.dtype:
+            recipe = LayerPath.from_dict(recipe.to_dict() | {"dtype": args.dtype}, source=args.recipe)
+        out = merge_to_disk(recipe, args.out_dir, allow_pickle=args.allow_pickle, overwrite=args.overwrite,
+                            max_shard_bytes=_parse_size(args.shard_size))
+        print(f"wrote {out}")
+        return 0
     updates = {}
     if args.dtype:
         updates["dtype"] = args.dtype

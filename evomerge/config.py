@@ -10,16 +10,16 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from evomerge.errors import EvomergeError
 from evomerge.fitness.base import BACKENDS
 from evomerge.inputs import load_yaml, validate
 from evomerge.merging.methods import METHODS
-from evomerge.merging.recipe import DtypeName, MethodName
+from evomerge.merging.recipe import DtypeName, check_method
 from evomerge.search.samplers import SAMPLERS
 
 class ConfigError(EvomergeError):
@@ -211,10 +211,17 @@ def run_name_problem(name: str) -> Optional[str]:
             "a letter or digit (one path component)")
 
 
+PASSTHROUGH = "passthrough"  # a layer path (space layer_path): it stacks the parents' layers, it mixes none
+
+
+def _run_method(v: str) -> str:
+    return v if v == PASSTHROUGH else check_method(v)
+
+
 class RunConfig(_Strict):
     name: Optional[str] = None
     models: ModelsSpec
-    merge_method: MethodName
+    merge_method: Annotated[str, AfterValidator(_run_method)]
     space: Union[str, dict[str, Any]] = "global"
     fitness: FitnessSpec
     driver: DriverSpec = DriverSpec()
@@ -246,6 +253,11 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
+        if self.merge_method == PASSTHROUGH:
+            if self.fitness.backend == "vllm":
+                raise ValueError("fitness.backend: a layer path is scored on live transformers models; vllm takes "
+                                 "merged weights only: use native or lm_eval")
+            return self
         method = METHODS[self.merge_method]
         if method.needs_base and not self.models.base:
             raise ValueError(f"models.base: method {self.merge_method!r} needs a base model")

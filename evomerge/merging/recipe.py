@@ -59,7 +59,7 @@ BOOL_PARAMS = {p.name for m in METHODS.values() for p in m.params.values() if p.
 UNIT_PARAMS = {p.name for m in METHODS.values() for p in m.params.values() if p.unit}  # must lie in [0, 1]
 
 
-def _check_method(v: str) -> str:
+def check_method(v: str) -> str:
     if v not in METHODS:
         raise ValueError(f"unknown method {v!r}; known: {', '.join(sorted(METHODS))}")
     return v
@@ -71,7 +71,7 @@ def _check_dtype(v: Optional[str]) -> Optional[str]:
     return v
 
 
-MethodName = Annotated[str, AfterValidator(_check_method)]
+MethodName = Annotated[str, AfterValidator(check_method)]
 DtypeName = Annotated[Optional[str], AfterValidator(_check_dtype)]
 
 

@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -17,6 +17,7 @@ from evomerge.merging.kernel.mix import ExpertTensor, prepare_expert
 from evomerge.merging.model_io import (ModelFiles, ShardedWriter, TensorSpec, all_finite, atomic_directory,
                                        copy_generation_config, copy_tokenizer, dtype_from_name)
 from evomerge.merging.layout import Layout, TensorSource, align_vocab, build_layout
+from evomerge.merging.layer_path import LayerPath, materialize
 from evomerge.merging.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -184,10 +185,21 @@ def open_models(recipe: Recipe, allow_pickle: bool = False) -> dict[str, ModelFi
     return {m: ModelFiles(m, allow_pickle=allow_pickle) for m in recipe.model_names()}
 
 
-def merge_to_disk(recipe: Recipe, out_dir: str | Path, *, device: str = "cpu", allow_pickle: bool = False,
+def read_recipe(data: Any, source: str = "recipe") -> Recipe | LayerPath:
+    """A recipe dict as a merge :class:`Recipe`, or a :class:`LayerPath` (``merge_method: passthrough``)."""
+    if isinstance(data, Mapping) and data.get("merge_method") == "passthrough":
+        return LayerPath.from_dict(data, source)
+    return Recipe.from_dict(data, source)
+
+
+def merge_to_disk(recipe: Recipe | LayerPath, out_dir: str | Path, *, device: str = "cpu", allow_pickle: bool = False,
                   trust_remote_code: bool = False, overwrite: bool = False,
                   max_shard_bytes: int = 2 << 30) -> Path:
-    """Merge a recipe and write a complete Hugging Face model directory, one tensor at a time."""
+    """Merge a recipe (or stack a layer path) and write a complete Hugging Face model directory,
+    one tensor at a time."""
+    if isinstance(recipe, LayerPath):
+        return materialize(recipe, out_dir, allow_pickle=allow_pickle, overwrite=overwrite,
+                           max_shard_bytes=max_shard_bytes)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError("--device cuda: no CUDA device is available")

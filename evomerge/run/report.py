@@ -219,13 +219,12 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
     """Write OUT_DIR/recipe.yaml, OUT_DIR/model (the merged model), OUT_DIR/report.{json,md}.
     The directory appears only when complete."""
     from evomerge.search.evaluator import Evaluator
-    from evomerge.merging.to_disk import merge_to_disk
+    from evomerge.merging.to_disk import merge_to_disk, read_recipe
     from evomerge.merging.model_io import atomic_directory
-    from evomerge.merging.recipe import Recipe
 
     rows = run.db.rows()
     row = _pick(run, rows, trial)
-    recipe = Recipe.from_dict(row.recipe, source=f"candidate #{row.number}")
+    recipe = read_recipe(row.recipe, source=f"candidate #{row.number}")
     if row.params and run.space.decode([row.params[n] for n in run.space.names]).to_dict() != recipe.to_dict():
         raise EvomergeError(f"candidate #{row.number}: its recorded recipe differs from its decoded vector")
     suite = Suite.resolve(run.cfg.fitness.suite)
@@ -268,7 +267,7 @@ CHECKED = 5  # estimated candidates scored on every item at export
 def _check_estimates(run: Run, rows: list[Row], evaluator) -> Optional[dict]:
     """With ``fitness.estimate``: the item evaluations used, and the best few candidates whose
     fitness was estimated, scored now on every search item (estimate against truth)."""
-    from evomerge.merging.recipe import Recipe
+    from evomerge.merging.to_disk import read_recipe
 
     used = usage([r.result for r in rows if r.counted])
     if used is None:
@@ -277,7 +276,7 @@ def _check_estimates(run: Run, rows: list[Row], evaluator) -> Optional[dict]:
                        key=lambda r: -r.fitness)[:CHECKED]
     checked = []
     for r in estimated:
-        ev = evaluator.score_recipe(Recipe.from_dict(r.recipe), "search")
+        ev = evaluator.score_recipe(read_recipe(r.recipe), "search")
         checked.append({"candidate": r.number, "estimate": r.fitness, "truth": ev.fitness,
                         "items": r.result["fidelity"]["items"], "of": r.result["fidelity"]["of"]})
     return used | {"checked": checked}
@@ -343,9 +342,8 @@ def export_pareto(run: Run, out_dir: str | Path, overwrite: bool = False, heldou
     ``models``), and OUT_DIR/pareto.{json,md} with each one's objectives on the search split and,
     with ``heldout``, on the held-out split (re-scored here). Written atomically."""
     from evomerge.search.evaluator import Evaluator
-    from evomerge.merging.to_disk import merge_to_disk
+    from evomerge.merging.to_disk import merge_to_disk, read_recipe
     from evomerge.merging.model_io import atomic_directory
-    from evomerge.merging.recipe import Recipe
 
     names = objective_names(run)
     if len(names) < 2:
@@ -359,7 +357,7 @@ def export_pareto(run: Run, out_dir: str | Path, overwrite: bool = False, heldou
     members = []
     with atomic_directory(out_dir, overwrite=overwrite, protected=run_inputs(run)) as tmp:
         for r in front:
-            recipe = Recipe.from_dict(r.recipe, source=f"candidate #{r.number}")
+            recipe = read_recipe(r.recipe, source=f"candidate #{r.number}")
             sub = tmp / f"candidate-{r.number:04d}"
             sub.mkdir()
             (sub / "recipe.yaml").write_text(recipe.to_yaml())

@@ -20,6 +20,7 @@ from evomerge.errors import EvomergeError, ModelError, first_line
 from evomerge.fitness.base import get_backend
 from evomerge.fitness.result import FitnessResult
 from evomerge.fitness.suite import Suite
+from evomerge.merging.layer_path import LayerPath, PathModel
 from evomerge.merging.model_io import ModelFiles, load_causal_lm, resolve_model_path
 from evomerge.merging.recipe import Recipe
 
@@ -135,8 +136,12 @@ class Evaluator:
         self._free()
         return out
 
-    def prepare(self, template: Recipe) -> None:
-        """Build the merge engine and the live model (once per run)."""
+    def prepare(self, template: Recipe | LayerPath) -> None:
+        """Build the merge engine and the live model (once per run); for a layer path, the parents
+        that the stacked model wires together."""
+        if isinstance(template, LayerPath):
+            self.engine = PathModel(lambda m: _load_model(m, self.cfg))
+            return
         from evomerge.merging.engine import MergeEngine
 
         self.engine = MergeEngine(template, device=self.cfg.device, cache=self.cfg.cache,
@@ -144,14 +149,18 @@ class Evaluator:
         if not self.streams:
             self.model = _load_model(self.cfg.reference_model, self.cfg)
 
-    def _apply(self, recipe: Recipe) -> float:
+    def _apply(self, recipe: Recipe | LayerPath) -> float:
+        if isinstance(recipe, LayerPath):
+            t0 = time.perf_counter()
+            self.model = self.engine.apply(recipe)
+            return time.perf_counter() - t0
         if not self.streams:
             return self.engine.apply(recipe, self.model)
         t0 = time.perf_counter()
         self.backend.load_weights(self.engine.merged_as_stored(recipe), self.tokenizer)
         return time.perf_counter() - t0
 
-    def score_recipe(self, recipe: Recipe, split: str = "search") -> Evaluation:
+    def score_recipe(self, recipe: Recipe | LayerPath, split: str = "search") -> Evaluation:
         merged = self.apply_recipe(recipe)
         if isinstance(merged, Evaluation):
             return merged
@@ -159,7 +168,7 @@ class Evaluator:
         ev.merge_seconds = merged
         return ev
 
-    def apply_recipe(self, recipe: Recipe) -> float | Evaluation:
+    def apply_recipe(self, recipe: Recipe | LayerPath) -> float | Evaluation:
         """Merge ``recipe`` into the live model (or the backend's engine): its seconds, or the
         failed evaluation."""
         if self.engine is None:

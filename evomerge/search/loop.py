@@ -50,6 +50,7 @@ from evomerge.rundb.leases import Owner
 from evomerge.rundb.secrets import has_secret, redact
 from evomerge.rundb.store import RunDB, best_row, sqlite_path, sqlite_url
 from evomerge.search.claims import DriverClaims, make_driver
+from evomerge.search.path_space import PathSpace
 from evomerge.search.space import SearchSpace, checked_space, method_defaults, space_for
 
 log = logging.getLogger("evomerge.search")
@@ -78,7 +79,7 @@ class Run:
     run_dir: Path
     cfg: RunConfig
     db: RunDB
-    space: SearchSpace
+    space: SearchSpace | PathSpace
     name: str
 
 
@@ -338,7 +339,10 @@ def default_values(run: Run) -> dict[str, float]:
 
 
 def reference_recipes(run: Run) -> dict:
-    """The method's default recipe, with the config's default_parameters and fixed_parameters."""
+    """The method's default recipe, with the config's default_parameters and fixed_parameters; a
+    layer path has none (its references are the parents)."""
+    if isinstance(run.space, PathSpace):
+        return {}
     return {"default": run.space.recipe_from(default_values(run) | dict(run.cfg.fixed_parameters))}
 
 
@@ -355,6 +359,8 @@ def parents(run: Run) -> dict[str, str]:
 def x0_vector(run: Run) -> list[float]:
     if run.cfg.driver.x0 == "center":
         return [0.5] * run.space.dimension
+    if isinstance(run.space, PathSpace):
+        return run.space.x0()
     values = default_values(run)
     return run.space.default_vector({c.param: values.get(c.param, 0.5 * (c.low + c.high))
                                      for c in run.space.coordinates})
@@ -528,7 +534,7 @@ class _Search:
         t_setup = time.perf_counter()
         self.references()
         if self.evaluator.engine is None:
-            self.evaluator.prepare(next(iter(reference_recipes(run).values())))
+            self.evaluator.prepare(next(iter(reference_recipes(run).values()), None) or run.space.decode(x0_vector(run)))
         if self.racer is not None:
             self.racer.refresh(db, force=True)
         driver = DriverClaims(db, make_driver(db, run.space.names, cfg.driver, cfg.seed, x0_vector(run),

@@ -93,8 +93,9 @@ class SpaceSpec(BaseModel):
         return self
 
 
-def load_spec(ref: Any, where: str = "space") -> SpaceSpec:
-    """A spec from a preset name (``search_spaces/NAME.yaml``), a YAML file path, or a mapping."""
+def load_spec(ref: Any, where: str = "space") -> Any:
+    """A spec from a preset name (``search_spaces/NAME.yaml``), a YAML file path, or a mapping: a
+    :class:`SpaceSpec`, or a :class:`~evomerge.search.path_space.PathSpec` (``kind: layer_path``)."""
     source = where
     if isinstance(ref, str):
         path = Path(ref)
@@ -109,6 +110,10 @@ def load_spec(ref: Any, where: str = "space") -> SpaceSpec:
             ref.setdefault("name", path.stem)
     if not isinstance(ref, dict):
         raise SpaceError(f"{source}: a search space must be a mapping or a preset name")
+    if ref.get("kind") == "layer_path":
+        from evomerge.search.path_space import PathSpec
+
+        return validate(PathSpec, ref, SpaceError, source, "a layer-path space")
     return validate(SpaceSpec, ref, SpaceError, source, "a search space")
 
 
@@ -373,20 +378,25 @@ class SearchSpace:
         return self.labels[self.experts.index(expert)]
 
 
-def space_for(cfg: "RunConfig") -> SearchSpace:
+def space_for(cfg: "RunConfig") -> Any:
     """The config's search space for its models' family and tensors (the reference model's header
     is read); see :func:`checked_space` for the check that every coordinate reaches a tensor."""
     from evomerge.merging.architecture import family_of, num_layers
     from evomerge.merging.model_io import ModelFiles
 
+    spec = load_spec(cfg.space, where="space")
+    if not isinstance(spec, SpaceSpec) or cfg.merge_method == "passthrough":
+        from evomerge.search.path_space import path_space_for
+
+        return path_space_for(cfg, spec)
     ref = ModelFiles(cfg.reference_model, allow_pickle=cfg.allow_pickle)
-    return SearchSpace(load_spec(cfg.space, where="space"), method=cfg.merge_method, base=cfg.models.base,
+    return SearchSpace(spec, method=cfg.merge_method, base=cfg.models.base,
                        experts=cfg.models.experts, num_layers=num_layers(ref.config),
                        fixed_parameters=cfg.fixed_parameters, dtype=cfg.dtype, random_seed=cfg.seed,
                        family=family_of(ref.config), tensor_names=ref.names())
 
 
-def checked_space(cfg: "RunConfig") -> SearchSpace:
+def checked_space(cfg: "RunConfig") -> Any:
     """:func:`space_for`, checked against every model (their compatibility) and with each
     coordinate's reach (how many tensors it changes): a user-written coordinate that changes none
     is an error, a preset's a warning. For starting a run and ``evomerge space``; a run that is
@@ -395,6 +405,8 @@ def checked_space(cfg: "RunConfig") -> SearchSpace:
     from evomerge.merging.to_disk import open_models
 
     space = space_for(cfg)
+    if not isinstance(space, SearchSpace):
+        return space  # a layer path: checked against every parent as it was built
     recipe = space.recipe_from(method_defaults(cfg.merge_method, len(cfg.models.experts)))
     space.reach = coordinate_reach(space, build_layout(recipe, open_models(recipe, cfg.allow_pickle),
                                                        cfg.trust_remote_code, vocab_hint=SEARCH_HINT))

@@ -1,0 +1,408 @@
+"""A layer path (the data-flow space): a stack of decoder layers drawn from the parents' stacks,
+in any order and with repeats, each with a scale on its residual contributions.
+
+A step names a model, one of its decoder layers and a scale ``a``. The step adds ``a`` times its
+attention output and ``a`` times its MLP output to the residual stream; everything else in the
+layer is the parent's. This is Sakana's per-transition input scale in another form: on a pre-norm
+layer (its sublayers see the stream only through an RMS norm, which ignores scale), scaling the
+stream entering step ``t`` by ``s_t`` and leaving the rest alone computes, up to one overall factor
+that the final norm removes, what scaling the residual contributions of step ``t`` by
+``a_t = 1 / (s_1 ... s_t)`` computes (norm epsilons aside). evomerge searches ``a`` directly: the
+exported model then holds the same arithmetic as the candidate that was scored, with no epsilon
+left between them.
+
+The embeddings come from the first step's model and the final norm and output head from the last
+step's (the tied head with the embeddings), as mergekit's ``passthrough`` takes its pre- and
+post-layer tensors from the first and last slice. :meth:`LayerPath.to_dict` writes the
+``passthrough`` recipe that rebuilds the stack, each scale a mergekit ``scale`` on the tensors
+that end the sublayers (``o_proj`` and ``down_proj`` in Llama-like families); :func:`materialize`
+writes the same model itself, and :class:`PathModel` wires it in place for scoring, without
+copying a weight.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+
+from evomerge.errors import EvomergeError
+from evomerge.merging.architecture import family_of, num_layers
+from evomerge.merging.model_io import (ModelFiles, ShardedWriter, TensorSpec, atomic_directory, copy_generation_config,
+                                       copy_tokenizer, dtype_from_name, read_config)
+from evomerge.merging.recipe import DTYPES
+
+log = logging.getLogger(__name__)
+
+_LAYER = re.compile(r"^(?P<stack>(?:model\.)?layers\.)(?P<idx>\d+)\.(?P<rest>.+)$")
+# the tensors whose outputs a layer adds to the residual stream (mergekit filters), per model_type;
+# a model_type not here is Llama-like. Families with norms after their sublayers (Gemma 2 and 3,
+# OLMo 2) and mixtures of experts take paths without scales (see scale_filters).
+_ENDS: dict[str, tuple[str, ...]] = {"starcoder2": ("o_proj", "c_proj")}
+_UNSCALED = ("gemma2", "gemma3", "gemma3_text", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe")
+_NO_STACK = ("gpt2", "gpt_neox", "bloom", "falcon", "opt")
+
+
+class LayerPathError(EvomergeError):
+    """A layer path does not fit its models."""
+
+
+@dataclass(frozen=True)
+class Step:
+    model: str
+    layer: int
+    scale: float = 1.0
+
+
+LLAMA_ENDS = ("o_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LayerPath:
+    """The steps, the family's sublayer-ending tensors a scale goes on (:func:`scale_filters`) and
+    the dtype the stacked model is written in (None: the parents')."""
+    steps: tuple[Step, ...]
+    ends: tuple[str, ...] = LLAMA_ENDS
+    dtype: Optional[str] = None
+
+    def runs(self) -> list[tuple[str, int, int, float]]:
+        """(model, first layer, end layer, scale) of each maximal run of consecutive layers of one
+        model at one scale: the slices of the mergekit recipe."""
+        out: list[list] = []
+        for s in self.steps:
+            if out and out[-1][0] == s.model and out[-1][2] == s.layer and out[-1][3] == s.scale:
+                out[-1][2] += 1
+            else:
+                out.append([s.model, s.layer, s.layer + 1, s.scale])
+        return [tuple(r) for r in out]
+
+    def to_dict(self) -> dict:
+        """The mergekit ``passthrough`` recipe that builds this stack."""
+        slices = []
+        for model, lo, hi, scale in self.runs():
+            source: dict[str, Any] = {"model": model, "layer_range": [lo, hi]}
+            if scale != 1.0:
+                source["parameters"] = {"scale": [{"filter": f, "value": scale} for f in self.ends]}
+            slices.append({"sources": [source]})
+        out: dict[str, Any] = {"merge_method": "passthrough", "slices": slices}
+        if self.dtype:
+            out["dtype"] = self.dtype
+        return out
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def model_names(self) -> list[str]:
+        """Every model the path reads, in order of first use."""
+        return list(dict.fromkeys(s.model for s in self.steps))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> "LayerPath":
+        """The stack a ``passthrough`` recipe of single-source slices builds (as :meth:`to_dict`
+        writes them: a scale, if any, one value on the family's sublayer ends)."""
+        if not isinstance(data, Mapping) or data.get("merge_method") != "passthrough" \
+                or not isinstance(data.get("slices"), list) or not data["slices"]:
+            raise LayerPathError(f"{source}: a layer path is a passthrough recipe with slices")
+        unknown = set(data) - {"merge_method", "slices", "dtype"}
+        if unknown:
+            raise LayerPathError(f"{source}: {sorted(unknown)[0]}: not a key of a layer path's passthrough recipe")
+        dtype = data.get("dtype")
+        if dtype is not None and dtype not in DTYPES:
+            raise LayerPathError(f"{source}: dtype: unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+        ends: set[tuple[str, ...]] = set()
+        steps = []
+        for i, sl in enumerate(data["slices"]):
+            where = f"{source}: slices[{i}]"
+            sources = sl.get("sources") if isinstance(sl, Mapping) else None
+            if not isinstance(sources, list) or len(sources) != 1 or not isinstance(sources[0], Mapping):
+                raise LayerPathError(f"{where}.sources: a layer path takes exactly one source per slice")
+            src = sources[0]
+            rng = src.get("layer_range")
+            if not (isinstance(rng, (list, tuple)) and len(rng) == 2 and all(isinstance(x, int) for x in rng)
+                    and 0 <= rng[0] < rng[1]):
+                raise LayerPathError(f"{where}.sources[0].layer_range: two layer indices [first, end), got {rng!r}")
+            if set(src) - {"model", "layer_range", "parameters"} or not isinstance(src.get("model"), str):
+                raise LayerPathError(f"{where}.sources[0]: a source is a model, a layer_range and parameters")
+            scale, filters = _scale_of(src.get("parameters"), f"{where}.sources[0].parameters")
+            if filters:
+                ends.add(filters)
+            steps += [Step(src["model"], layer, scale) for layer in range(rng[0], rng[1])]
+        if len(ends) > 1:
+            raise LayerPathError(f"{source}: slices: every scale must be on the same tensors (got "
+                                 f"{' and '.join(str(list(e)) for e in sorted(ends))})")
+        return cls(tuple(steps), next(iter(ends), LLAMA_ENDS), DTYPES[dtype] if dtype else None)
+
+
+def _scale_of(params: Any, where: str) -> tuple[float, tuple[str, ...]]:
+    """A slice source's scale and the filters it is on (none for 1)."""
+    if params is None:
+        return 1.0, ()
+    if not isinstance(params, Mapping) or set(params) - {"scale"}:
+        raise LayerPathError(f"{where}: a layer path's slices take only 'scale'")
+    entries = params.get("scale")
+    if isinstance(entries, (int, float)) and not isinstance(entries, bool):
+        raise LayerPathError(f"{where}.scale: give it per sublayer end ({{filter, value}} entries), not on "
+                             "every tensor of the layer")
+    values = {e.get("value") for e in entries} if isinstance(entries, list) and all(
+        isinstance(e, Mapping) and set(e) == {"filter", "value"} for e in entries) else None
+    value = next(iter(values)) if values and len(values) == 1 else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise LayerPathError(f"{where}.scale: one value on the sublayer ends as {{filter, value}} entries")
+    return float(value), tuple(e["filter"] for e in entries)
+
+
+def scale_filters(config: Mapping[str, Any], scaled: bool) -> tuple[str, ...]:
+    """The tensors that end a layer's sublayers in this family (mergekit filters); a family whose
+    decoder layers cannot be re-stacked is refused, and one whose residual contributions are not
+    the output of one linear map per sublayer when the path has a scale."""
+    kind = str(config.get("model_type"))
+    if kind in _NO_STACK or family_of(config).name in _NO_STACK:
+        raise LayerPathError(f"model_type {kind}: its decoder layers cannot be re-stacked into a layer path "
+                             "(Llama-like families only)")
+    if scaled and kind in _UNSCALED:
+        raise LayerPathError(f"model_type {kind}: a layer path's scales are only for Llama-like dense layers "
+                             "(no norm after a sublayer, no experts): use scale 1 on every step")
+    return _ENDS.get(kind, ("o_proj", "down_proj"))
+
+
+def check_path(path: LayerPath, configs: Mapping[str, Mapping[str, Any]], max_layers: Optional[int] = None) -> None:
+    """Every step names a model given, a layer it has, a finite positive scale; the models share
+    one architecture; at most ``max_layers`` steps."""
+    if not path.steps:
+        raise LayerPathError("layer path: no step")
+    if max_layers is not None and len(path.steps) > max_layers:
+        raise LayerPathError(f"layer path: {len(path.steps)} steps, more than the {max_layers} allowed")
+    for i, s in enumerate(path.steps):
+        if s.model not in configs:
+            raise LayerPathError(f"layer path: step {i}: model {s.model!r} is not one of the parents")
+        n = num_layers(configs[s.model])
+        if not 0 <= s.layer < n:
+            raise LayerPathError(f"layer path: step {i}: {s.model} has layers 0..{n - 1}, not {s.layer}")
+        if not (s.scale > 0 and s.scale < float("inf")):
+            raise LayerPathError(f"layer path: step {i}: scale {s.scale} must be positive and finite")
+    shapes = {m: _shape(c) for m, c in configs.items()}
+    first = next(iter(shapes))
+    for m, shape in shapes.items():
+        if shape != shapes[first]:
+            raise LayerPathError(f"layer path: {m} is not the architecture of {first} "
+                                 f"({shape} against {shapes[first]})")
+    scale_filters(configs[first], any(s.scale != 1.0 for s in path.steps))
+
+
+_SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "vocab_size", "rope_theta", "rope_scaling", "rope_parameters", "sliding_window",
+               "tie_word_embeddings")
+
+
+def _shape(config: Mapping[str, Any]) -> tuple:
+    return tuple((k, json.dumps(config.get(k), sort_keys=True)) for k in _SHAPE_KEYS)
+
+
+def path_config(path: LayerPath, configs: Mapping[str, Mapping[str, Any]]) -> dict:
+    """The Hugging Face config of the stacked model: the first step's model's, with the path's
+    depth and each layer's type (full or sliding attention) from its origin."""
+    out = copy.deepcopy(dict(configs[path.steps[0].model]))
+    out["num_hidden_layers"] = len(path.steps)
+    if isinstance(out.get("layer_types"), list):
+        out["layer_types"] = [configs[s.model]["layer_types"][s.layer] for s in path.steps]
+    for key in ("max_window_layers",):  # Qwen2: sliding window from this layer on, a depth in the base
+        if key in out and out[key] >= num_layers(configs[path.steps[0].model]):
+            out[key] = len(path.steps)
+    return out
+
+
+# -- the stacked model in place -----------------------------------------------------------------
+
+
+class _Scale:
+    """The scale of the step running now, read by the hooks on the shared sublayers."""
+    value = 1.0
+
+
+class _StepModule(torch.nn.Module):
+    """One step: the shared layer, run with this step's cache index and scale."""
+
+    def __init__(self, layer: torch.nn.Module, index: int, scale: float, cell: _Scale):
+        super().__init__()
+        self.layer = layer
+        self.index = index
+        self.scale = scale
+        self.cell = cell
+        for key in ("attention_type", "layer_type", "is_sliding"):  # read by some models' loops
+            if hasattr(layer, key):
+                setattr(self, key, getattr(layer, key))
+
+    def forward(self, *args, **kwargs):
+        attn = self.layer.self_attn
+        saved = attn.layer_idx
+        attn.layer_idx = self.index  # its own slot in the KV cache, even when the layer repeats
+        self.cell.value = self.scale
+        try:
+            return self.layer(*args, **kwargs)
+        finally:
+            attn.layer_idx = saved
+            self.cell.value = 1.0
+
+
+def _scaled_output(cell: _Scale):
+    def hook(_module, _inputs, output):
+        if cell.value == 1.0:
+            return output
+        if isinstance(output, tuple):
+            return (output[0] * cell.value,) + output[1:]
+        return output * cell.value
+    return hook
+
+
+class PathModel:
+    """Live parents wired into one stacked causal LM per path, sharing every weight.
+
+    ``load`` gives a parent's loaded model by the name steps use; each is loaded once, when a path
+    first uses it. The stacked model (:attr:`model`) is built once, with no weights of its own;
+    :meth:`apply` points its layer list, embeddings, final norm and head at the parents' modules.
+    Forward hooks on each parent layer's attention and MLP apply the running step's scale (1
+    outside a step, so a parent used on its own is unchanged) until :meth:`close`.
+    """
+
+    def __init__(self, load: Callable[[str], torch.nn.Module]):
+        self.load = load
+        self.parents: dict[str, torch.nn.Module] = {}
+        self.configs: dict[str, dict] = {}
+        self.cell = _Scale()
+        self.model: Optional[torch.nn.Module] = None
+        self._hooks: list = []
+
+    def _parent(self, name: str) -> torch.nn.Module:
+        if name not in self.parents:
+            model = self.load(name)
+            if not hasattr(getattr(model, "model", None), "layers"):
+                raise LayerPathError(f"{name}: model_type {model.config.model_type}: its decoder layers cannot be "
+                                     "re-stacked into a layer path (Llama-like families only)")
+            self._hooks += [module.register_forward_hook(_scaled_output(self.cell))
+                            for layer in model.model.layers for module in (layer.self_attn, layer.mlp)]
+            self.parents[name], self.configs[name] = model, model.config.to_dict()
+        return self.parents[name]
+
+    def _shell(self, like: torch.nn.Module) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        if self.model is None:
+            with torch.device("meta"):
+                self.model = AutoModelForCausalLM.from_config(copy.deepcopy(like.config), dtype=like.dtype)
+            self.model.generation_config = copy.deepcopy(like.generation_config)
+            self.model.eval()
+        return self.model
+
+    def apply(self, path: LayerPath, max_layers: Optional[int] = None) -> torch.nn.Module:
+        """Wire the stacked model to ``path`` (no weight is copied) and return it."""
+        for m in path.model_names():
+            self._parent(m)
+        check_path(path, {m: self.configs[m] for m in path.model_names()}, max_layers)
+        first, last = self.parents[path.steps[0].model], self.parents[path.steps[-1].model]
+        shell = self._shell(first)
+        for name, _ in list(shell.model.named_children()):
+            if name != "layers":  # embeddings and rotary from the first step's model, the final norm from the last's
+                setattr(shell.model, name, getattr((last if name == "norm" else first).model, name))
+        tied = bool(self.configs[path.steps[0].model].get("tie_word_embeddings"))
+        shell.lm_head = (first if tied else last).lm_head
+        shell.model.layers = torch.nn.ModuleList(
+            _StepModule(self.parents[s.model].model.layers[s.layer], i, s.scale, self.cell)
+            for i, s in enumerate(path.steps))
+        cfg = path_config(path, self.configs)
+        config = type(shell.config).from_dict(cfg)  # depth and layer types agree at once
+        config._attn_implementation = first.config._attn_implementation  # the masks the layers' attention reads
+        shell.config = shell.model.config = config
+        for t in list(shell.parameters()) + list(shell.buffers()):
+            if t.is_meta:
+                raise LayerPathError(f"layer path: model_type {cfg.get('model_type')}: the stacked model has a "
+                                     "part no parent provides")
+        return shell
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+# -- the stacked model on disk ------------------------------------------------------------------
+
+
+def _layer_tensors(files: ModelFiles, layer: int) -> list[tuple[str, str]]:
+    """(stored name, name inside the layer) of one decoder layer's tensors."""
+    out = []
+    for name in files.names():
+        m = _LAYER.match(name)
+        if m and int(m["idx"]) == layer:
+            out.append((name, m["rest"]))
+    return out
+
+
+def _plan(path: LayerPath, files: Mapping[str, ModelFiles], ends: Sequence[str]) -> Iterator[tuple[str, str, str, float]]:
+    """(output name, model, stored name, scale) of every tensor of the stacked model, in order."""
+    first, last = path.steps[0].model, path.steps[-1].model
+    tied = files[first].tied_embeddings
+    outside = [n for n in files[first].names() if not _LAYER.match(n)]
+    family = family_of(read_config(files[first].path, first))
+    pre = [n for n in outside if family.kind_of(n) == "embed"]
+    for n in pre:
+        yield n, first, n, 1.0
+    for i, s in enumerate(path.steps):
+        tensors = _layer_tensors(files[s.model], s.layer)
+        if not tensors:
+            raise LayerPathError(f"{s.model}: no tensor of decoder layer {s.layer} under model.layers: its layers "
+                                 "cannot be re-stacked into a layer path (Llama-like families only)")
+        for name, rest in tensors:
+            stack = _LAYER.match(name)["stack"]
+            scale = s.scale if any(e in rest for e in ends) else 1.0
+            yield f"{stack}{i}.{rest}", s.model, name, scale
+    for n in outside:
+        if n in pre or (tied and family.kind_of(n) == "lm_head"):
+            continue
+        if n not in files[last]:
+            raise LayerPathError(f"{last}: has no tensor {n} (the stacked model's final tensors come from the "
+                                 "last step's model)")
+        yield n, last, n, 1.0
+
+
+def materialize(path: LayerPath, out_dir: str | Path, *, allow_pickle: bool = False, overwrite: bool = False,
+                protected: Sequence[Path] = (), max_shard_bytes: int = 2 << 30) -> Path:
+    """Write the stacked model as a Hugging Face directory (one tensor at a time), with the
+    mergekit recipe that rebuilds it as ``evomerge_recipe.yaml``."""
+    models = list(dict.fromkeys(s.model for s in path.steps))
+    files = {m: ModelFiles(m, allow_pickle=allow_pickle) for m in models}
+    configs = {m: read_config(f.path, m) for m, f in files.items()}
+    check_path(path, configs)
+    ends = scale_filters(configs[models[0]], any(s.scale != 1.0 for s in path.steps))
+    if any(s.scale != 1.0 for s in path.steps) and tuple(path.ends) != tuple(ends):
+        raise LayerPathError(f"layer path: its scales are on {list(path.ends)}; model_type "
+                             f"{configs[models[0]].get('model_type')} ends its sublayers with {list(ends)}")
+    plan = list(_plan(path, files, ends))
+    out_dtype = dtype_from_name(path.dtype) if path.dtype else None
+    specs = []
+    for out, m, name, _ in plan:
+        shape, dtype = files[m].meta(name)
+        specs.append(TensorSpec(out, shape, out_dtype if out_dtype is not None and dtype.is_floating_point else dtype))
+    with atomic_directory(out_dir, overwrite=overwrite, protected=[*protected, *(f.path for f in files.values())]) as tmp:
+        writer = ShardedWriter(tmp, specs, max_shard_bytes)
+        try:
+            for (out, m, name, scale), spec in zip(plan, specs):
+                t = files[m].get(name).to(spec.dtype)
+                writer.write(out, t if scale == 1.0 else t * scale)
+            writer.finish()
+        finally:
+            writer.close()
+        config = path_config(path, configs)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        copy_tokenizer(files[models[0]], tmp)
+        copy_generation_config(files[models[0]], tmp)
+        (tmp / "evomerge_recipe.yaml").write_text(path.to_yaml())
+    log.info("wrote a stack of %d layers from %d models into %s", len(path.steps), len(models), out_dir)
+    return Path(out_dir)
