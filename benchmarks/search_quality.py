@@ -15,6 +15,10 @@ On the small zoo:
 - ``mergekit-evolve``: that tool's protocol, run in evomerge: layer groups (its layer_granularity),
   the first N items of each task instead of a seeded sample (its lm-eval ``limit``), and pycma's
   defaults (sigma0 1/6, default population, started at the centre);
+- ``dfs``: the data-flow space (``layer_path``: a path through the base's and the experts' layers),
+  CMA-ES on its slots;
+- ``hybrid``: ``cma`` for half the candidates, then ``dfs`` over its winner (as the base) and the
+  experts for the other half;
 - ``cma-racing`` and ``cma-anchors``: cma with estimated fitness (``fitness.estimate``): racing
   with its defaults (10% then 30% of the items, z 0.25), and 3 anchor items per task (chosen after
   8 calibration candidates) then racing on 30%. They are compared
@@ -63,6 +67,13 @@ METHODS = {
                    "subsample": "seeded", "estimate": {"racing": {}}},
     "cma-anchors": {"space": "per_layer_per_module", "driver": {"name": "cma", "popsize": 16, "sigma0": 0.2},
                     "subsample": "seeded", "estimate": {"anchors": 3, "calibration": 8, "racing": {"rungs": [0.3]}}},
+    # the data-flow space: a layer path over the base and the experts (CMA-ES on its slots), and the
+    # hybrid: cma for half the budget, then a layer path over its winner and the experts
+    "dfs": {"space": "layer_path", "merge_method": "passthrough", "driver": {"name": "cma", "popsize": 16},
+            "subsample": "seeded"},
+    "hybrid": {"space": "per_layer_per_module", "driver": {"name": "cma", "popsize": 16, "sigma0": 0.2},
+               "subsample": "seeded", "then": {"space": "layer_path", "merge_method": "passthrough",
+                                                "driver": {"name": "cma", "popsize": 16}}},
 }
 GROUPS_OF_5 = {"granularity": "layer_groups", "layers_per_group": 5}
 RACING = {"racing": {}}
@@ -123,23 +134,40 @@ class Curve:
     spearman: Optional[float] = None  # estimated against true search fitness (estimated candidates)
 
 
-def curve(run, checkpoints: list[int], heldout) -> Curve:
-    """The best candidate so far (by recorded, possibly estimated, search fitness) at each checkpoint."""
+def best_so_far(run, checkpoints: list[int]) -> list[tuple]:
+    """(best row by recorded, possibly estimated, search fitness; item evaluations used; seconds)
+    once each checkpoint's number of candidates completed."""
     from evomerge.fitness.estimate import items_scored
 
     trials = {t.number: t for t in run.db.trials()}
     rows = sorted((r for r in run.db.rows() if r.state == "complete" and r.fitness is not None),
                   key=lambda r: r.number)
     start = min(t.datetime_start for t in trials.values())
-    out, best, used = Curve([], [], []), None, 0
+    out, best, used = [], None, 0
     for i, row in enumerate(rows, start=1):
         used += items_scored(row.result)
         if best is None or row.fitness > best.fitness:
             best = row
         if i in checkpoints:
-            out.heldout.append(heldout(best))
-            out.items.append(used)
-            out.seconds.append((trials[row.number].datetime_complete - start).total_seconds())
+            out.append((best, used, (trials[row.number].datetime_complete - start).total_seconds()))
+    return out
+
+
+def curve(run, checkpoints: list[int], heldout) -> Curve:
+    """The held-out quality of the best candidate so far at each checkpoint."""
+    points = best_so_far(run, checkpoints)
+    return Curve([heldout(b) for b, _, _ in points], [u for _, u, _ in points], [t for _, _, t in points])
+
+
+def two_stage_curve(first, second, checkpoints: list[int], half: int, first_heldout, second_heldout) -> Curve:
+    """A two-stage run's curve: the first stage's up to ``half`` candidates, then the best so far
+    over both (by search fitness: the stages score the same items), items and seconds added up."""
+    out = curve(first, [c for c in checkpoints if c <= half], first_heldout)
+    (first_best, used, seconds), = best_so_far(first, [half])
+    for best, items, t in best_so_far(second, [c - half for c in checkpoints if c > half]):
+        out.heldout.append(second_heldout(best) if best.fitness > first_best.fitness else first_heldout(first_best))
+        out.items.append(used + items)
+        out.seconds.append(seconds + t)
     return out
 
 
@@ -174,13 +202,13 @@ def spearman(a: list[float], b: list[float]) -> float:
 def rank_correlation(run, scorer) -> Optional[float]:
     """Spearman's rho between recorded (estimated) and true search fitness, on up to RANKED
     estimated candidates spread over the run."""
-    from evomerge.merging.recipe import Recipe
+    from evomerge.merging.to_disk import read_recipe
 
     est = [r for r in run.db.rows() if r.state == "complete" and r.result.get("fidelity", {}).get("estimated")]
     if len(est) < 3:
         return None
     picked = est[::max(1, len(est) // RANKED)][:RANKED]
-    truth = [scorer.score_recipe(Recipe.from_dict(r.recipe)).fitness for r in picked]
+    truth = [scorer.score_recipe(read_recipe(r.recipe)).fitness for r in picked]
     return spearman([r.fitness for r in picked], truth)
 
 
@@ -204,7 +232,8 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
 
     from evomerge.fitness.suite import Suite
-    from evomerge.merging.recipe import Recipe
+    from evomerge.merging.to_disk import merge_to_disk, read_recipe
+    from evomerge.rundb.store import best_row
     from evomerge.search.evaluator import Evaluator
     from evomerge.search.loop import create_run, run_search
     from evomerge.zoo import load_or_build_any
@@ -220,29 +249,41 @@ def main() -> int:
     exact = Suite.load(profile.heldout)
     curves: dict[str, list[list[float]]] = {}
     t0 = time.perf_counter()
+    def search(name: str, spec: dict, base: str, suite_file: Path, candidates: int, seed: int):
+        cfg = {"name": name, "models": {"base": base, "experts": list(zoo["experts"].values())},
+               "merge_method": spec.get("merge_method", "ties"), "space": spec["space"],
+               "fitness": {"suite": str(suite_file), **({"estimate": spec["estimate"]} if "estimate" in spec else {})},
+               "driver": spec["driver"], "budget": {"max_candidates": candidates}, "seed": seed, "references": False}
+        path = work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        run = create_run(path, work / name)
+        run_search(run, live=False)
+        scorer = Evaluator(run.cfg, exact)
+        cache: dict[int, float] = {}
+
+        def heldout(row) -> float:
+            if row.number not in cache:
+                scored = scorer.score_recipe(read_recipe(row.recipe), "heldout")
+                cache[row.number] = skill_mean({k: v.value for k, v in scored.result.tasks.items()})
+            return cache[row.number]
+
+        return run, heldout
+
     for method in methods:
         spec = profile.methods[method]
         suite_file = search_suite(work, profile.search, spec["subsample"])
         for seed in args.seeds:
-            cfg = {"name": f"{method}-{seed}", "models": {"base": zoo["base"], "experts": list(zoo["experts"].values())},
-                   "merge_method": "ties", "space": spec["space"],
-                   "fitness": {"suite": str(suite_file), **({"estimate": spec["estimate"]} if "estimate" in spec else {})},
-                   "driver": spec["driver"], "budget": {"max_candidates": args.candidates}, "seed": seed,
-                   "references": False}
-            path = work / f"{method}-{seed}.yaml"
-            path.write_text(yaml.safe_dump(cfg))
-            run = create_run(path, work / f"{method}-{seed}")
-            run_search(run, live=False)
-            scorer = Evaluator(run.cfg, exact)
-            cache: dict[int, float] = {}
-
-            def heldout(row) -> float:
-                if row.number not in cache:
-                    scored = scorer.score_recipe(Recipe.from_dict(row.recipe), "heldout")
-                    cache[row.number] = skill_mean({k: v.value for k, v in scored.result.tasks.items()})
-                return cache[row.number]
-
-            c = curve(run, checkpoints, heldout)
+            if "then" in spec:  # two stages at the same total budget: the second over the first's winner
+                half = args.candidates // 2
+                first, first_heldout = search(f"{method}-{seed}-ps", spec, zoo["base"], suite_file, half, seed)
+                winner = best_row(first.db.rows())
+                model = merge_to_disk(read_recipe(winner.recipe), work / f"{method}-{seed}-ps-best")
+                run, second_heldout = search(f"{method}-{seed}", spec["then"], str(model), suite_file,
+                                             args.candidates - half, seed)
+                c = two_stage_curve(first, run, checkpoints, half, first_heldout, second_heldout)
+            else:
+                run, heldout = search(f"{method}-{seed}", spec, zoo["base"], suite_file, args.candidates, seed)
+                c = curve(run, checkpoints, heldout)
             if "estimate" in spec and profile.compare_full:
                 c.spearman = rank_correlation(run, Evaluator(run.cfg, Suite.resolve(run.cfg.fitness.suite)))
             curves.setdefault(method, []).append(c)

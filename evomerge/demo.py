@@ -9,9 +9,9 @@ with ``--base smollm2`` (``make demo-real``), on experts fine-tuned from a real 
    table (parents, the default merge and the best found, on the search and held-out splits), then
    the fixed metric: held-out accuracy of the base, the parents, the default merges and the best.
 
-The zoo is the same on every x86-64 machine (it trains under pinned numerics: see
-:mod:`evomerge.zoo`); the search runs at the machine's own speed and floats, so its winner can
-differ between CPUs. The closing lines name the machine and the zoo's weights digest, so that a
+The zoo trains under pinned numerics (see :mod:`evomerge.zoo`): the same zoo under every setting
+of one machine, though not on every CPU (an AMD EPYC builds another one than the README's Xeon);
+the search runs at the machine's own speed and floats, so its winner can differ between CPUs too. The closing lines name the machine and the zoo's weights digest, so that a
 run can be matched with the README's table.
 
 With ``--base smollm2`` the zoo is :mod:`evomerge.realzoo` (SmolLM2-135M-Instruct and three

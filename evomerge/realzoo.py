@@ -17,8 +17,8 @@ and one **retention** task the base already does: ``capital``, the capital of 80
 four-way multiple choice in two phrasings. A merge should not lose it: the trade-off real merges face.
 
 Training runs in a child process under :data:`evomerge.machine.PINNED_ENV`, as the synthetic
-zoo's does, so the experts have the same bytes on every x86-64 machine with the same torch and
-transformers. An expert trains until it answers ``EXPERT_TARGET`` of fresh validation items
+zoo's does, so the experts have the same bytes under every kernel and thread setting of one machine
+(not on every CPU: an AMD EPYC builds another synthetic zoo than an Intel Xeon, see the README). An expert trains until it answers ``EXPERT_TARGET`` of fresh validation items
 exactly (teacher-forced), checked every ``CHECK_EVERY`` steps, at most ``MAX_STEPS``. The design
 goals (:func:`goals_met`) are checked on the held-out items; where they are missed the experts
 are trained again from the next derived seed, up to ``MAX_ATTEMPTS``.

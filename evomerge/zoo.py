@@ -26,11 +26,12 @@ The evaluation items (the suites' ``search`` and ``heldout`` splits, written to
 ``fitness/data/zoo/``) never appear in training, except for ``fact``, whose skill *is* the table:
 the splits divide the facts between search and held-out checking.
 
-The same zoo on every machine: training runs in a child process under
-:data:`evomerge.machine.PINNED_ENV` (ATen's default kernels, MKL's ``COMPATIBLE`` branch, one
-thread), whose floats do not depend on the CPU's instruction set or core count. Training
-amplifies last-bit differences, so without it each CPU built a zoo of its own, and whether the
-design goals held depended on the machine. The design goals are checked after the experts are
+Pinned numerics: training runs in a child process under :data:`evomerge.machine.PINNED_ENV`
+(ATen's default kernels, MKL's ``COMPATIBLE`` branch, one thread), so a machine builds the same
+zoo whatever its kernel and thread settings. Training amplifies last-bit differences, and the
+pinning does not make the floats the same on every CPU: an AMD EPYC with AVX-512 builds another
+zoo than the Intel Xeon the README's figures come from, one that misses the design goals (the
+README, The model zoo). The design goals are checked after the experts are
 trained; where they are missed, the experts are trained again from the next derived expert seed
 (``expert_attempt``; the base is kept), up to ``MAX_ATTEMPTS``. The manifest records the attempt,
 each attempt's figures and the weights' sha256, which the demo prints.
@@ -339,8 +340,9 @@ def build_zoo(out: str | Path, size: str = "tiny", seed: int = 0, overwrite: boo
     """Train the base and one expert per skill into ``out`` (Hugging Face directories, written
     atomically), measure them, and return the zoo's manifest (also ``out/zoo.json``; its model
     paths are relative to ``out``: :func:`load_zoo` resolves them). Training runs in a child
-    process under pinned numerics, so the bytes are the same for a seed on every x86-64 machine
-    with the same torch and transformers: every draw comes from seeded generators."""
+    process under pinned numerics, so the bytes are the same for a seed under every kernel and
+    thread setting of one machine (every draw comes from seeded generators), though not on every
+    CPU: see the module docstring."""
     from evomerge.merging.model_io import refuse_existing
 
     if size not in SIZES:

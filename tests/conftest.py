@@ -30,6 +30,18 @@ def mergekit_merge(recipe: dict, out: Path) -> dict[str, torch.Tensor]:
     return load_dir(out)
 
 
+def write_run_config(path: Path, zoo: dict, **over) -> Path:
+    """A small run config over the zoo (a TIES search of 2 candidates, no references), with ``over``
+    replacing top-level keys, written to ``path``."""
+    import yaml
+
+    cfg = {"models": {"base": zoo["base"], "experts": list(zoo["experts"].values())}, "merge_method": "ties",
+           "space": "global", "fitness": {"suite": "zoo-smooth"}, "references": False,
+           "driver": {"name": "cma", "popsize": 4}, "budget": {"max_candidates": 2}, "seed": 1} | over
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def noisy_family(model, root: Path, scale: float, seed: int, tokenizer: bool = True) -> dict:
     """Save ``model`` as ``root/base`` and two experts (the base plus Gaussian noise of std
     ``scale``, accumulated), with the tiny word-level tokenizer unless told not to."""

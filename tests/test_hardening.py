@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import write_run_config
 from safetensors.torch import load_file, save_file
 
 from evomerge.procs import HOST, process_start
@@ -52,12 +53,7 @@ def suite_copy(tmp_path: Path) -> Path:
 
 
 def config(tmp_path: Path, zoo: dict, **over) -> Path:
-    cfg = {"models": {"base": zoo["base"], "experts": list(zoo["experts"].values())}, "merge_method": "ties",
-           "space": "global", "fitness": {"suite": "zoo-smooth"}, "references": False,
-           "driver": {"name": "cma", "popsize": 4}, "budget": {"max_candidates": 2}, "seed": 1} | over
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_run_config(tmp_path / "cfg.yaml", zoo, **over)
 
 
 # -- resume refuses a run whose inputs changed ------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 import yaml
 import torch
 
-from conftest import load_dir, mergekit_merge
+from conftest import load_dir, mergekit_merge, write_run_config
 from evomerge.merging.layer_path import (LayerPath, LayerPathError, PathModel, Step, check_path, materialize,
                                          scale_filters)
 from evomerge.merging.model_io import load_causal_lm
@@ -119,12 +119,9 @@ def test_steps_that_do_not_fit_the_parents_are_refused(families):
 
 
 def _config(tmp_path: Path, zoo: dict, **over) -> Path:
-    cfg = {"models": {"base": zoo["base"], "experts": list(zoo["experts"].values())}, "merge_method": "passthrough",
-           "space": "layer_path", "fitness": {"suite": "zoo-smooth"}, "references": True,
-           "driver": {"name": "cma", "popsize": 4}, "budget": {"max_candidates": 6}, "seed": 3} | over
-    path = tmp_path / "dfs.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_run_config(tmp_path / "dfs.yaml", zoo, **({"merge_method": "passthrough", "space": "layer_path",
+                                                          "references": True, "budget": {"max_candidates": 6},
+                                                          "seed": 3} | over))
 
 
 def test_the_structured_encoding(tmp_path, zoo):
@@ -148,6 +145,10 @@ def test_the_structured_encoding(tmp_path, zoo):
     capped = space.decode(full)
     assert len(capped.steps) == space.max_steps and capped.steps[-1].scale == pytest.approx(1.3)
     assert len(space.decode([0.0] * space.dimension).steps) == 1  # never an empty stack
+    unscaled = space_for(RunConfig.load(_config(tmp_path, zoo, space={"kind": "layer_path",
+                                                                      "scale": {"low": 1, "high": 1}})))
+    assert {s.scale for s in unscaled.decode(full).steps} == {1.0}  # for families whose scales cannot be exported
+    assert unscaled.decode(unscaled.x0()) == start
 
 
 def test_a_layer_path_search_exports_what_it_scored(tmp_path, zoo, capsys):

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.merging.architecture import num_layers
 from evomerge.merging.layer_path import LayerPath, Step, check_path, scale_filters
-from evomerge.search.space import Coordinate, SpaceError, expert_labels
+from evomerge.search.space import Coordinate, CoordinateSpace, SpaceError, expert_labels
 
 if TYPE_CHECKING:
     from evomerge.config import RunConfig
@@ -36,8 +36,9 @@ class ScaleRange(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "ScaleRange":
-        if not (math.isfinite(self.high) and self.low <= 1.0 <= self.high and self.low < self.high):
-            raise ValueError(f"scale: low ({self.low}) <= 1 <= high ({self.high}), low below high")
+        if not (math.isfinite(self.high) and self.low <= 1.0 <= self.high
+                and (self.low < self.high or self.low == self.high == 1.0)):
+            raise ValueError(f"scale: low ({self.low}) <= 1 <= high ({self.high}), low below high (or both 1: no scales)")
         return self
 
 
@@ -53,7 +54,7 @@ class PathSpec(BaseModel):
     start: Optional[str] = None  # the parent whose stack the search starts from: "base" or an expert's label
 
 
-class PathSpace:
+class PathSpace(CoordinateSpace):
     """A :class:`PathSpec` bound to the run's parents (the base, if any, then the experts)."""
 
     def __init__(self, spec: PathSpec, *, base: Optional[str], experts: Sequence[str], configs: dict[str, dict],
@@ -80,20 +81,13 @@ class PathSpace:
         self.start = self.model_labels.index(start)
         check_path(self.decode(self.x0()), configs, self.max_steps)
 
-    @property
-    def dimension(self) -> int:
-        return len(self.coordinates)
-
-    @property
-    def names(self) -> list[str]:
-        return [c.name for c in self.coordinates]
-
     def _scale(self, g: float) -> float:
         t = (g - self.spec.threshold) / (1.0 - self.spec.threshold)
         return round(self.spec.scale.low + t * (self.spec.scale.high - self.spec.scale.low), 6)
 
     def _gene(self, scale: float) -> float:
-        t = (scale - self.spec.scale.low) / (self.spec.scale.high - self.spec.scale.low)
+        span = self.spec.scale.high - self.spec.scale.low
+        t = (scale - self.spec.scale.low) / span if span else 0.5
         return self.spec.threshold + t * (1.0 - self.spec.threshold)
 
     def decode(self, x: Sequence[float]) -> LayerPath:

@@ -149,7 +149,21 @@ class Coordinate:
         return f"{self.param} of {who}, {where}, in [{self.low:g}, {self.high:g}]"
 
 
-class SearchSpace:
+class CoordinateSpace:
+    """What every search space offers the driver: its named coordinates in [0, 1]."""
+
+    coordinates: list[Coordinate]
+
+    @property
+    def dimension(self) -> int:
+        return len(self.coordinates)
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.coordinates]
+
+
+class SearchSpace(CoordinateSpace):
     """A spec bound to a merge: its method, base, experts and number of layers."""
 
     def __init__(self, spec: SpaceSpec, *, method: str, base: Optional[str], experts: Sequence[str],
@@ -255,14 +269,6 @@ class SearchSpace:
         return out
 
     # -- queries --------------------------------------------------------------------------------
-
-    @property
-    def dimension(self) -> int:
-        return len(self.coordinates)
-
-    @property
-    def names(self) -> list[str]:
-        return [c.name for c in self.coordinates]
 
     def describe(self) -> str:
         s = self.spec
