@@ -16,7 +16,8 @@ On the small zoo:
   the first N items of each task instead of a seeded sample (its lm-eval ``limit``), and pycma's
   defaults (sigma0 1/6, default population, started at the centre);
 - ``dfs``: the data-flow space (``layer_path``: a path through the base's and the experts' layers),
-  CMA-ES on its slots;
+  CMA-ES on its slots, started from the best parent's stack (the parents are scored first, outside
+  the budget);
 - ``hybrid``: ``cma`` for half the candidates, then ``dfs`` over its winner (as the base) and the
   experts for the other half;
 - ``cma-racing`` and ``cma-anchors``: cma with estimated fitness (``fitness.estimate``): racing
@@ -70,7 +71,7 @@ METHODS = {
     # the data-flow space: a layer path over the base and the experts (CMA-ES on its slots), and the
     # hybrid: cma for half the budget, then a layer path over its winner and the experts
     "dfs": {"space": "layer_path", "merge_method": "passthrough", "driver": {"name": "cma", "popsize": 16},
-            "subsample": "seeded"},
+            "subsample": "seeded", "references": True},  # scores the parents first: it starts from the best one
     "hybrid": {"space": "per_layer_per_module", "driver": {"name": "cma", "popsize": 16, "sigma0": 0.2},
                "subsample": "seeded", "then": {"space": "layer_path", "merge_method": "passthrough",
                                                 "driver": {"name": "cma", "popsize": 16}}},
@@ -253,7 +254,8 @@ def main() -> int:
         cfg = {"name": name, "models": {"base": base, "experts": list(zoo["experts"].values())},
                "merge_method": spec.get("merge_method", "ties"), "space": spec["space"],
                "fitness": {"suite": str(suite_file), **({"estimate": spec["estimate"]} if "estimate" in spec else {})},
-               "driver": spec["driver"], "budget": {"max_candidates": candidates}, "seed": seed, "references": False}
+               "driver": spec["driver"], "budget": {"max_candidates": candidates}, "seed": seed,
+               "references": spec.get("references", False)}
         path = work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         run = create_run(path, work / name)

@@ -133,6 +133,8 @@ def test_the_structured_encoding(tmp_path, zoo):
     assert space.dimension == 2 * models * n and space.max_steps == int(1.5 * n)
     start = space.decode(space.x0())
     assert start.steps == tuple(Step(zoo["base"], i, 1.0) for i in range(n))  # the first parent's own stack
+    best = space.decode(space.x0({"base": -3.0, "expert_enc": -1.0, "expert_rev": None}))
+    assert best.steps == tuple(Step(zoo["experts"]["enc"], i, 1.0) for i in range(n))  # the best-scoring parent's
     x = [0.2] * space.dimension
     x[5], x[1] = 0.5, 1.0  # in at the threshold (lowest scale) and at the top (highest)
     path = space.decode(x)

@@ -359,8 +359,8 @@ def parents(run: Run) -> dict[str, str]:
 def x0_vector(run: Run) -> list[float]:
     if run.cfg.driver.x0 == "center":
         return [0.5] * run.space.dimension
-    if isinstance(run.space, PathSpace):
-        return run.space.x0()
+    if isinstance(run.space, PathSpace):  # from the best parent so far: its reference row's fitness
+        return run.space.x0({r.name.removeprefix("parent:"): r.fitness for r in run.db.references()})
     values = default_values(run)
     return run.space.default_vector({c.param: values.get(c.param, 0.5 * (c.low + c.high))
                                      for c in run.space.coordinates})

@@ -10,8 +10,9 @@ its coordinate means nothing else; from ``threshold`` to 1 the slot is in, and t
 its scale, mapped linearly onto ``[scale.low, scale.high]``. So a scale is searched only where its
 slot is in, and the space has half the dimensions of an include bit plus a scale per slot. A path
 is at most ``max_depth`` times as deep as the parents: when more slots are in, the ones with the
-highest coordinates stay. The search starts from ``start``'s own stack at scale 1 (the first
-parent unless named), every other slot just below the threshold.
+highest coordinates stay. The search starts from one parent's own stack at scale 1, every other
+slot just below the threshold: by default the parent whose reference row scores best (the first
+parent when references are off), or the one ``start`` names.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class PathSpec(BaseModel):
     max_depth: float = Field(1.5, gt=0, le=8)
     threshold: float = Field(0.5, gt=0, lt=1)
     scale: ScaleRange = ScaleRange()
-    start: Optional[str] = None  # the parent whose stack the search starts from: "base" or an expert's label
+    start: str = "best"  # the parent whose stack the search starts from: "base", an expert's label, or "best"
 
 
 class PathSpace(CoordinateSpace):
@@ -75,10 +76,9 @@ class PathSpace(CoordinateSpace):
                       for layer in range(num_layers)]
         self.coordinates = [Coordinate(f"r{r}.{self.model_labels[m]}.L{layer}", "slot", self.model_labels[m], None,
                                        (layer, layer), 0.0, 1.0) for r, m, layer in self.slots]
-        start = spec.start or self.model_labels[0]
-        if start not in self.model_labels:
-            raise SpaceError(f"space start: {start!r} is not a parent (parents: {', '.join(self.model_labels)})")
-        self.start = self.model_labels.index(start)
+        if spec.start != "best" and spec.start not in self.model_labels:
+            raise SpaceError(f"space start: {spec.start!r} is not a parent (parents: {', '.join(self.model_labels)}, "
+                             "or best)")
         check_path(self.decode(self.x0()), configs, self.max_steps)
 
     def _scale(self, g: float) -> float:
@@ -102,9 +102,19 @@ class PathSpace(CoordinateSpace):
         return LayerPath(tuple(Step(self.models[self.slots[i][1]], self.slots[i][2], self._scale(g[i])) for i in chosen),
                          self.ends, self.dtype)
 
-    def x0(self) -> list[float]:
+    def start_label(self, scores: Optional[dict[str, float]] = None) -> str:
+        """The parent the search starts from: ``start``, or with ``best`` the parent with the
+        highest of ``scores`` (by label: the parents' search fitness), else the first parent."""
+        if self.spec.start != "best":
+            return self.spec.start
+        known = {k: v for k, v in (scores or {}).items() if k in self.model_labels and v is not None}
+        return max(known, key=known.get) if known else self.model_labels[0]
+
+    def x0(self, scores: Optional[dict[str, float]] = None) -> list[float]:
+        """The start: that parent's own stack at scale 1, every other slot just below the threshold."""
+        start = self.model_labels.index(self.start_label(scores))
         below = self.spec.threshold / 2
-        return [self._gene(1.0) if r == 0 and m == self.start else below for r, m, _ in self.slots]
+        return [self._gene(1.0) if r == 0 and m == start else below for r, m, _ in self.slots]
 
     def default_vector(self, values: dict[str, float]) -> list[float]:
         """The start vector (a layer path has no method parameters to start from)."""
@@ -118,7 +128,8 @@ class PathSpace(CoordinateSpace):
                  f"- a slot is in when its coordinate is >= {s.threshold:g}; its scale on the layer's residual "
                  f"contributions then maps [{s.threshold:g}, 1] onto [{s.scale.low:g}, {s.scale.high:g}]",
                  f"- at most {self.max_steps} steps ({s.max_depth:g} x {self.num_layers} layers); start: the stack of "
-                 f"{self.model_labels[self.start]}"]
+                 + ("the parent that scores best (the first one without references)" if s.start == "best"
+                    else s.start)]
         return "\n".join(lines)
 
     def layer_table(self, values: dict[str, float]) -> tuple[list[str], list[str], list[list[float]]]:
