@@ -194,3 +194,38 @@ def test_a_layer_path_config_that_cannot_run_gets_one_line(tmp_path, zoo, capsys
     lines = [ln for ln in err.splitlines() if ln.startswith("evomerge: error: ")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert message in lines[0], lines[0]
+
+
+def test_a_hybrid_export_holds_the_recipe_chain_that_rebuilds_it(tmp_path, zoo, capsys):
+    """A parameter-space run, then a layer path over its export and two experts: the second export
+    keeps the first recipe in chain/, and the chain rebuilds the same model."""
+    import json
+
+    from evomerge import cli
+    from evomerge.search.loop import open_run
+
+    ps = write_run_config(tmp_path / "ps.yaml", zoo)
+    assert cli.main(["search", str(ps), "--run-dir", str(tmp_path / "ps")]) == 0
+    assert cli.main(["export", str(tmp_path / "ps"), str(tmp_path / "ps-out"), "--no-heldout"]) == 0
+    merged = str(tmp_path / "ps-out" / "model")
+    dfs = _config(tmp_path, zoo, models={"base": merged, "experts": [zoo["experts"]["rev"], zoo["experts"]["enc"]]},
+                  references=False, budget={"max_candidates": 4})
+    assert cli.main(["search", str(dfs), "--run-dir", str(tmp_path / "dfs")]) == 0
+    run = open_run(tmp_path / "dfs")
+    try:  # a candidate that runs layers of the merge (the start's stack is the merge's: most do)
+        trial = next(r.number for r in run.db.rows() if r.recipe and merged in json.dumps(r.recipe))
+    finally:
+        run.db.close()
+    out = tmp_path / "dfs-out"
+    assert cli.main(["export", str(tmp_path / "dfs"), str(out), "--no-heldout", "--trial", str(trial)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["chain"] == {merged: "chain/0-ps-out.yaml"}
+    assert "## Recipe chain" in (out / "report.md").read_text()
+    # rebuild from the original models: the chain's merge first, then the path over it
+    assert cli.main(["merge", str(out / "chain" / "0-ps-out.yaml"), str(tmp_path / "rebuilt-ps")]) == 0
+    recipe = (out / "recipe.yaml").read_text().replace(merged, str(tmp_path / "rebuilt-ps"))
+    (tmp_path / "path.yaml").write_text(recipe)
+    assert cli.main(["merge", str(tmp_path / "path.yaml"), str(tmp_path / "rebuilt")]) == 0
+    ours = load_dir(out / "model")
+    for name, t in load_dir(tmp_path / "rebuilt").items():
+        assert torch.equal(t, ours[name]), name

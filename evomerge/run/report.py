@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -231,6 +232,7 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
     evaluator = Evaluator(run.cfg, suite)
     with atomic_directory(out_dir, overwrite=overwrite, protected=run_inputs(run)) as tmp:
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        chain = _recipe_chain(recipe, tmp)
         model_dir = merge_to_disk(recipe, tmp / "model", device=run.cfg.device, allow_pickle=run.cfg.allow_pickle,
                                   trust_remote_code=run.cfg.trust_remote_code)
         table: dict[str, dict] = {}
@@ -247,6 +249,7 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
             "fitness_recomputed_from_export": recomputed, "fidelity_recorded": row.result.get("fidelity"),
             "estimates": _check_estimates(run, rows, evaluator),
             "table": table,
+            "chain": chain,
             "provenance": {
                 "config": run.cfg.to_dict(), "seed": run.cfg.seed, "storage": redact(run.db.url),
                 "suite": suite.name, "task_seeds": {t.name: t.spec.seed for t in suite.tasks},
@@ -302,6 +305,30 @@ def comparison_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _recipe_chain(recipe, out: Path) -> dict[str, str]:
+    """The recipes of the parents that evomerge built (a merge this recipe stacks or merges again,
+    as in a hybrid search), copied to ``out/chain/``: parent directory -> the copy's path in ``out``."""
+    chain = {}
+    for model in recipe.model_names():
+        src = Path(model) / "evomerge_recipe.yaml"
+        if src.is_file():
+            name = Path(model).parent.name if Path(model).name == "model" else Path(model).name
+            dst = out / "chain" / f"{len(chain)}-{name}.yaml"
+            dst.parent.mkdir(exist_ok=True)
+            shutil.copyfile(src, dst)
+            chain[model] = str(dst.relative_to(out))
+    return chain
+
+
+def _chain_text(chain: Optional[dict]) -> list[str]:
+    if not chain:
+        return []
+    lines = ["## Recipe chain", "", "Some parents are merges evomerge built; their recipes are in `chain/`. To rebuild "
+             "this model from the original models: build each with `evomerge merge chain/FILE.yaml DIR` (or "
+             "`mergekit-yaml`), point `recipe.yaml`'s path at DIR, then build `recipe.yaml`.", ""]
+    return lines + [f"- `{model}`: `{copy}`" for model, copy in chain.items()] + [""]
+
+
 def report_markdown(report: dict) -> str:
     p = report["provenance"]
     lines = [f"# evomerge export: run {report['run']}, candidate #{report['candidate']}", "",
@@ -310,6 +337,7 @@ def report_markdown(report: dict) -> str:
              f"model: {_fmt(report['fitness_recomputed_from_export'])}"
              + _fidelity_text(report.get("fidelity_recorded")) + ".", "",
              *_estimates_text(report.get("estimates")),
+             *_chain_text(report.get("chain")),
              "## Provenance", "",
              f"- suite `{p['suite']}`, task seeds {p['task_seeds']}, run seed {p['seed']}",
              "- search subsample: " + ", ".join(f"{k}: {len(v)} items" for k, v in p["subsample_ids"].items()),
