@@ -51,4 +51,10 @@ YAML
 "$em" status run --no-plots | sed -n 1,5p
 "$em" export run exported --no-heldout | tail -n 1
 "$em" eval exported/model --suite zoo --backend lm-eval --batch-size 8 | tail -n 3
+# the data-flow preset by name: a short layer-path search over the same models, and its export
+sed -e 's/^merge_method: ties$/merge_method: passthrough/' -e 's/^space: per_layer_per_module$/space: layer_path/' \
+  -e 's/^name: wheel-check$/name: wheel-check-path/' run.yaml > path.yaml
+"$em" search path.yaml --run-dir path-run | tail -n 1
+"$em" export path-run path-exported --no-heldout | tail -n 1
+grep -q "merge_method: passthrough" path-exported/recipe.yaml
 echo "wheel-check: passed"
