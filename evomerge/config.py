@@ -19,7 +19,7 @@ from evomerge.errors import EvomergeError
 from evomerge.fitness.base import BACKENDS
 from evomerge.inputs import load_yaml, validate
 from evomerge.merging.methods import METHODS
-from evomerge.merging.recipe import DtypeName, check_method
+from evomerge.merging.recipe import PASSTHROUGH, DtypeName, check_method
 from evomerge.search.samplers import SAMPLERS
 
 class ConfigError(EvomergeError):
@@ -209,9 +209,6 @@ def run_name_problem(name: str) -> Optional[str]:
         return None
     return (f"{name!r} is not a run name: use 1 to 100 letters, digits, '.', '_', '+' or '-', starting with "
             "a letter or digit (one path component)")
-
-
-PASSTHROUGH = "passthrough"  # a layer path (space layer_path): it stacks the parents' layers, it mixes none
 
 
 def _run_method(v: str) -> str:

@@ -35,8 +35,8 @@ import torch
 from evomerge.errors import EvomergeError
 from evomerge.merging.architecture import family_of, num_layers
 from evomerge.merging.model_io import (ModelFiles, ShardedWriter, TensorSpec, atomic_directory, copy_generation_config,
-                                       copy_tokenizer, dtype_from_name, read_config)
-from evomerge.merging.recipe import DTYPES
+                                       copy_tokenizer, dtype_from_name)
+from evomerge.merging.recipe import DTYPES, PASSTHROUGH
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ _LAYER = re.compile(r"^(?P<stack>(?:model\.)?layers\.)(?P<idx>\d+)\.(?P<rest>.+)
 # the tensors whose outputs a layer adds to the residual stream (mergekit filters), per model_type;
 # a model_type not here is Llama-like. Families with norms after their sublayers (Gemma 2 and 3,
 # OLMo 2) and mixtures of experts take paths without scales (see scale_filters).
+LLAMA_ENDS = ("o_proj", "down_proj")
 _ENDS: dict[str, tuple[str, ...]] = {"starcoder2": ("o_proj", "c_proj")}
 _UNSCALED = ("gemma2", "gemma3", "gemma3_text", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe")
 _NO_STACK = ("gpt2", "gpt_neox", "bloom", "falcon", "opt")
@@ -58,9 +59,6 @@ class Step:
     model: str
     layer: int
     scale: float = 1.0
-
-
-LLAMA_ENDS = ("o_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -90,7 +88,7 @@ class LayerPath:
             if scale != 1.0:
                 source["parameters"] = {"scale": [{"filter": f, "value": scale} for f in self.ends]}
             slices.append({"sources": [source]})
-        out: dict[str, Any] = {"merge_method": "passthrough", "slices": slices}
+        out: dict[str, Any] = {"merge_method": PASSTHROUGH, "slices": slices}
         if self.dtype:
             out["dtype"] = self.dtype
         return out
@@ -108,7 +106,7 @@ class LayerPath:
     def from_dict(cls, data: Mapping[str, Any], source: str = "recipe") -> "LayerPath":
         """The stack a ``passthrough`` recipe of single-source slices builds (as :meth:`to_dict`
         writes them: a scale, if any, one value on the family's sublayer ends)."""
-        if not isinstance(data, Mapping) or data.get("merge_method") != "passthrough" \
+        if not isinstance(data, Mapping) or data.get("merge_method") != PASSTHROUGH \
                 or not isinstance(data.get("slices"), list) or not data["slices"]:
             raise LayerPathError(f"{source}: a layer path is a passthrough recipe with slices")
         unknown = set(data) - {"merge_method", "slices", "dtype"}
@@ -170,7 +168,7 @@ def scale_filters(config: Mapping[str, Any], scaled: bool) -> tuple[str, ...]:
     if scaled and kind in _UNSCALED:
         raise LayerPathError(f"model_type {kind}: a layer path's scales are only for Llama-like dense layers "
                              "(no norm after a sublayer, no experts): use scale 1 on every step")
-    return _ENDS.get(kind, ("o_proj", "down_proj"))
+    return _ENDS.get(kind, LLAMA_ENDS)
 
 
 def check_path(path: LayerPath, configs: Mapping[str, Mapping[str, Any]], max_layers: Optional[int] = None) -> None:
@@ -350,7 +348,7 @@ def _plan(path: LayerPath, files: Mapping[str, ModelFiles], ends: Sequence[str])
     first, last = path.steps[0].model, path.steps[-1].model
     tied = files[first].tied_embeddings
     outside = [n for n in files[first].names() if not _LAYER.match(n)]
-    family = family_of(read_config(files[first].path, first))
+    family = family_of(files[first].config)
     pre = [n for n in outside if family.kind_of(n) == "embed"]
     for n in pre:
         yield n, first, n, 1.0
@@ -376,9 +374,9 @@ def materialize(path: LayerPath, out_dir: str | Path, *, allow_pickle: bool = Fa
                 protected: Sequence[Path] = (), max_shard_bytes: int = 2 << 30) -> Path:
     """Write the stacked model as a Hugging Face directory (one tensor at a time), with the
     mergekit recipe that rebuilds it as ``evomerge_recipe.yaml``."""
-    models = list(dict.fromkeys(s.model for s in path.steps))
+    models = path.model_names()
     files = {m: ModelFiles(m, allow_pickle=allow_pickle) for m in models}
-    configs = {m: read_config(f.path, m) for m, f in files.items()}
+    configs = {m: f.config for m, f in files.items()}
     check_path(path, configs)
     ends = scale_filters(configs[models[0]], any(s.scale != 1.0 for s in path.steps))
     if any(s.scale != 1.0 for s in path.steps) and tuple(path.ends) != tuple(ends):

@@ -53,6 +53,7 @@ class Slice(BaseModel):
     parameters: Optional[ParamDict] = None
 
 
+PASSTHROUGH = "passthrough"  # a layer path's method (merging/layer_path.py): it stacks layers, it mixes none
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
 BOOL_PARAMS = {p.name for m in METHODS.values() for p in m.params.values() if p.flag}

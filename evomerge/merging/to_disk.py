@@ -18,7 +18,7 @@ from evomerge.merging.model_io import (ModelFiles, ShardedWriter, TensorSpec, al
                                        copy_generation_config, copy_tokenizer, dtype_from_name)
 from evomerge.merging.layout import Layout, TensorSource, align_vocab, build_layout
 from evomerge.merging.layer_path import LayerPath, materialize
-from evomerge.merging.recipe import Recipe
+from evomerge.merging.recipe import PASSTHROUGH, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def open_models(recipe: Recipe, allow_pickle: bool = False) -> dict[str, ModelFi
 
 def read_recipe(data: Any, source: str = "recipe") -> Recipe | LayerPath:
     """A recipe dict as a merge :class:`Recipe`, or a :class:`LayerPath` (``merge_method: passthrough``)."""
-    if isinstance(data, Mapping) and data.get("merge_method") == "passthrough":
+    if isinstance(data, Mapping) and data.get("merge_method") == PASSTHROUGH:
         return LayerPath.from_dict(data, source)
     return Recipe.from_dict(data, source)
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evomerge.merging.architecture import num_layers
 from evomerge.merging.layer_path import LayerPath, Step, check_path, scale_filters
+from evomerge.merging.recipe import PASSTHROUGH
 from evomerge.search.space import Coordinate, CoordinateSpace, SpaceError, expert_labels
 
 if TYPE_CHECKING:
@@ -62,7 +63,6 @@ class PathSpace(CoordinateSpace):
                  num_layers: int, dtype: Optional[str] = None):
         self.spec = spec
         self.dtype = dtype
-        self.base = base
         self.experts = list(experts)
         self.labels = expert_labels(self.experts)
         self.models = ([base] if base else []) + self.experts
@@ -71,7 +71,6 @@ class PathSpace(CoordinateSpace):
         self.max_steps = max(1, math.floor(spec.max_depth * num_layers))
         scaled = spec.scale.low != 1.0 or spec.scale.high != 1.0
         self.ends = scale_filters(configs[self.models[0]], scaled)
-        self.configs = configs
         self.slots = [(r, m, layer) for r in range(spec.repeats) for m in range(len(self.models))
                       for layer in range(num_layers)]
         self.coordinates = [Coordinate(f"r{r}.{self.model_labels[m]}.L{layer}", "slot", self.model_labels[m], None,
@@ -116,10 +115,6 @@ class PathSpace(CoordinateSpace):
         below = self.spec.threshold / 2
         return [self._gene(1.0) if r == 0 and m == start else below for r, m, _ in self.slots]
 
-    def default_vector(self, values: dict[str, float]) -> list[float]:
-        """The start vector (a layer path has no method parameters to start from)."""
-        return self.x0()
-
     def describe(self) -> str:
         s = self.spec
         lines = [f"search space {s.name or 'inline'}: layer path over {len(self.models)} parents "
@@ -148,7 +143,7 @@ def path_space_for(cfg: "RunConfig", spec: Any) -> PathSpace:
     if not isinstance(spec, PathSpec):
         raise SpaceError("merge_method passthrough: stacks layers; give it space: layer_path (or a space of kind "
                          "layer_path)")
-    if cfg.merge_method != "passthrough":
+    if cfg.merge_method != PASSTHROUGH:
         raise SpaceError(f"space {spec.name or 'inline'}: a layer path stacks the parents' layers and mixes none: "
                          f"set merge_method: passthrough (not {cfg.merge_method})")
     models = ([cfg.models.base] if cfg.models.base else []) + list(cfg.models.experts)

@@ -32,7 +32,7 @@ from evomerge.inputs import load_yaml, validate
 from evomerge.merging.methods import MergeMethod, get_method
 from evomerge.resources import presets_dir, shipped
 from evomerge.merging.architecture import LLAMA, Family
-from evomerge.merging.recipe import Condition, Recipe, build, kind_conditions
+from evomerge.merging.recipe import PASSTHROUGH, Condition, Recipe, build, kind_conditions
 
 if TYPE_CHECKING:
     from evomerge.config import RunConfig
@@ -391,7 +391,7 @@ def space_for(cfg: "RunConfig") -> Any:
     from evomerge.merging.model_io import ModelFiles
 
     spec = load_spec(cfg.space, where="space")
-    if not isinstance(spec, SpaceSpec) or cfg.merge_method == "passthrough":
+    if not isinstance(spec, SpaceSpec) or cfg.merge_method == PASSTHROUGH:
         from evomerge.search.path_space import path_space_for
 
         return path_space_for(cfg, spec)
