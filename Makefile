@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.evomerge-installed
 
-.PHONY: setup setup-vllm demo demo-real test bench bench-fitness bench-vllm bench-search bench-quality bench-quality-real bench-fingerprint bench-workers bench-busy bench-zoo-numerics clean
+.PHONY: setup setup-vllm demo demo-real test bench bench-fitness bench-vllm bench-search bench-quality bench-quality-real bench-fingerprint bench-workers bench-scale bench-busy bench-zoo-numerics clean
 
 setup: $(STAMP)
 
@@ -67,6 +67,11 @@ bench-fingerprint: setup
 bench-workers: setup
 	$(PY) benchmarks/workers.py
 	$(PY) benchmarks/workers.py --postgres
+
+## What a run costs as it grows to 20,000 candidates (status, resume, export's pick, claim and finish), and a 3,000-candidate search's memory.
+bench-scale: setup
+	$(PY) benchmarks/run_scale.py
+	$(PY) benchmarks/run_scale.py --postgres --memory 0
 
 ## The demo's search rate alone and beside a busy process, with one thread per core and with threads fitted to the free cores.
 bench-busy: setup

@@ -50,3 +50,66 @@ def test_config_is_a_leaf():
             "'evomerge.search.space', 'evomerge.rundb', 'transformers', 'optuna'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _filled(url: str) -> RunDB:
+    """A run database with every kind of candidate row: complete (full and estimated, one and two
+    values), failed with its record, interrupted, retired, running."""
+    from evomerge.rundb.leases import Owner
+
+    db = RunDB(url, "x", create=True, n_objectives=2)
+    owner = Owner.this_process()
+    items = {"a": [1.0, 0.0, 1.0, 1.0], "b": [0.5, 0.25]}
+    records = [({"fitness": 0.7, "items": items}, [0.6, 0.8]),
+               ({"fitness": 0.9, "items": items, "fidelity": {"items": 3, "of": 6, "estimated": True}}, [0.9, 0.9]),
+               ({"fitness": 0.8, "items": items}, [0.8, 0.7]),
+               ({"error": "out of memory", "items": {}}, None),
+               ({"items": items}, [0.5, 0.1])]  # fitness from the first value
+    for record, values in records:
+        lease = db.leases.claim({"p": 0.5}, owner)
+        assert db.leases.finish(lease.trial_id, values, record)
+    db.leases.abandon(db.leases.claim({"p": 0.5}, owner).trial_id)  # interrupted
+    with db.storage.engine.begin() as conn:  # a row deleted by hand, then its number retired
+        db.leases.tables.insert_running(conn, {}, {}, False)
+    trials = db.leases.tables.t["trials"]
+    with db.storage.engine.begin() as conn:
+        conn.execute(trials.delete().where(trials.c.number == 6))
+        assert db.leases.tables.retire_missing(conn) == [6]
+    db.leases.claim({"p": 0.5}, owner)  # running
+    return db
+
+
+def _same_listing(db: RunDB) -> None:
+    from evomerge.fitness.estimate import is_full, record_summary, usage
+    from evomerge.rundb.store import best_row, pareto_front
+
+    rows, scores = db.rows(), db.scores()
+    assert [(s.trial_id, s.number, s.state, s.fitness, s.values, s.full) for s in scores] == \
+        [(r.trial_id, r.number, r.state, r.fitness, r.values, is_full(r.result)) for r in rows]
+    assert [s.state for s in scores] == ["complete"] * 3 + ["failed", "complete", "interrupted", "running"]
+    assert best_row(scores).number == best_row(rows).number == 2  # the estimated 0.9 does not lead
+    assert [r.number for r in pareto_front(scores)] == [r.number for r in pareto_front(rows)] == [1]
+    assert usage([s.summary for s in scores if s.counted]) == usage(
+        [record_summary(r.result, r.values) for r in rows if r.counted]) == \
+        {"items": 3 + 6 * 3, "full": 6 * 4, "share": 21 / 24, "stopped": 1}
+    assert db.row(scores[1].trial_id).result["fidelity"]["items"] == 3
+
+
+def test_scores_list_what_the_records_say_without_reading_them(tmp_path):
+    """The listing status, plots, export and the loop's start read (one light query) agrees with
+    the full rows on every kind of row, and on rows written before summaries existed."""
+    from evomerge.rundb.optuna_sql import SUMMARY_KEY
+
+    db = _filled(sqlite_url(tmp_path / "run.db"))
+    _same_listing(db)
+    ua = db.leases.tables.t["trial_user_attributes"]
+    with db.storage.engine.begin() as conn:  # an older evomerge's rows: no summaries
+        assert conn.execute(ua.delete().where(ua.c.key == SUMMARY_KEY)).rowcount == 5
+    _same_listing(db)
+    db.close()
+
+
+def test_scores_on_postgresql(pg_url):
+    db = _filled(pg_url)
+    _same_listing(db)
+    db.close()

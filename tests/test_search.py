@@ -46,7 +46,7 @@ def candidates(run_dir: Path) -> list[tuple]:
     return sorted(out)
 
 
-def test_search_records_everything(tmp_path, zoo):
+def test_search_records_everything(tmp_path, zoo, monkeypatch):
     run = create_run(config(tmp_path, zoo), tmp_path / "run")
     summary = run_search(run, live=False)
     assert summary["evaluated"] == 12 and summary["stopped_by"] == "budget"
@@ -68,11 +68,18 @@ def test_search_records_everything(tmp_path, zoo):
     with pytest.raises(RunError, match="a run already lives here"):
         create_run(config(tmp_path, zoo), tmp_path / "run")
 
-    text = status_text(run)
+    # status reads every candidate's score, and the records of only the rows it shows
+    read = []
+    row = run.db.row
+    monkeypatch.setattr(run.db, "row", lambda trial_id: read.append(trial_id) or row(trial_id))
+    monkeypatch.setattr(run.db, "rows", lambda: pytest.fail("status read every candidate's record"))
+    text = status_text(run, recent=3)
     assert "12/12 candidates" in text and "parent:expert_fact" in text and "best - default" in text
+    assert text.count("\n  #") == 3 and len(read) == 4  # the best and the 3 recent
     plots = write_plots(run)
     assert [p.name for p in plots] == ["fitness.png", "best_recipe.png"]
     assert all(p.stat().st_size > 1000 for p in plots)
+    assert len(read) == 5  # and the best again, for its recipe
 
 
 def _kill_midway(cmd: list[str], db_path: Path, name: str, after: int, sig=signal.SIGKILL) -> subprocess.CompletedProcess:

@@ -67,18 +67,25 @@ def items_scored(record: dict) -> int:
     return f["items"] if f else sum(len(v) for v in record.get("items", {}).values())
 
 
-def usage(records: Sequence[dict]) -> Optional[dict]:
-    """Item evaluations of scored rows against scoring each on every search item; None when no
-    row was scored on part of them."""
-    used = full = stopped = 0
-    for r in records:
-        if not r.get("items"):
-            continue
-        used += items_scored(r)
-        full += sum(len(v) for v in r["items"].values())
-        stopped += not is_full(r)
+def record_summary(record: dict, values: Optional[Sequence[float]]) -> dict:
+    """What a finished row's listing needs of its record, small enough to read for every row of a
+    long run: its fitness (None unless it has objective values), whether it was scored on every
+    search item, and its item counts (scored, and of all its search items; 0 and 0 without
+    per-item results)."""
+    items = record.get("items") or {}
+    fitness = record.get("fitness", values[0]) if values else None
+    return {"fitness": fitness, "full": is_full(record), "used": items_scored(record) if items else 0,
+            "of": sum(len(v) for v in items.values())}
+
+
+def usage(summaries: Sequence[dict]) -> Optional[dict]:
+    """Item evaluations of scored rows (their :func:`record_summary`) against scoring each on
+    every search item; None when no row was scored on part of them."""
+    rows = [s for s in summaries if s["of"]]
+    stopped = sum(not s["full"] for s in rows)
     if not stopped:
         return None
+    used, full = sum(s["used"] for s in rows), sum(s["of"] for s in rows)
     return {"items": used, "full": full, "share": used / full, "stopped": stopped}
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Optional
 
 from evomerge.errors import EvomergeError
-from evomerge.fitness.estimate import estimated_from, is_full, usage
+from evomerge.fitness.estimate import estimated_from, usage
 from evomerge.fitness.suite import Suite
 from evomerge.rundb.secrets import redact
-from evomerge.rundb.store import Row, best_row, pareto_front
+from evomerge.rundb.store import Row, Score, best_row, pareto_front
 from evomerge.search.loop import Run, parents, reference_recipes, run_budget, versions
 
 
@@ -28,7 +28,9 @@ def _fitness_cell(r: Row) -> str:
 
 
 def status_text(run: Run, recent: int = 8) -> str:
-    rows = run.db.rows()
+    """``evomerge status``'s text. It reads every candidate's :class:`Score` and only the records
+    it shows (the best, the recent ones), so it costs little more at 20,000 candidates than at 100."""
+    rows = run.db.scores()
     refs = run.db.references()
     counted = [r for r in rows if r.counted]
     failed = [r for r in rows if r.state == "failed"]
@@ -55,6 +57,7 @@ def status_text(run: Run, recent: int = 8) -> str:
         lines.append(f"throughput {rate:.1f} candidates/min; time left about {min(left) / 60:.1f} min" if left
                      else f"throughput {rate:.1f} candidates/min")
     best = best_row(rows)
+    best = run.db.row(best.trial_id) if best else None
     tasks = list(best.tasks) if best else next((list(r.tasks) for r in refs if r.tasks), [])
     header = f"  {'':24s}{'fitness':>10s}" + "".join(f"{t:>10s}" for t in tasks)
     lines += ["", "reference rows and best so far (search split):", header]
@@ -64,7 +67,7 @@ def status_text(run: Run, recent: int = 8) -> str:
     default = next((r for r in refs if r.name == "default"), None)
     if best and default and default.fitness is not None:
         lines.append(f"  best - default: {best.fitness - default.fitness:+.4f}")
-    used = usage([r.result for r in counted])
+    used = usage([r.summary for r in counted])
     if used:
         lines.append(f"  fitness estimate: {used['stopped']} candidates stopped before all items (their fitness is "
                      f"estimated); {used['items']} item evaluations, {used['share']:.1%} of scoring all on every item")
@@ -81,7 +84,7 @@ def status_text(run: Run, recent: int = 8) -> str:
                          f"({w.get('mode', '')}) {state}{stats}")
     if rows:
         lines += ["", f"recent candidates (of {len(rows)}):"]
-        for r in rows[-recent:]:
+        for r in (run.db.row(x.trial_id) for x in rows[-recent:] if recent > 0):
             extra = f"  {r.error}" if r.error else ""
             estimated = estimated_from(r.result.get("fidelity"))
             if estimated:
@@ -95,7 +98,7 @@ def objective_names(run: Run) -> list[str]:
     return run.db.metadata.get().get("objectives") or Suite.resolve(run.cfg.fitness.suite).objective_names
 
 
-def pareto_text(run: Run, rows: list[Row], refs: list[Row]) -> list[str]:
+def pareto_text(run: Run, rows: list[Score], refs: list[Row]) -> list[str]:
     names = objective_names(run)
     front = pareto_front(rows)
     complete = sum(r.state == "complete" for r in rows)
@@ -113,7 +116,7 @@ def _save_figure(fig, path: Path, plt) -> Path:
     return path
 
 
-def _pareto_plot(run: Run, rows: list[Row], refs: list[Row], plt) -> Optional[Path]:
+def _pareto_plot(run: Run, rows: list[Score], refs: list[Row], plt) -> Optional[Path]:
     """pareto.png: every completed candidate in each pair of objectives, the front highlighted
     and joined, the reference rows marked."""
     names = objective_names(run)
@@ -147,7 +150,7 @@ def write_plots(run: Run) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    all_rows, refs = run.db.rows(), run.db.references()
+    all_rows, refs = run.db.scores(), run.db.references()
     rows = [r for r in all_rows if r.fitness is not None]
     out = []
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -171,6 +174,7 @@ def write_plots(run: Run) -> list[Path]:
     out.append(_save_figure(fig, run.run_dir / "fitness.png", plt))
 
     best = best_row(rows)
+    best = run.db.row(best.trial_id) if best else None
     if best is not None and best.params:
         names, cols, grid = run.space.layer_table({c.name: c.value(best.params[c.name]) for c in run.space.coordinates})
         if names:
@@ -192,13 +196,15 @@ def write_plots(run: Run) -> list[Path]:
 # export
 
 
-def _pick(run: Run, rows: list[Row], trial: Optional[int]) -> Row:
+def pick(run: Run, trial: Optional[int]) -> Row:
+    """The candidate an export writes: number ``trial``, or the best (:func:`best_row`)."""
+    rows = run.db.scores()
     if trial is None:
         best = best_row(rows)
         if best is None:
             raise EvomergeError(f"run {run.run_dir}: no candidate has a fitness yet")
-        return best
-    found = [r for r in rows if r.number == trial]
+        return run.db.row(best.trial_id)
+    found = [run.db.row(r.trial_id) for r in rows if r.number == trial]
     if not found:
         raise EvomergeError(f"run {run.run_dir}: no candidate #{trial}")
     if len(found) > 1:  # rows deleted by hand, then the run resumed by an evomerge that reused numbers
@@ -223,8 +229,7 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
     from evomerge.merging.to_disk import merge_to_disk, read_recipe
     from evomerge.merging.model_io import atomic_directory
 
-    rows = run.db.rows()
-    row = _pick(run, rows, trial)
+    row = pick(run, trial)
     recipe = read_recipe(row.recipe, source=f"candidate #{row.number}")
     if row.params and run.space.decode([row.params[n] for n in run.space.names]).to_dict() != recipe.to_dict():
         raise EvomergeError(f"candidate #{row.number}: its recorded recipe differs from its decoded vector")
@@ -247,7 +252,7 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
         report = {
             "run": run.name, "candidate": row.number, "fitness_recorded": row.fitness,
             "fitness_recomputed_from_export": recomputed, "fidelity_recorded": row.result.get("fidelity"),
-            "estimates": _check_estimates(run, rows, evaluator),
+            "estimates": _check_estimates(run, evaluator),
             "table": table,
             "chain": chain,
             "provenance": {
@@ -267,18 +272,18 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
 CHECKED = 5  # estimated candidates scored on every item at export
 
 
-def _check_estimates(run: Run, rows: list[Row], evaluator) -> Optional[dict]:
+def _check_estimates(run: Run, evaluator) -> Optional[dict]:
     """With ``fitness.estimate``: the item evaluations used, and the best few candidates whose
     fitness was estimated, scored now on every search item (estimate against truth)."""
     from evomerge.merging.to_disk import read_recipe
 
-    used = usage([r.result for r in rows if r.counted])
+    rows = run.db.scores()
+    used = usage([r.summary for r in rows if r.counted])
     if used is None:
         return None
-    estimated = sorted((r for r in rows if r.fitness is not None and not is_full(r.result)),
-                       key=lambda r: -r.fitness)[:CHECKED]
+    estimated = sorted((r for r in rows if r.fitness is not None and not r.full), key=lambda r: -r.fitness)[:CHECKED]
     checked = []
-    for r in estimated:
+    for r in (run.db.row(x.trial_id) for x in estimated):
         ev = evaluator.score_recipe(read_recipe(r.recipe), "search")
         checked.append({"candidate": r.number, "estimate": r.fitness, "truth": ev.fitness,
                         "items": r.result["fidelity"]["items"], "of": r.result["fidelity"]["of"]})
@@ -377,8 +382,8 @@ def export_pareto(run: Run, out_dir: str | Path, overwrite: bool = False, heldou
     if len(names) < 2:
         raise EvomergeError(f"run {run.run_dir}: the suite has one objective; --pareto needs several "
                             "(declare 'objectives' in the suite)")
-    rows = run.db.rows()
-    front = pareto_front(rows)
+    rows = run.db.scores()
+    front = [run.db.row(r.trial_id) for r in pareto_front(rows)]
     if not front:
         raise EvomergeError(f"run {run.run_dir}: no candidate has completed yet")
     evaluator = Evaluator(run.cfg, Suite.resolve(run.cfg.fitness.suite)) if heldout else None

@@ -18,6 +18,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState, create_trial
 
+from evomerge.fitness.estimate import record_summary
 from evomerge.procs import HOST, MACHINE, ended, process_start
 from evomerge.rundb.optuna_sql import OptunaTables
 
@@ -123,7 +124,7 @@ class Leases:
             values = None
         record = record | {"host": HOST}
         with self.storage.engine.begin() as conn:
-            if not self.tables.finish(conn, trial_id, values, record):
+            if not self.tables.finish(conn, trial_id, values, record, record_summary(record, values)):
                 return False  # nothing was written
             for key, value in (system_attrs or {}).items():
                 self.tables.set_system_attr(conn, key, value)
@@ -153,6 +154,7 @@ class Leases:
                 continue
             if not self.abandon(r["trial_id"]):
                 continue  # it finished, or another process failed it first
+            self._numbered(r["number"])  # a claim that died before adopt() noted its number
             out.append(r["number"])
             if retry:
                 self._requeue(self.storage.get_trial(r["trial_id"]))

@@ -35,6 +35,7 @@ SCHEMA: dict[str, set[str]] = {
 STATES = {"COMPLETE": "complete", "RUNNING": "running", "WAITING": "waiting"}
 NUMBERS_KEY = "evomerge:numbers"  # study system attr: one past the highest candidate number ever given
 RETIRED_KEY = "retired"  # user attr of a row that only holds the number of a candidate deleted by hand
+SUMMARY_KEY = "summary"  # user attr: the few figures of a finished row that listings read (store.Score)
 
 
 class SchemaError(EvomergeError):
@@ -69,8 +70,10 @@ class OptunaTables:
                        heartbeat: bool) -> tuple[int, int]:
         """A RUNNING trial with its params, user attrs and (optionally) first heartbeat; (id, number)."""
         trials = self.t["trials"]
-        number = conn.execute(sa.select(sa.func.count()).select_from(trials)
-                              .where(trials.c.study_id == self.study_id)).scalar_one()
+        number = self._mark(conn)
+        if number is None:  # a run database no evomerge with number marks has written to: count, as Optuna does
+            number = conn.execute(sa.select(sa.func.count()).select_from(trials)
+                                  .where(trials.c.study_id == self.study_id)).scalar_one()
         trial_id = conn.execute(trials.insert().values(
             number=number, study_id=self.study_id, state=TrialState.RUNNING.name,
             datetime_start=datetime.datetime.now())).inserted_primary_key[0]
@@ -86,18 +89,21 @@ class OptunaTables:
 
     def note_number(self, conn: sa.Connection, number: int) -> None:
         """Raise the run's number mark past ``number`` (the mark never goes down)."""
-        if number + 1 > self._mark(conn):
+        if number + 1 > (self._mark(conn) or 0):
             self.set_system_attr(conn, NUMBERS_KEY, number + 1)
 
     def retire_missing(self, conn: sa.Connection) -> list[int]:
         """Candidate numbers below the mark that no row holds (rows deleted by hand), each given a
         FAIL row with the user attr ``RETIRED_KEY``, so the number is never given again: Optuna
-        numbers a new trial by counting the study's trials, and ``insert_running`` does the same.
-        Returns the numbers retired now (none in the usual case, at the cost of one query)."""
+        numbers a new trial by counting the study's trials (``insert_running`` gives the mark,
+        which costs one lookup however long the run). Returns the numbers retired now (none in
+        the usual case, at the cost of one count)."""
         tr = self.t["trials"]
-        count, top = conn.execute(sa.select(sa.func.count(), sa.func.max(tr.c.number))
-                                  .where(tr.c.study_id == self.study_id)).one()
-        mark = max(self._mark(conn), -1 if top is None else top + 1)
+        count = conn.execute(sa.select(sa.func.count()).where(tr.c.study_id == self.study_id)).scalar_one()
+        mark = self._mark(conn)
+        if mark is None:  # no evomerge with number marks has written here yet
+            top = conn.execute(sa.select(sa.func.max(tr.c.number)).where(tr.c.study_id == self.study_id)).scalar()
+            mark = 0 if top is None else top + 1
         if count >= mark:
             return []
         held = set(conn.execute(sa.select(tr.c.number).where(tr.c.study_id == self.study_id)).scalars())
@@ -111,15 +117,17 @@ class OptunaTables:
         self.note_number(conn, mark - 1)
         return missing
 
-    def _mark(self, conn: sa.Connection) -> int:
+    def _mark(self, conn: sa.Connection) -> Optional[int]:
+        """One past the highest number given (None before any evomerge with marks numbered here)."""
         a = self.t["study_system_attributes"]
         text = conn.execute(sa.select(a.c.value_json).where(a.c.study_id == self.study_id,
                                                             a.c.key == NUMBERS_KEY)).scalar()
-        return 0 if text is None else int(json.loads(text))
+        return None if text is None else int(json.loads(text))
 
     def finish(self, conn: sa.Connection, trial_id: int, values: Optional[Sequence[float]],
-               result: dict[str, Any]) -> bool:
-        """COMPLETE with ``values`` (FAIL without) and the ``result`` user attr, only while RUNNING."""
+               result: dict[str, Any], summary: dict[str, Any]) -> bool:
+        """COMPLETE with ``values`` (FAIL without), the ``result`` user attr and its ``summary``,
+        only while RUNNING."""
         trials = self.t["trials"]
         state = TrialState.FAIL if values is None else TrialState.COMPLETE
         done = conn.execute(trials.update()
@@ -132,8 +140,8 @@ class OptunaTables:
                 {"trial_id": trial_id, "objective": i, "value": float(v), "value_type": "FINITE"}
                 for i, v in enumerate(values)])
         ua = self.t["trial_user_attributes"]
-        conn.execute(ua.delete().where(ua.c.trial_id == trial_id, ua.c.key == "result"))
-        self.insert_user_attrs(conn, trial_id, {"result": result})
+        conn.execute(ua.delete().where(ua.c.trial_id == trial_id, ua.c.key.in_(("result", SUMMARY_KEY))))
+        self.insert_user_attrs(conn, trial_id, {"result": result, SUMMARY_KEY: summary})
         return True
 
     def insert_user_attrs(self, conn: sa.Connection, trial_id: int, attrs: dict[str, Any]) -> None:
@@ -171,6 +179,40 @@ class OptunaTables:
         return [{"trial_id": i, "tag": json.loads(tag), "value": value,
                  "state": STATES.get(state) or ("failed" if has_result is not None else "interrupted")}
                 for i, state, tag, value, has_result in rows]
+
+    def listing(self) -> list[dict]:
+        """Every trial of the study without its records, in trial id order: id, number, Optuna's
+        state, whether it has a result record, its summary (None if it has none: a row written
+        before summaries, or one without a result), whether it is retired, and its objective values
+        (None without). Two queries, whatever the run's size."""
+        tr, ua, tv = self.t["trials"], self.t["trial_user_attributes"], self.t["trial_values"]
+        summ, res, ret = ua.alias("summ"), ua.alias("res"), ua.alias("ret")
+        q = (sa.select(tr.c.trial_id, tr.c.number, tr.c.state, summ.c.value_json, res.c.trial_id, ret.c.trial_id)
+             .select_from(tr.outerjoin(summ, sa.and_(summ.c.trial_id == tr.c.trial_id, summ.c.key == SUMMARY_KEY))
+                          .outerjoin(res, sa.and_(res.c.trial_id == tr.c.trial_id, res.c.key == "result"))
+                          .outerjoin(ret, sa.and_(ret.c.trial_id == tr.c.trial_id, ret.c.key == RETIRED_KEY)))
+             .where(tr.c.study_id == self.study_id).order_by(tr.c.trial_id))
+        vq = (sa.select(tv.c.trial_id, tv.c.objective, tv.c.value).select_from(tv.join(tr, tr.c.trial_id == tv.c.trial_id))
+              .where(tr.c.study_id == self.study_id).order_by(tv.c.trial_id, tv.c.objective))
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()
+            values: dict[int, list[float]] = {}
+            for trial_id, _, value in conn.execute(vq):
+                values.setdefault(trial_id, []).append(value)
+        return [{"trial_id": i, "number": n, "state": state, "has_result": res is not None,
+                 "summary": json.loads(summ) if summ is not None else None, "retired": ret is not None,
+                 "values": values.get(i)} for i, n, state, summ, res, ret in rows]
+
+    def results(self, trial_ids: Sequence[int]) -> dict[int, dict]:
+        """The result records of ``trial_ids`` (those that have one), read 500 at a time."""
+        ua = self.t["trial_user_attributes"]
+        out = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(trial_ids), 500):
+                q = sa.select(ua.c.trial_id, ua.c.value_json).where(
+                    ua.c.trial_id.in_(trial_ids[start:start + 500]), ua.c.key == "result")
+                out |= {i: json.loads(v) for i, v in conn.execute(q).all()}
+        return out
 
     def complete_results(self, seen: set[int]) -> list[tuple[int, int, dict]]:
         """(trial id, number, result record) of the study's COMPLETE trials not in ``seen``: the ids

@@ -30,7 +30,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from evomerge.errors import EvomergeError, first_line
-from evomerge.fitness.estimate import is_full
+from evomerge.fitness.estimate import is_full, record_summary
 from evomerge.rundb.leases import HOST, Leases
 from evomerge.rundb.lock import RunLock
 from evomerge.rundb.meta import RunMeta
@@ -147,10 +147,38 @@ class Row:
     def error(self) -> Optional[str]:
         return self.result.get("error")
 
+    trial_id: int = -1
+
     @property
     def counted(self) -> bool:
         """Whether it counts against the budget: completed, or failed on its own (not interrupted)."""
         return self.state in ("complete", "failed")
+
+    @property
+    def full(self) -> bool:
+        """Whether it was scored on every search item."""
+        return is_full(self.result)
+
+
+@dataclass(frozen=True)
+class Score:
+    """A candidate without its record: what listings read for every row of a run (status, plots,
+    export's choice, the loop's start), from one light query whatever the run's size.
+    :meth:`RunDB.row` reads one candidate's whole :class:`Row`."""
+    trial_id: int
+    number: int
+    state: str  # as Row.state
+    fitness: Optional[float]
+    values: Optional[list[float]]
+    summary: dict  # fitness.estimate.record_summary of its record ({} without one)
+
+    @property
+    def counted(self) -> bool:
+        return self.state in ("complete", "failed")
+
+    @property
+    def full(self) -> bool:
+        return self.summary.get("full", True)
 
 
 class RunDB:
@@ -242,6 +270,24 @@ class RunDB:
         """The candidates; rows that only hold a deleted candidate's number are left out."""
         return [_row(t) for t in self.trials() if not t.user_attrs.get(RETIRED_KEY)]
 
+    def scores(self) -> list[Score]:
+        """Every candidate as a :class:`Score`, in the order they were claimed (retired rows left
+        out). Rows written before summaries existed have theirs worked out from their records."""
+        listing = [r for r in self.leases.tables.listing() if not r["retired"]]
+        old = self.leases.tables.results([r["trial_id"] for r in listing if r["has_result"] and r["summary"] is None])
+        out = []
+        for r in listing:
+            summary = r["summary"]
+            if summary is None:
+                summary = record_summary(old[r["trial_id"]], r["values"]) if r["trial_id"] in old else {}
+            out.append(Score(r["trial_id"], r["number"], _state(r["state"], r["has_result"]),
+                             summary.get("fitness") if r["values"] else None, r["values"], summary))
+        return out
+
+    def row(self, trial_id: int) -> Row:
+        """One candidate with its record."""
+        return _row(self.storage.get_trial(trial_id))
+
     def add_reference(self, name: str, record: dict, values: Optional[Sequence[float]]) -> None:
         state = TrialState.COMPLETE if values is not None else TrialState.FAIL
         trial = create_trial(state=state, values=None if values is None else list(values),
@@ -252,30 +298,31 @@ class RunDB:
         return [_row(t) for t in self.storage.get_all_trials(self._ref_id, deepcopy=False)]
 
 
+def _state(optuna_state: str, has_result: bool) -> str:
+    """A row's state as evomerge names it, from Optuna's state name."""
+    if optuna_state == TrialState.FAIL.name:
+        return "failed" if has_result else "interrupted"  # a candidate's own failure always has its record
+    return optuna_state.lower()
+
+
 def _row(t: FrozenTrial) -> Row:
     result = t.user_attrs.get("result") or {}
-    if t.state == TrialState.COMPLETE:
-        state = "complete"
-    elif t.state == TrialState.FAIL:
-        state = "failed" if result else "interrupted"  # a candidate's own failure always has its record
-    else:
-        state = t.state.name.lower()
     values = list(t.values) if t.values else None
     fitness = result.get("fitness", values[0]) if values else None
-    return Row(t.number, state, fitness, dict(t.params), result.get("recipe"), result, t.user_attrs.get("name", ""),
-               values)
+    return Row(t.number, _state(t.state.name, bool(result)), fitness, dict(t.params), result.get("recipe"), result,
+               t.user_attrs.get("name", ""), values, t._trial_id)
 
 
-def best_row(rows: list[Row]) -> Optional[Row]:
+def best_row(rows: Sequence[Row | Score]) -> Optional[Row | Score]:
     """The row with the highest fitness (the first one on ties) among those scored on every search
     item, or among all when none was; None when no row has a fitness. An estimated row can lead the
     candidates only when a reference stopped it, and its estimate is the less certain figure."""
     scored = [r for r in rows if r.fitness is not None]
-    full = [r for r in scored if is_full(r.result)]
+    full = [r for r in scored if r.full]
     return max(full or scored, key=lambda r: r.fitness, default=None)
 
 
-def pareto_front(rows: list[Row]) -> list[Row]:
+def pareto_front(rows: Sequence[Row | Score]) -> list[Row | Score]:
     """The completed rows no other completed row dominates (every objective maximized): at least
     as good on all objectives and better on one. Ordered by the first objective, best first."""
     import numpy as np

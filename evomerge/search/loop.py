@@ -542,7 +542,7 @@ class _Search:
         # a lost candidate is re-queued and redone; one Optuna process instead re-proposes it from
         # its restored sampler (a re-queued trial would skip the draws the sampler made for it)
         retry = self.worker or cfg.driver.name == "cma"
-        rows = db.rows()
+        rows = db.scores()
         done = sum(r.counted for r in rows)
         elapsed0, session0 = db.metadata.elapsed(), time.perf_counter()
         setup_s = session0 - t_setup
