@@ -65,6 +65,27 @@ def timed_process(cmd: list[str]) -> tuple[float, int]:
     return wall, usage.ru_maxrss * 1024
 
 
+def copy_bandwidth(device: str, nbytes: int = 512 * 2**20, repeats: int = 20) -> float:
+    """Bytes per second a plain ``copy_`` moves on ``device`` (read + write)."""
+    x = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        y.copy_(x)
+    sync()
+    return 2 * nbytes * repeats / (time.perf_counter() - t)
+
+
+def apply_bytes(n_params: int, method: str, n_experts: int = 3) -> int:
+    """The least traffic of one bf16 in-place apply: the base and each task vector read, the
+    result written, and DARE's int16 draws."""
+    moved = n_params * 2 * (1 + n_experts + 1)
+    return moved + (n_params * 2 * n_experts if method.startswith("dare") else 0)
+
+
 def params_of(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -134,21 +155,11 @@ def main() -> None:
         else:
             print(f"  {method:10s} merge to disk {ev[0]:.1f} s; in-place apply {apply_s:.3f} s")
     if args.device.startswith("cuda"):
-        x = torch.empty(512 * 2**20, dtype=torch.uint8, device=args.device)
-        y = torch.empty_like(x)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(20):
-            y.copy_(x)
-        torch.cuda.synchronize()
-        copy_bw = 2 * x.numel() * 20 / (time.perf_counter() - t)
+        copy_bw = copy_bandwidth(args.device)
         name = torch.cuda.get_device_name()
         print(f"\nGPU {name}: device-to-device copy {copy_bw / 1e12:.2f} TB/s (read + write)")
         for method, _, _, apply_s in rows:
-            n = params_of(model)
-            # minimum traffic of one apply: base + 3 task vectors read, the result written (bf16),
-            # plus the int16 draws of DARE
-            moved = n * 2 * (1 + 3 + 1) + (n * 2 * 3 if method.startswith("dare") else 0)
+            moved = apply_bytes(params_of(model), method)
             print(f"  {method}: in-place apply moves >= {moved / 2**30:.2f} GiB in {apply_s * 1e3:.1f} ms: "
                   f"{moved / apply_s / 1e12:.2f} TB/s effective, {moved / apply_s / copy_bw:.0%} of copy bandwidth")
 
