@@ -252,7 +252,7 @@ def test_slices_rewrite_every_layer_count_key(tmp_path, tiny):
     assert config["n_layer"] == 3 and "num_hidden_layers" not in config
 
 
-def test_the_vllm_backend_refuses_a_mixture_of_experts_on_cpu(tmp_path, moe):
+def test_the_vllm_backend_refuses_a_mixture_of_experts_on_cpu(tmp_path, moe, vllm_available):
     """vLLM 0.32's CPU build does not rebuild its packed expert layout on an in-place reload."""
     from evomerge.fitness.suite import SuiteError
     from evomerge.search.loop import create_run

@@ -146,3 +146,37 @@ def test_gpu_apply_equals_gpu_merge(cache, families, tmp_path):
     model = live(fam["base"]).cuda()
     MergeEngine(r, device="cuda", cache=cache).apply(r, model)
     assert_model_equals_dir(model.cpu(), merge_to_disk(r, tmp_path / "out", device="cuda"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(__import__("evomerge.merging.methods", fromlist=["METHODS"]).METHODS))
+def test_every_cached_tensor_moves_with_its_state(name, dtype):
+    """An expert's cached state moved to another home (the engine's pinned host cache, or the GPU
+    per apply) takes every device-side tensor along; only the small host lookups stay on the CPU.
+    The meta device stands in for the GPU here."""
+    from evomerge.merging.kernel.mix import prepare_expert
+    from evomerge.merging.methods import METHODS
+
+    delta = torch.randn(64, 48, generator=torch.Generator().manual_seed(0)).to(dtype)
+    state = prepare_expert(delta, METHODS[name], seed=1, tensor_name="w", expert_index=0, reuse=True,
+                           cache_draws=True)
+    moved = state.to("meta")
+    device_side = {"delta": moved.delta, "rank_norm": moved.rank_norm, "draws": moved.draws, "l1": moved.l1}
+    host_side = {"kept_l1": moved.kept_l1}
+    if moved.order is not None:
+        device_side["order._sorted"] = moved.order._sorted
+        host_side |= {"order._cum": moved.order._cum, "order._sampled": moved.order._sampled,
+                      "order._first": moved.order._first}
+    assert {k: t.device.type for k, t in device_side.items() if t is not None} == \
+        {k: "meta" for k, t in device_side.items() if t is not None}
+    assert all(t.device.type == "cpu" for t in host_side.values() if t is not None)
+    if name == "ties" and dtype == torch.float32:  # the case that kept its sorted magnitudes behind
+        assert moved.order._sorted is not None and state.order._sorted.device.type == "cpu"
+
+
+def test_a_method_name_given_twice_is_refused():
+    from evomerge.merging.methods import METHODS, _registry
+
+    ties = METHODS["ties"]
+    with pytest.raises(RecipeError, match="two methods are named 'ties'"):
+        _registry([ties, METHODS["linear"], ties])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from evomerge import machine
-from evomerge.machine import PINNED_ENV, ThreadFit, usable_cores
+from evomerge.machine import ThreadFit, usable_cores
 
 PROBE = ("import json, os, torch; from evomerge import machine; print(json.dumps({"
          "'capability': torch.backends.cpu.get_cpu_capability(), 'threads': torch.get_num_threads(), "

@@ -240,5 +240,7 @@ def test_sampled_magnitude_order_finds_the_same_ties(dtype):
     sampled = MagnitudeOrder(d.abs(), positions=True)
     for k in (1, 17, 1000, 150_000, 299_999):
         v, before, at = sampled.kth(d, k, descending=True)
+        equal = torch.nonzero(d.abs() == v).reshape(-1)  # every element of magnitude v, in index order
+        assert equal.numel() == at
         for nth in {1, max(1, at // 2), at}:
-            assert sampled.nth_equal(d, v, nth) == nth_equal_index(d, v, nth)
+            assert sampled.nth_equal(d, v, nth) == nth_equal_index(d, v, nth) == int(equal[nth - 1])

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
@@ -202,7 +204,7 @@ def test_export_is_what_mergekit_builds(tmp_path, zoo):
                           f"best #{report['candidate']}"}
     assert all(set(v) == {"search", "heldout"} for v in table.values())
     prov = json.loads((out / "report.json").read_text())["provenance"]
-    assert prov["versions"]["torch"] == torch.__version__.split("+")[0] or prov["versions"]["torch"]
+    assert prov["versions"]["torch"] == metadata.version("torch") and prov["versions"]["python"] == platform.python_version()
     assert {k: len(v) for k, v in prov["subsample_ids"].items()} == {"rev": 40, "enc": 40, "fact": 20}
     assert "| default |" in (out / "report.md").read_text()
     # mergekit-yaml on the exported recipe gives the exported model

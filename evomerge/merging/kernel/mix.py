@@ -47,6 +47,8 @@ class ExpertTensor:
         return n + (self.order.nbytes if self.order is not None else 0)
 
     def to(self, device: torch.device | str, pin: bool = False) -> "ExpertTensor":
+        """This state on ``device`` (pinned host memory with ``pin``), all but the host-side
+        lookups (DARE's ``kept_l1``, the magnitude order's histogram)."""
         def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
             if t is None:
                 return None
@@ -54,7 +56,8 @@ class ExpertTensor:
             return t.pin_memory() if pin else t
 
         return replace(self, delta=move(self.delta), rank_norm=move(self.rank_norm), draws=move(self.draws),
-                       l1=self.l1.to(device) if self.l1 is not None else None)
+                       l1=self.l1.to(device) if self.l1 is not None else None,
+                       order=self.order.to(device, pin) if self.order is not None else None)
 
 
 def prepare_expert(delta: torch.Tensor, method: "MergeMethod", *, seed: int, tensor_name: str,

@@ -12,6 +12,7 @@ Deliberate differences from mergekit 0.1.5, documented in the README:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 
@@ -60,6 +61,17 @@ class MagnitudeOrder:
             self._sampled = order[::_SAMPLE].to(torch.int32).cpu()
             starts = (self._cum.to(keys.device) - counts).clamp(max=self.numel - 1)
             self._first = order[starts].to(torch.int32).cpu()
+
+    def to(self, device: torch.device | str, pin: bool = False) -> "MagnitudeOrder":
+        """This order with its sorted magnitudes (its one device-side part, kept for wide floats)
+        on ``device``, in pinned host memory with ``pin``; the histogram lookups stay on the host."""
+        if self._sorted is None:
+            return self
+        moved = copy.copy(self)
+        moved._sorted = self._sorted.to(device)
+        if pin:
+            moved._sorted = moved._sorted.pin_memory()
+        return moved
 
     @property
     def nbytes(self) -> int:

@@ -10,7 +10,18 @@ from evomerge.merging.methods.base import MergeMethod, Param
 
 MODULES = (task_arithmetic, ties, dare, breadcrumbs, della, linear, slerp)
 
-METHODS: dict[str, MergeMethod] = {m.name: m for module in MODULES for m in module.METHODS}
+
+def _registry(methods: list[MergeMethod]) -> dict[str, MergeMethod]:
+    """Methods by name; a name given twice is refused (one would silently replace the other)."""
+    out: dict[str, MergeMethod] = {}
+    for m in methods:
+        if m.name in out:
+            raise RecipeError(f"merge methods: two methods are named {m.name!r}")
+        out[m.name] = m
+    return out
+
+
+METHODS: dict[str, MergeMethod] = _registry([m for module in MODULES for m in module.METHODS])
 
 
 def get_method(name: str) -> MergeMethod:
