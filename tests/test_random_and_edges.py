@@ -155,6 +155,7 @@ def test_slerp_of_parallel_and_nearly_parallel_tensors():
 def test_compiled_kernel_equals_eager(method, families, monkeypatch):
     """The fused, compiled kernel gives eager PyTorch's bits (and so mergekit's), and its first
     call per variant was checked against eager."""
+    monkeypatch.setenv("EVOMERGE_COMPILE", "1")  # compiled here even in the fast tier
     from evomerge.merging.kernel import compile as kernel
 
     monkeypatch.setattr(kernel, "_verified", {})
@@ -170,6 +171,7 @@ def test_compiled_kernel_equals_eager(method, families, monkeypatch):
 
 def test_a_compiler_that_rounds_differently_is_caught(families, monkeypatch, caplog):
     """A compiled variant whose first result differs from eager is logged and replaced by eager."""
+    monkeypatch.setenv("EVOMERGE_COMPILE", "1")  # compiled here even in the fast tier
     from evomerge.merging.kernel import compile as kernel
     from evomerge.merging.kernel import mix
 
@@ -198,6 +200,7 @@ def test_a_compiler_that_rounds_differently_is_caught(families, monkeypatch, cap
 def test_a_large_call_is_checked_on_its_first_elements(monkeypatch, caplog):
     """A large call's variant is checked against eager on a prefix only, and a sloppy compiler
     is still caught there; the full call then gives eager's result."""
+    monkeypatch.setenv("EVOMERGE_COMPILE", "1")  # compiled here even in the fast tier
     from evomerge.merging.kernel import compile as kernel
 
     seen = []
