@@ -207,6 +207,16 @@ def test_export_is_what_mergekit_builds(tmp_path, zoo):
     assert prov["versions"]["torch"] == metadata.version("torch") and prov["versions"]["python"] == platform.python_version()
     assert {k: len(v) for k, v in prov["subsample_ids"].items()} == {"rev": 40, "enc": 40, "fact": 20}
     assert "| default |" in (out / "report.md").read_text()
+    # the model card, as the Hub reads it
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "model" / "README.md")
+    assert card.data.base_model == [zoo["base"], *zoo["experts"].values()]
+    assert card.data.tags == ["merge", "evomerge", "mergekit"] and card.data.library_name == "transformers"
+    assert f"| best #{report['candidate']} |" in card.text and "| parent:expert_rev |" in card.text
+    assert "mergekit-yaml recipe.yaml OUT_DIR" in card.text
+    assert yaml.safe_load(card.text.split("```yaml\n")[1].split("```")[0]) == \
+        yaml.safe_load((out / "recipe.yaml").read_text())
     # mergekit-yaml on the exported recipe gives the exported model
     ours = load_dir(out / "model")
     theirs = mergekit_merge(yaml.safe_load((out / "recipe.yaml").read_text()), tmp_path / "mergekit")

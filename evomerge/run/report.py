@@ -11,6 +11,7 @@ from typing import Optional
 from evomerge.errors import EvomergeError
 from evomerge.fitness.estimate import estimated_from, usage
 from evomerge.fitness.suite import Suite
+from evomerge.run.card import write_model_card
 from evomerge.rundb.secrets import redact
 from evomerge.rundb.store import Row, Score, best_row, pareto_front
 from evomerge.search.loop import Run, parents, reference_recipes, run_budget, versions
@@ -266,6 +267,7 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(report_markdown(report))
+        write_model_card(model_dir, report, recipe, comparison_table, _chain_text(chain))
     return report
 
 
