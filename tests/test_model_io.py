@@ -1,6 +1,7 @@
 """Reading and writing model directories: shards, atomicity, pickle gating, compatibility errors."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -182,3 +183,52 @@ def test_a_search_over_two_vocabularies_says_what_a_search_needs(families, tmp_p
     with pytest.raises(ModelError, match="136 rows .* a search needs models of one vocabulary") as e:
         checked_space(cfg)
     assert "set tokenizer_source" not in str(e.value)
+
+
+def _hub_cache(home, repo: str, model_dir: str, commit: str) -> None:
+    """``model_dir``'s files in a Hugging Face cache under ``home`` as ``repo`` at ``commit``, its main."""
+    root = home / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(model_dir, root / "snapshots" / commit)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+
+
+def test_hub_references_pin_a_revision_and_are_refused_offline_when_not_cached(tmp_path):
+    """``org/name@revision`` in models: resolved from the local cache offline, its commit recorded in
+    run.json; one missing from the cache is refused in one line naming it, before any run exists."""
+    from evomerge.tiny import build_family
+
+    fam = build_family(tmp_path / "family", n_experts=2)
+    rows = [{"id": "a", "split": "search", "prompt": "w5 w6", "choices": ["w7", "w8"], "answer": 0},
+            {"id": "b", "split": "heldout", "prompt": "w6 w5", "choices": ["w8", "w7"], "answer": 1}]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    commits = {f"evotest/m{i}": f"{i + 1:040x}" for i in range(3)}
+    refs = [f"evotest/m0@{commits['evotest/m0']}", "evotest/m1@main", "evotest/m2"]
+    cfg = {"models": {"base": refs[0], "experts": refs[1:]}, "merge_method": "ties", "space": "global",
+           "fitness": {"suite": {"name": "one", "tasks": [{"name": "one", "data": str(tmp_path / "items.jsonl"),
+                                                           "kind": "multiple_choice"}]}},
+           "references": False, "driver": {"name": "cma", "popsize": 4}, "budget": {"max_candidates": 2}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+
+    def search(run: str):
+        return subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(tmp_path / "cfg.yaml"),
+                               "--run-dir", str(tmp_path / run)], capture_output=True, text=True, env=env, timeout=600)
+
+    proc = search("refused")  # an empty cache
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("evomerge: error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"model {refs[0]}: not a local directory, and not in the local Hugging Face cache (HF_HUB_OFFLINE is " \
+           "set: nothing is fetched)" in errors[0]
+    assert not (tmp_path / "refused").exists()
+
+    for (repo, commit), path in zip(commits.items(), [fam["base"], *fam["experts"]]):
+        _hub_cache(tmp_path / "hf", repo, path, commit)
+    proc = search("run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["hub_commits"] == dict(zip(refs, commits.values()))
+    with pytest.raises(ModelError, match="evotest/m1@nosuchtag: not a local directory, and not in the local"):
+        from evomerge.merging.model_io import resolve_model_path
+
+        resolve_model_path("evotest/m1@nosuchtag", allow_download=False)

@@ -47,22 +47,45 @@ def dtype_from_name(name: str) -> torch.dtype:
     return TORCH_DTYPES[DTYPES[name]]
 
 
+def hub_ref(ref: str) -> Optional[tuple[str, Optional[str]]]:
+    """(repo id, revision or None) of a Hugging Face hub reference, ``org/name`` or
+    ``org/name@revision`` (a branch, tag or commit); None for anything else."""
+    repo, at, revision = ref.partition("@")
+    if repo.count("/") != 1 or ref.startswith((".", "/", "~")) or (at and not revision):
+        return None
+    return repo, revision or None
+
+
 def resolve_model_path(ref: str, *, allow_download: bool = True) -> Path:
-    """A local directory as is; otherwise a Hugging Face hub id, fetched (weights as safetensors)."""
+    """A local directory as is; otherwise a Hugging Face hub reference (:func:`hub_ref`): its
+    snapshot in the local cache, fetched first (weights as safetensors) unless ``allow_download``
+    is off or ``HF_HUB_OFFLINE`` is set. The snapshot's directory is named by its commit."""
     p = Path(ref).expanduser()
     if p.is_dir():
         return p
     if p.exists():
         raise ModelError(f"model {ref}: not a directory")
-    looks_like_hub_id = ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
-    if not looks_like_hub_id or not allow_download:
+    hub = hub_ref(ref)
+    if hub is None:
         raise ModelError(f"model {ref}: no such directory")
+    offline_env = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    offline = offline_env or not allow_download
     try:
         from huggingface_hub import snapshot_download
-        path = snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", *TOKENIZER_FILES])
-    except Exception as e:  # offline mode, unknown repo, network failure
-        raise ModelError(f"model {ref}: not a local directory, and fetching it from the hub failed: {e}") from None
+        path = snapshot_download(hub[0], revision=hub[1], local_files_only=offline,
+                                 allow_patterns=["*.json", "*.safetensors", *TOKENIZER_FILES])
+    except Exception as e:  # not cached, unknown repo or revision, network failure
+        if offline:
+            raise ModelError(f"model {ref}: not a local directory, and not in the local Hugging Face cache"
+                             + (" (HF_HUB_OFFLINE is set: nothing is fetched)" if offline_env else "")) from None
+        raise ModelError(f"model {ref}: not a local directory, and fetching it from the hub failed: "
+                         f"{first_line(e)}") from None
     return Path(path)
+
+
+def hub_commits(refs: list[str]) -> dict[str, str]:
+    """The commit each hub reference among ``refs`` resolves to in the local cache."""
+    return {ref: resolve_model_path(ref, allow_download=False).name for ref in refs if hub_ref(ref)}
 
 
 def load_causal_lm(ref: str, *, device: str = "cpu", dtype: Optional[str] = None, trust_remote_code: bool = False,

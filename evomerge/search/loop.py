@@ -41,7 +41,7 @@ from evomerge.errors import EvomergeError
 from evomerge.fitness.suite import Suite, SuiteError
 from evomerge.machine import ThreadFit
 from evomerge.procs import MACHINE
-from evomerge.merging.model_io import resolve_model_path
+from evomerge.merging.model_io import hub_commits, resolve_model_path
 from evomerge.search.evaluator import Evaluation, Evaluator
 from evomerge.search.fingerprint import HASHES_FILE, RESUMABLE, FileHashes, compare, fingerprint
 from evomerge.search.progress import Progress
@@ -105,7 +105,8 @@ def _write_run_dir(run_dir: Path, cfg: RunConfig, name: str, url: str, run_id: s
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     local = _local_database(run_dir, url)
     info = {"name": name, RUN_ID_KEY: run_id, "storage": local or redact(url), "storage_in_run_dir": local is not None,
-            "storage_has_password": has_secret(url), "created": _dt.datetime.now().isoformat(timespec="seconds")}
+            "storage_has_password": has_secret(url), "created": _dt.datetime.now().isoformat(timespec="seconds"),
+            "hub_commits": hub_commits(([cfg.models.base] if cfg.models.base else []) + cfg.models.experts)}
     tmp = run_dir / f"run.json.{threading.get_native_id()}.tmp"
     tmp.write_text(json.dumps(info, indent=2))
     tmp.replace(run_dir / "run.json")
