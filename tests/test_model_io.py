@@ -169,7 +169,8 @@ def test_missing_model_and_offline_hub_id(tmp_path):
     with pytest.raises(ModelError, match="no such directory"):
         merge_to_disk(Recipe.from_dict(r), tmp_path / "out")
     r["base_model"], r["models"][0]["model"] = "someorg/somemodel", str(tmp_path / "nope")
-    with pytest.raises(ModelError, match="someorg/somemodel: not a local directory, and fetching it from the hub failed"):
+    with pytest.raises(ModelError, match=r"someorg/somemodel: not a local directory, and not in the local Hugging Face "
+                                         r"cache \(HF_HUB_OFFLINE is set: nothing is fetched\)"):
         merge_to_disk(Recipe.from_dict(r), tmp_path / "out")
 
 
