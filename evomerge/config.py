@@ -34,6 +34,10 @@ class ModelsSpec(_Strict):
     base: Optional[str] = None
     experts: list[str] = Field(min_length=1)
 
+    def names(self) -> list[str]:
+        """Every model, the base first."""
+        return ([self.base] if self.base else []) + list(self.experts)
+
 
 class VllmEngineSpec(_Strict):
     """Engine arguments of the vllm backend (vLLM's own names)."""
@@ -276,7 +280,7 @@ class RunConfig(_Strict):
     def _resolve_paths(self, root: Path, where: str) -> "RunConfig":
         models = ModelsSpec(base=_model_ref(self.models.base, root, where) if self.models.base else None,
                             experts=[_model_ref(e, root, where) for e in self.models.experts])
-        names = ([models.base] if models.base else []) + models.experts
+        names = models.names()
         if len(set(names)) != len(names):
             raise ConfigError(f"{where}: models: a model is listed twice ({', '.join(names)})")
         suite: Union[str, dict] = self.fitness.suite

@@ -15,8 +15,7 @@ from safetensors.torch import load_file  # noqa: E402
 from evomerge.tiny import TinySpec, build_family  # noqa: E402
 
 # The fast tier (make test-fast) leaves out every test that needs a trained zoo, the real model,
-# vLLM or a PostgreSQL server (through these fixtures, however indirectly), and those marked slow
-# by hand: the ones that start evomerge in processes of its own or train.
+# vLLM or a PostgreSQL server: those that use these fixtures, however indirectly, are marked slow.
 HEAVY_FIXTURES = {"zoo", "zoo_model", "real_zoo", "wheel_cache", "vllm_available", "vllm_family", "pg_server"}
 
 

@@ -149,16 +149,16 @@ def test_gpu_apply_equals_gpu_merge(cache, families, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", sorted(__import__("evomerge.merging.methods", fromlist=["METHODS"]).METHODS))
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_cached_tensor_moves_with_its_state(name, dtype):
     """An expert's cached state moved to another home (the engine's pinned host cache, or the GPU
     per apply) takes every device-side tensor along; only the small host lookups stay on the CPU.
     The meta device stands in for the GPU here."""
     from evomerge.merging.kernel.mix import prepare_expert
-    from evomerge.merging.methods import METHODS
+    from evomerge.merging.methods import METHODS as REGISTERED
 
     delta = torch.randn(64, 48, generator=torch.Generator().manual_seed(0)).to(dtype)
-    state = prepare_expert(delta, METHODS[name], seed=1, tensor_name="w", expert_index=0, reuse=True,
+    state = prepare_expert(delta, REGISTERED[name], seed=1, tensor_name="w", expert_index=0, reuse=True,
                            cache_draws=True)
     moved = state.to("meta")
     device_side = {"delta": moved.delta, "rank_norm": moved.rank_norm, "draws": moved.draws, "l1": moved.l1}

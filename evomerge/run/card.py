@@ -6,7 +6,6 @@ model with mergekit or evomerge."""
 
 from __future__ import annotations
 
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +28,7 @@ def write_model_card(model_dir: Path, report: dict, recipe, table_text: Callable
     body = [
         f"# {report['run']}: candidate #{report['candidate']}", "",
         f"A merge of {len(models)} models with `{method}`, whose recipe evomerge "
-        f"{metadata.version('evomerge')} found by search ({driver.get('name', 'cma')}; suite "
+        f"{report['provenance']['versions']['evomerge']} found by search ({driver.get('name', 'cma')}; suite "
         f"`{report['provenance']['suite']}`, seed {report['provenance']['seed']}).", "",
         "## Merged models", "", *roles, "",
         "## Scores", "",

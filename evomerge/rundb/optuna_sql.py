@@ -32,10 +32,17 @@ SCHEMA: dict[str, set[str]] = {
     "study_system_attributes": {"study_id", "key", "value_json"},
 }
 
-STATES = {"COMPLETE": "complete", "RUNNING": "running", "WAITING": "waiting"}
 NUMBERS_KEY = "evomerge:numbers"  # study system attr: one past the highest candidate number ever given
 RETIRED_KEY = "retired"  # user attr of a row that only holds the number of a candidate deleted by hand
 SUMMARY_KEY = "summary"  # user attr: the few figures of a finished row that listings read (store.Score)
+
+
+def row_state(optuna_state: str, has_result: bool) -> str:
+    """A row's state as evomerge names it (complete, running, waiting, failed, interrupted), from
+    Optuna's state name and whether the row holds a result record."""
+    if optuna_state == TrialState.FAIL.name:
+        return "failed" if has_result else "interrupted"  # a candidate's own failure always has its record
+    return optuna_state.lower()
 
 
 class SchemaError(EvomergeError):
@@ -84,7 +91,7 @@ class OptunaTables:
                 for k, v in params.items()])
         if heartbeat:
             conn.execute(self.t["trial_heartbeats"].insert().values(trial_id=trial_id, heartbeat=sa.func.now()))
-        self.note_number(conn, number)
+        self.set_system_attr(conn, NUMBERS_KEY, number + 1)  # the mark was number (or absent): raise it
         return trial_id, number
 
     def note_number(self, conn: sa.Connection, number: int) -> None:
@@ -177,7 +184,7 @@ class OptunaTables:
         with self.engine.connect() as conn:
             rows = conn.execute(q).all()
         return [{"trial_id": i, "tag": json.loads(tag), "value": value,
-                 "state": STATES.get(state) or ("failed" if has_result is not None else "interrupted")}
+                 "state": row_state(state, has_result is not None)}
                 for i, state, tag, value, has_result in rows]
 
     def listing(self) -> list[dict]:

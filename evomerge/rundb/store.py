@@ -34,7 +34,7 @@ from evomerge.fitness.estimate import is_full, record_summary
 from evomerge.rundb.leases import HOST, Leases
 from evomerge.rundb.lock import RunLock
 from evomerge.rundb.meta import RunMeta
-from evomerge.rundb.optuna_sql import RETIRED_KEY, OptunaTables
+from evomerge.rundb.optuna_sql import RETIRED_KEY, OptunaTables, row_state
 from evomerge.rundb.registry import WorkerRegistry
 from evomerge.rundb.secrets import redact, scrub
 
@@ -127,6 +127,9 @@ def _sqlite_wal(engine) -> None:
     engine.dispose()  # connections opened while Optuna created its tables reconnect with these settings
 
 
+COUNTED = ("complete", "failed")  # the states that count against the budget (failed on its own, not interrupted)
+
+
 @dataclass
 class Row:
     """A candidate or reference row, as status and export read it."""
@@ -151,8 +154,7 @@ class Row:
 
     @property
     def counted(self) -> bool:
-        """Whether it counts against the budget: completed, or failed on its own (not interrupted)."""
-        return self.state in ("complete", "failed")
+        return self.state in COUNTED
 
     @property
     def full(self) -> bool:
@@ -174,7 +176,7 @@ class Score:
 
     @property
     def counted(self) -> bool:
-        return self.state in ("complete", "failed")
+        return self.state in COUNTED
 
     @property
     def full(self) -> bool:
@@ -280,7 +282,7 @@ class RunDB:
             summary = r["summary"]
             if summary is None:
                 summary = record_summary(old[r["trial_id"]], r["values"]) if r["trial_id"] in old else {}
-            out.append(Score(r["trial_id"], r["number"], _state(r["state"], r["has_result"]),
+            out.append(Score(r["trial_id"], r["number"], row_state(r["state"], r["has_result"]),
                              summary.get("fitness") if r["values"] else None, r["values"], summary))
         return out
 
@@ -298,18 +300,11 @@ class RunDB:
         return [_row(t) for t in self.storage.get_all_trials(self._ref_id, deepcopy=False)]
 
 
-def _state(optuna_state: str, has_result: bool) -> str:
-    """A row's state as evomerge names it, from Optuna's state name."""
-    if optuna_state == TrialState.FAIL.name:
-        return "failed" if has_result else "interrupted"  # a candidate's own failure always has its record
-    return optuna_state.lower()
-
-
 def _row(t: FrozenTrial) -> Row:
     result = t.user_attrs.get("result") or {}
     values = list(t.values) if t.values else None
     fitness = result.get("fitness", values[0]) if values else None
-    return Row(t.number, _state(t.state.name, bool(result)), fitness, dict(t.params), result.get("recipe"), result,
+    return Row(t.number, row_state(t.state.name, bool(result)), fitness, dict(t.params), result.get("recipe"), result,
                t.user_attrs.get("name", ""), values, t._trial_id)
 
 

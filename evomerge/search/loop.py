@@ -106,7 +106,7 @@ def _write_run_dir(run_dir: Path, cfg: RunConfig, name: str, url: str, run_id: s
     local = _local_database(run_dir, url)
     info = {"name": name, RUN_ID_KEY: run_id, "storage": local or redact(url), "storage_in_run_dir": local is not None,
             "storage_has_password": has_secret(url), "created": _dt.datetime.now().isoformat(timespec="seconds"),
-            "hub_commits": hub_commits(([cfg.models.base] if cfg.models.base else []) + cfg.models.experts)}
+            "hub_commits": hub_commits(cfg.models.names())}
     tmp = run_dir / f"run.json.{threading.get_native_id()}.tmp"
     tmp.write_text(json.dumps(info, indent=2))
     tmp.replace(run_dir / "run.json")

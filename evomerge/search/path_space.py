@@ -146,7 +146,7 @@ def path_space_for(cfg: "RunConfig", spec: Any) -> PathSpace:
     if cfg.merge_method != PASSTHROUGH:
         raise SpaceError(f"space {spec.name or 'inline'}: a layer path stacks the parents' layers and mixes none: "
                          f"set merge_method: passthrough (not {cfg.merge_method})")
-    models = ([cfg.models.base] if cfg.models.base else []) + list(cfg.models.experts)
+    models = cfg.models.names()
     configs = {m: ModelFiles(m, allow_pickle=cfg.allow_pickle).config for m in models}
     depths = {m: num_layers(c) for m, c in configs.items()}
     if len(set(depths.values())) != 1:
