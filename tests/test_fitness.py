@@ -131,7 +131,7 @@ def test_bad_suites_name_the_suite_file_and_line(tmp_path, task, lines, match):
 def test_unknown_lm_eval_task_is_named(tmp_path):
     f = tmp_path / "s.yaml"
     f.write_text("name: s\ntasks:\n  - {name: x, lm_eval: no_such_task_anywhere, metric: acc}\n")
-    with pytest.raises(SuiteError, match="lm-eval does not know task.*no_such_task_anywhere"):
+    with pytest.raises(SuiteError, match="task x: lm-eval task .no_such_task_anywhere. is not known to lm-eval"):
         get_backend("lm-eval").task_dict(Suite.load(f))
 
 

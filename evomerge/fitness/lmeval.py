@@ -1,7 +1,8 @@
 """The lm-eval backend: a live model wrapped once, task dicts built once per search.
 
 Local JSONL tasks become lm-eval task configs (``dataset_path: json``), so lm-eval scores exactly
-the items the native scorer does; named tasks come from lm-eval's registry. Items are chosen with
+the items the native scorer does; named tasks come from lm-eval's registry or the suite's own task
+YAML (:mod:`evomerge.fitness.lmeval_tasks`). Items are chosen with
 explicit sorted ``samples`` indices (never ``limit``), and no lm-eval cache is used (``use_cache``
 and ``cache_requests`` would return stale answers after the weights change).
 """
@@ -12,22 +13,9 @@ import math
 import time
 from typing import Optional
 
+from evomerge.fitness.lmeval_tasks import Resolver, check_tasks
 from evomerge.fitness.result import CandidateFailed, FitnessResult, ItemResult, TaskResult, choose, combine
 from evomerge.fitness.suite import Suite, SuiteError, Task
-
-
-def check_task_names(suite: Suite, manager=None) -> None:
-    """Refuse a suite naming lm-eval tasks that the installed lm-eval does not know."""
-    named = [t.spec.lm_eval for t in suite.tasks if not t.local]
-    if not named:
-        return
-    if manager is None:
-        from lm_eval.tasks import TaskManager
-
-        manager = TaskManager()
-    unknown = [n for n in named if n not in manager.all_tasks]
-    if unknown:
-        raise SuiteError(f"suite {suite.name}: lm-eval does not know task(s) {', '.join(unknown)}")
 
 
 def check_margin_tasks(suite: Suite) -> None:
@@ -105,18 +93,23 @@ class LmEvalBackend:
             self._wrapped = id(model)
         return self._lm
 
-    def task_dict(self, suite: Suite) -> dict:
-        """lm-eval task objects for ``suite``, built once (the registry is only indexed when the
-        suite names lm-eval tasks)."""
-        if id(suite) not in self._task_dicts:
+    def task_dict(self, suite: Suite, split: str = "search") -> dict:
+        """lm-eval task objects for scoring ``suite`` on ``split``, built once (lm-eval's registry is
+        only indexed when the suite takes a task from it). A task with ``search_split`` is loaded
+        once per split; otherwise both splits share one task dict."""
+        role = split if any(t.spec.search_split for t in suite.tasks if not t.local) else "both"
+        key = (id(suite), role)
+        if key not in self._task_dicts:
             from lm_eval.tasks import TaskManager
 
             check_margin_tasks(suite)
-            named = [t.spec.lm_eval for t in suite.tasks if not t.local]
-            manager = TaskManager(include_defaults=bool(named))
-            check_task_names(suite, manager)
+            resolver = Resolver()
+            check_tasks(suite, resolver)
             shots = self.options.get("num_fewshot")
-            entries = [task_config(t, shots or 0) if t.local else t.spec.lm_eval for t in suite.tasks]
+            entries = [task_config(t, shots or 0) if t.local else resolver.config(t, search=split == "search")
+                       for t in suite.tasks]
+            named = any(isinstance(e, str) for e in entries)
+            manager = resolver.registry if named else TaskManager(include_defaults=False)
             tasks = manager.load(entries)["tasks"]  # leaf tasks by name
             for task in tasks.values():  # as lm-eval's simple_evaluate sets them up
                 if shots is not None and task.get_config("num_fewshot") != 0:
@@ -126,8 +119,8 @@ class LmEvalBackend:
                 if task.get_config("output_type") == "generate_until" and self.options.get("gen_kwargs"):
                     task.set_config(key="generation_kwargs", value=dict(self.options["gen_kwargs"]), update=True)
                 task.set_fewshot_seed(seed=self.options.get("fewshot_seed", 1234))
-            self._task_dicts[id(suite)] = tasks
-        return self._task_dicts[id(suite)]
+            self._task_dicts[key] = tasks
+        return self._task_dicts[key]
 
     def _indices(self, suite: Suite, tasks: dict, split: str) -> dict[str, list[int]]:
         out = {}
@@ -152,7 +145,7 @@ class LmEvalBackend:
     def score(self, model, tokenizer, suite: Suite, split: str = "search") -> FitnessResult:
         t0 = time.perf_counter()
         lm = self._wrap(model, tokenizer)
-        flat = self.task_dict(suite)
+        flat = self.task_dict(suite, split)
         samples = self._indices(suite, flat, split)
         out = self._evaluate(lm, flat, samples)
         results: dict[str, TaskResult] = {}
@@ -168,6 +161,10 @@ class LmEvalBackend:
     def _task_result(self, task: Task, out: dict, tasks: dict) -> TaskResult:
         name, filt, metric = _task_name(task), _filter(task), task.spec.metric
         rows = sorted((s for s in out["samples"][name] if s.get("filter", filt) == filt), key=lambda s: s["doc_id"])
+        if out["samples"][name] and not rows:
+            have = sorted({s.get("filter") for s in out["samples"][name]})
+            raise SuiteError(f"suite {task.suite.name}, task {task.name}: lm-eval task {name!r} has no filter {filt!r} "
+                             f"(it has: {', '.join(have)})")
         ids = [it.id for it in task.all_items()] if task.local else None
         items, sums = [], {}
         for s in rows:
@@ -188,11 +185,12 @@ class LmEvalBackend:
                                      f"for filter {filt!r} (it has: {', '.join(k for k in s if k in METRIC_KEYS)})")
                 value = float(s[metric])
                 ok = value >= 1.0
-            for k in METRIC_KEYS:
+            for k in {*METRIC_KEYS, metric} - {"margin"}:
                 if k in s:
                     sums[k] = sums.get(k, 0.0) + float(s[k])
             item_id = ids[s["doc_id"]] if ids else f"{task.name}-{s['doc_id']}"
-            out_text = s["filtered_resps"][0] if task.spec.kind == "generate" and s.get("filtered_resps") else None
+            resps = s.get("filtered_resps") or [None]
+            out_text = resps[0] if isinstance(resps[0], str) else None  # a generation (not log-likelihoods)
             items.append(ItemResult(item_id, ok, value, out_text))
         n = max(1, len(items))
         metrics = {k: v / n for k, v in sums.items()}

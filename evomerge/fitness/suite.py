@@ -18,6 +18,10 @@ A suite is a YAML file::
         lm_eval: arc_challenge       # or any task lm-eval knows (lm-eval / vllm backends)
         metric: acc_norm
         n: 200
+        search_split: validation     # optional: search on this split, hold out the test split
+      - name: mine
+        lm_eval: my_task             # a task of your own lm-eval YAML:
+        include: tasks/              # a directory of task YAML or one file (relative to the suite file)
     objectives:                      # optional: several objectives make a multi-objective search
       - {name: skill, tasks: [rev]}            # a list: equal weights; a mapping: task -> weight
       - {name: retention, tasks: {arc: 1.0}}
@@ -35,7 +39,10 @@ metric values. Each objective is the weighted mean of its tasks' values; all are
 A local JSONL line is ``{"id", "split": "search"|"heldout", "prompt", "answer"}`` plus
 ``"choices"`` (a list; ``answer`` is then the right choice's index) for multiple choice. The
 held-out split is never used by the search; it is for checking winners. An lm-eval task's
-documents are split in two by a seeded permutation: ``heldout_fraction`` of them are held out.
+evaluation documents (its test split when it has one) are split in two by a seeded permutation:
+``heldout_fraction`` of them are held out. With ``search_split`` the search draws from the task's
+validation or training split and the held-out check from its whole test split instead (see
+:mod:`evomerge.fitness.lmeval_tasks`, which also says how ``include`` is read).
 """
 
 from __future__ import annotations
@@ -74,8 +81,10 @@ class TaskSpec(BaseModel):
     name: str
     data: Optional[str] = None
     lm_eval: Optional[str] = None
+    include: Optional[str] = None  # the lm-eval task's own YAML: a directory or a file
+    search_split: Optional[Literal["validation", "train"]] = None  # an lm-eval task's split to search on
     kind: Optional[Literal["multiple_choice", "generate"]] = None
-    metric: Literal["acc", "acc_norm", "exact_match", "margin"] = "acc"
+    metric: str = Field("acc", min_length=1)  # local tasks: one of METRICS; lm-eval tasks: any metric it reports
     weight: float = Field(1.0, ge=0)
     n: Optional[int] = Field(None, ge=1)
     n_heldout: Optional[int] = Field(None, ge=1)
@@ -103,7 +112,12 @@ class TaskSpec(BaseModel):
     def _one_source(self) -> "TaskSpec":
         if (self.data is None) == (self.lm_eval is None):
             raise ValueError(f"task {self.name!r}: give exactly one of 'data' (a local JSONL file) or 'lm_eval'")
+        for key in ("include", "search_split"):
+            if getattr(self, key) is not None and self.lm_eval is None:
+                raise ValueError(f"task {self.name!r}: {key!r} applies to an lm-eval task")
         if self.data is not None:
+            if self.metric not in METRICS:
+                raise ValueError(f"task {self.name!r}: metric {self.metric!r} is not one of {', '.join(METRICS)}")
             if self.kind is None:
                 raise ValueError(f"task {self.name!r}: 'kind' (multiple_choice or generate) is required for local data")
             allowed = ("acc", "acc_norm", "margin") if self.kind == "multiple_choice" else ("exact_match", "margin")
@@ -163,6 +177,7 @@ class Task:
     spec: TaskSpec
     suite: "Suite"
     path: Optional[Path] = None  # the local data file
+    include: Optional[Path] = None  # the lm-eval task's own YAML (a directory or a file)
     _items: Optional[list[tuple[str, Item]]] = field(default=None, repr=False)
     keep: Optional[tuple[int, ...]] = None  # positions of the search items kept (a subset's task)
 
@@ -213,11 +228,15 @@ class Task:
         return sorted(random.Random(self.spec.seed).sample(pool, n), key=lambda it: getattr(it, "index", it))
 
     def lm_eval_indices(self, n_docs: int, split: str) -> list[int]:
-        """For an lm-eval task of ``n_docs`` documents: the sorted document indices of ``split``."""
-        order = list(range(n_docs))
-        random.Random(f"evomerge-split-{self.spec.seed}").shuffle(order)
-        cut = n_docs - int(round(n_docs * self.spec.heldout_fraction))
-        pool = sorted(order[:cut] if split == "search" else order[cut:])
+        """For an lm-eval task of ``n_docs`` documents: the sorted document indices of ``split``
+        (with ``search_split``, ``n_docs`` counts the documents of that split alone)."""
+        if self.spec.search_split is not None:  # the documents are the split's own
+            pool = list(range(n_docs))
+        else:
+            order = list(range(n_docs))
+            random.Random(f"evomerge-split-{self.spec.seed}").shuffle(order)
+            cut = n_docs - int(round(n_docs * self.spec.heldout_fraction))
+            pool = sorted(order[:cut] if split == "search" else order[cut:])
         n = self.spec.n if split == "search" else self.spec.n_heldout
         return self._kept(self._sized(pool, n, split, f"lm-eval task {self.spec.lm_eval}"), split)
 
@@ -230,7 +249,8 @@ class Suite:
         self.source = source
         self.name = spec.name or (source.stem if source else "suite")
         root = source.parent if source else Path.cwd()
-        self.tasks = [Task(t, self, (root / t.data).resolve() if t.data else None) for t in spec.tasks]
+        self.tasks = [Task(t, self, (root / t.data).resolve() if t.data else None,
+                           (root / t.include).resolve() if t.include else None) for t in spec.tasks]
 
     def subset(self, keep: dict[str, list[int]]) -> "Suite":
         """This suite scoring only some of each task's search items: ``keep[task]`` lists their
@@ -279,6 +299,8 @@ class Suite:
         for t in suite.tasks:
             if t.local and not t.path.exists():
                 raise SuiteError(f"suite {suite.name}, task {t.name}: data file {t.path} does not exist")
+            if t.include is not None and not t.include.exists():
+                raise SuiteError(f"suite {suite.name}, task {t.name}: include {t.include} does not exist")
         return suite
 
     @cached_property

@@ -35,6 +35,7 @@ def write_model_card(model_dir: Path, report: dict, recipe, table_text: Callable
         "On the suite's search split (what the search optimized) and, where scored, its held-out split, "
         "against each parent alone and the method's default recipe:", "",
         table_text(report), "",
+        *[f"**Warning:** {w}.\n" for w in report.get("warnings") or []],
         "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", "",
         "## Rebuilding it", "",
         "Save the recipe above as `recipe.yaml` (the export holds it beside `model/`), then run either of:", "",

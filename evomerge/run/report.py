@@ -254,6 +254,7 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
             "run": run.name, "candidate": row.number, "fitness_recorded": row.fitness,
             "fitness_recomputed_from_export": recomputed, "fidelity_recorded": row.result.get("fidelity"),
             "estimates": _check_estimates(run, evaluator),
+            "warnings": split_warnings(suite),
             "table": table,
             "chain": chain,
             "provenance": {
@@ -290,6 +291,15 @@ def _check_estimates(run: Run, evaluator) -> Optional[dict]:
         checked.append({"candidate": r.number, "estimate": r.fitness, "truth": ev.fitness,
                         "items": r.result["fidelity"]["items"], "of": r.result["fidelity"]["of"]})
     return used | {"checked": checked}
+
+
+def split_warnings(suite: Suite) -> list[str]:
+    """The warnings of the suite's lm-eval tasks searched on their test split (none for a local suite)."""
+    if all(t.local for t in suite.tasks):
+        return []
+    from evomerge.fitness.lmeval_tasks import check_tasks
+
+    return check_tasks(suite)
 
 
 def _scores(ev) -> dict:
@@ -340,6 +350,8 @@ def report_markdown(report: dict) -> str:
     p = report["provenance"]
     lines = [f"# evomerge export: run {report['run']}, candidate #{report['candidate']}", "",
              comparison_table(report), "",
+             *[f"**Warning:** {w}." for w in report.get("warnings") or []],
+             *([""] if report.get("warnings") else []),
              f"Fitness recorded during the search: {_fmt(report['fitness_recorded'])}; recomputed from the exported "
              f"model: {_fmt(report['fitness_recomputed_from_export'])}"
              + _fidelity_text(report.get("fidelity_recorded")) + ".", "",

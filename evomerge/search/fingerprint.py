@@ -2,7 +2,8 @@
 inputs changed is refused, naming what changed, instead of mixing incomparable candidates.
 
 - each task of the suite: its settings (metric, weight, n, seed, ...), its items (prompts,
-  answers, choices; both splits) and the search subsample, and the suite's objectives;
+  answers, choices; both splits) and the search subsample, and the suite's objectives; for a
+  task of the user's own lm-eval YAML, each file that defines it (YAML, modules, data);
 - each model: the content of every weight file, of ``config.json``, ``generation_config.json``
   and the tokenizer's files. Weight files are hashed once: the hashes are kept in the run
   directory (``hashes.json``), keyed by each file's size, modification time and inode;
@@ -131,9 +132,23 @@ def fingerprint(cfg: "RunConfig", suite: "Suite", hashes: FileHashes) -> dict:
                  + [it.id for it in t.items("search")] if t.local else [])
         tasks[t.name] = digest([t.spec.model_dump(mode="json", exclude={"data"}), items])
     tasks["(objectives)"] = digest(suite.spec.model_dump(mode="json").get("objectives"))
+    tasks |= _included_files(suite, hashes)
     models = [m for m in [cfg.models.base, *cfg.models.experts] if m]
     return {"version": VERSION, "suite": tasks, "models": {m: model_files(m, hashes) for m in models},
             "config": config_digests(cfg)}
+
+
+def _included_files(suite: "Suite", hashes: FileHashes) -> dict[str, str]:
+    """The content of each file defining a task of the suite's own lm-eval YAML, keyed
+    ``task (file)``: an edited task YAML, template, function module or data file is named."""
+    included = [t for t in suite.tasks if t.include is not None]
+    if not included:
+        return {}
+    from evomerge.fitness.lmeval_tasks import Resolver, definition_files
+
+    resolver = Resolver()
+    return {f"{t.name} ({label})": hashes.sha256(f)[:16]
+            for t in included for label, f in definition_files(t, resolver).items()}
 
 
 LEGACY_CONFIG_KEYS = ("merge_method", "fixed_parameters", "default_parameters", "dtype", "seed", "space")

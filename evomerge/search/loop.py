@@ -114,8 +114,9 @@ def _write_run_dir(run_dir: Path, cfg: RunConfig, name: str, url: str, run_id: s
 
 def _preflight(cfg: RunConfig, suite: Suite) -> None:
     """Check what a run needs before anything is written, beyond what ``checked_space`` checked (the
-    models' compatibility): the suite's data (both splits), its lm-eval task names, that the
-    backend can score every task, and that a chat template asked for exists."""
+    models' compatibility): the suite's data (both splits), its lm-eval tasks (with a warning for
+    each searched on its test split), that the backend can score every task, and that a chat
+    template asked for exists."""
     suite.check()
     backend = cfg.fitness.backend
     options = cfg.fitness.lm_eval
@@ -138,9 +139,11 @@ def _preflight(cfg: RunConfig, suite: Suite) -> None:
             from evomerge.fitness.native import needs_lm_eval
 
             raise needs_lm_eval(next(t for t in suite.tasks if not t.local), "fitness.backend")
-        from evomerge.fitness.lmeval import check_task_names
+        from evomerge.fitness.lmeval_tasks import check_tasks
 
-        check_task_names(suite)
+        for warning in check_tasks(suite):
+            log.warning(warning)
+            print(f"warning: {warning}", file=sys.stderr)
     _dry_score(cfg, suite)
 
 
