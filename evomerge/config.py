@@ -238,6 +238,7 @@ class RunConfig(_Strict):
     seed: int = 0
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    report_to: list[Literal["mlflow", "tensorboard", "wandb"]] = []  # experiment trackers (evomerge.run.trackers)
 
     @field_validator("device")
     @classmethod

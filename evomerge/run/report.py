@@ -14,7 +14,8 @@ from evomerge.fitness.suite import Suite
 from evomerge.run.card import write_model_card
 from evomerge.rundb.secrets import redact
 from evomerge.rundb.store import Row, Score, best_row, pareto_front
-from evomerge.search.loop import Run, parents, reference_recipes, run_budget, versions
+from evomerge.rundb.trackers import Trackers
+from evomerge.search.loop import Run, parents, reference_recipes, run_budget, run_identity, versions
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -269,6 +270,9 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "report.md").write_text(report_markdown(report))
         write_model_card(model_dir, report, recipe, comparison_table, _chain_text(chain))
+    trackers = Trackers.open(run.cfg, run.run_dir, run.name, run.db, run_identity(run))
+    trackers.winner(report, recipe.to_yaml())
+    trackers.close()
     return report
 
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from evomerge.fitness.suite import Suite
 
 VERSION = 2
-RESUMABLE = ("name", "budget", "heartbeat", "device", "cache", "references", "fail_fast")  # may change on resume
+RESUMABLE = ("name", "budget", "heartbeat", "device", "cache", "references", "fail_fast", "report_to")  # may change on resume
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
 HASHES_FILE = "hashes.json"
 

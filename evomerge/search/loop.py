@@ -49,6 +49,7 @@ from evomerge.search.racing import Racer
 from evomerge.rundb.leases import Owner
 from evomerge.rundb.secrets import has_secret, redact
 from evomerge.rundb.store import RunDB, best_row, sqlite_path, sqlite_url
+from evomerge.rundb.trackers import Trackers, check_installed
 from evomerge.search.claims import DriverClaims, make_driver
 from evomerge.search.path_space import PathSpace
 from evomerge.search.space import SearchSpace, checked_space, method_defaults, space_for
@@ -81,6 +82,11 @@ class Run:
     db: RunDB
     space: SearchSpace | PathSpace
     name: str
+
+
+def run_identity(run: Run) -> str:
+    """The run's identity (a run from before identities were kept: its name)."""
+    return run.db.metadata.get().get(RUN_ID_KEY) or run.name
 
 
 def _heartbeat_options(cfg: RunConfig) -> dict:
@@ -118,6 +124,7 @@ def _preflight(cfg: RunConfig, suite: Suite) -> None:
     each searched on its test split), that the backend can score every task, and that a chat
     template asked for exists."""
     suite.check()
+    check_installed(cfg.report_to)
     backend = cfg.fitness.backend
     options = cfg.fitness.lm_eval
     ref = str(resolve_model_path(cfg.reference_model))
@@ -477,6 +484,7 @@ class _Search:
         self.slot = db.registry.register(me.to_dict() | {"mode": mode})
         self.owner = replace(me, slot=self.slot)
         self.tag = f"w{self.slot} " if worker else ""
+        self.trackers = Trackers.open(cfg, run.run_dir, run.name, db, run_identity(run))
 
     def _retire_missing(self) -> None:
         """Candidates deleted from the run database by hand keep their numbers: none is given again."""
@@ -603,7 +611,7 @@ class _Search:
                     with db.lock():
                         ok = driver.tell(current, ev.values, record)
                     heartbeat.trial_id = None
-                    number, trial_id, current = current.number, current.trial_id, None
+                    number, trial_id, recipe_vector, current = current.number, current.trial_id, current.vector, None
                     if not ok:
                         dropped += 1
                         log.warning("%scandidate #%d was reclaimed while it ran (no heartbeat for %d s); its "
@@ -619,6 +627,7 @@ class _Search:
                                   "config sets how many; 0 never stops)", self.tag, cfg.fail_fast, ev.error,
                                   run.run_dir)
                         break
+                    self.trackers.candidate(number, record, dict(zip(run.space.names, recipe_vector)))
                     if self.racer is not None:
                         self.racer.add(trial_id, number, record)
                     progress.update(number, ev.fitness, ev.error, ev.merge_seconds, ev.eval_seconds,
@@ -633,6 +642,7 @@ class _Search:
             finally:
                 heartbeat.close()
                 progress.close()
+                self.trackers.close()
                 mine = time.perf_counter() - session0
                 db.metadata.save_elapsed(elapsed())
                 done = db.leases.counts()[0]
