@@ -57,7 +57,7 @@ def _filled(url: str) -> RunDB:
     values), failed with its record, interrupted, retired, running."""
     from evomerge.rundb.leases import Owner
 
-    db = RunDB(url, "x", create=True, n_objectives=2)
+    db = RunDB(url, "x", create=True, objectives=("a", "b"))
     owner = Owner.this_process()
     items = {"a": [1.0, 0.0, 1.0, 1.0], "b": [0.5, 0.25]}
     records = [({"fitness": 0.7, "items": items}, [0.6, 0.8]),

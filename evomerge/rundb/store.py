@@ -186,8 +186,9 @@ class Score:
 class RunDB:
     """One run in a storage, with its parts: ``lock()``, ``leases``, ``registry``, ``metadata``."""
 
-    def __init__(self, url: str, name: str, *, create: bool, n_objectives: int = 1,
+    def __init__(self, url: str, name: str, *, create: bool, objectives: Sequence[str] = ("fitness",),
                  heartbeat_s: Optional[int] = None, grace_s: Optional[int] = None):
+        """``objectives``: a new run's objective names (what optuna-dashboard labels its plots with)."""
         self.url = url
         self.name = name
         self.storage = open_storage(url, heartbeat_s, grace_s)
@@ -199,7 +200,11 @@ class RunDB:
             raise RunDBError(f"storage {redact(url)} holds no run named {name!r}")
         if create:
             try:
-                optuna.create_study(storage=self.storage, study_name=name, directions=["maximize"] * n_objectives)
+                study = optuna.create_study(storage=self.storage, study_name=name,
+                                            directions=["maximize"] * len(objectives))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.set_metric_names(list(objectives))
             except optuna.exceptions.DuplicatedStudyError:
                 raise RunDBError(f"storage {redact(url)}: another process has just created a run named {name!r}; "
                                  "resume it with 'evomerge resume', or pick another name") from None

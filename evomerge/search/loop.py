@@ -167,12 +167,12 @@ def _dry_score(cfg: RunConfig, suite: Suite) -> None:
 
 def _new_run_place(config_path: str | Path, run_dir: Optional[str | Path], storage: Optional[str]):
     """A config checked against its models, with the run's name, directory (created; default
-    runs/NAME) and storage URL (default: SQLite in that directory), and its objective count."""
+    runs/NAME) and storage URL (default: SQLite in that directory), and its objectives' names."""
     cfg = RunConfig.load(config_path)
     space = checked_space(cfg)
     suite = Suite.resolve(cfg.fitness.suite)
-    n_objectives = len(suite.objectives)
-    cfg.check_objectives(n_objectives, str(config_path))
+    objectives = suite.objective_names
+    cfg.check_objectives(len(objectives), str(config_path))
     _preflight(cfg, suite)
     name = cfg.name or Path(config_path).stem
     problem = run_name_problem(name)
@@ -180,7 +180,7 @@ def _new_run_place(config_path: str | Path, run_dir: Optional[str | Path], stora
         raise RunError(f"{config_path}: no name given, and its file name {problem}; set name: in the config")
     run_dir = Path(run_dir) if run_dir else Path("runs") / name
     url = storage or sqlite_url((run_dir / "run.db").resolve())
-    return cfg, space, n_objectives, name, run_dir, url
+    return cfg, space, objectives, name, run_dir, url
 
 
 def _claim_run_dir(run_dir: Path) -> bool:
@@ -197,11 +197,11 @@ def _claim_run_dir(run_dir: Path) -> bool:
 
 
 def create_run(config_path: str | Path, run_dir: Optional[str | Path] = None, storage: Optional[str] = None) -> Run:
-    cfg, space, n_objectives, name, run_dir, url = _new_run_place(config_path, run_dir, storage)
+    cfg, space, objectives, name, run_dir, url = _new_run_place(config_path, run_dir, storage)
     fresh = _claim_run_dir(run_dir)
     run_id = uuid.uuid4().hex
     try:
-        db = RunDB(url, name, create=True, n_objectives=n_objectives, **_heartbeat_options(cfg))
+        db = RunDB(url, name, create=True, objectives=objectives, **_heartbeat_options(cfg))
         db.metadata.set({RUN_ID_KEY: run_id})
     except BaseException:
         if fresh and not any(run_dir.iterdir()):
@@ -279,11 +279,11 @@ def join_run(target: str | Path, storage: Optional[str] = None, run_dir: Optiona
     target = Path(target)
     if target.is_dir():
         return open_run(target, storage, env)
-    cfg, space, n_objectives, name, run_dir, url = _new_run_place(target, run_dir, storage or env)
+    cfg, space, objectives, name, run_dir, url = _new_run_place(target, run_dir, storage or env)
     info_path = run_dir / "run.json"
     if not info_path.exists():
         _claim_run_dir(run_dir)
-    db = RunDB.join(url, name, n_objectives=n_objectives, **_heartbeat_options(cfg))
+    db = RunDB.join(url, name, objectives=objectives, **_heartbeat_options(cfg))
     with db.lock():
         run_id = db.metadata.get().get(RUN_ID_KEY)
         if run_id is None:
