@@ -11,6 +11,11 @@ def first_line(e: BaseException) -> str:
     return text[0] if text else ""
 
 
+def one_line(e: BaseException, limit: int = 400) -> str:
+    """An exception as one line: its type and its message with whitespace folded, cut at ``limit``."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:limit]
+
+
 class RecipeError(EvomergeError):
     """A recipe (YAML or API) is invalid."""
 

@@ -4,6 +4,7 @@ directory (with a template it includes and a !function module), a multiple_choic
 file, and a generate_until task scored on a custom metric function."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,67 @@ def test_included_tasks_score_as_the_same_local_tasks(user_tasks, zoo_model):
     assert lm.tasks["rev"].value >= 0.9  # the rev expert on its own skill, held out
 
 
+def test_native_scores_included_tasks_as_lm_eval_does(user_tasks, zoo_model):
+    """The native scorer on the same lm-eval tasks (lm-eval's zero-shot prompts, its regex filter
+    and stop strings read from the task YAML): item by item as the lm-eval backend, both splits."""
+    model, tok = zoo_model("fact")
+    mine = _suite(user_tasks, [REV_TASK, FACT_TASK])
+    for split in ("search", "heldout"):
+        native, lm = get_backend("native").score(model, tok, mine, split), get_backend("lm-eval").score(
+            model, tok, mine, split)
+        assert native.failed is None and lm.failed is None
+        same_items(native, lm, tol=1e-9)
+        assert native.tasks["fact"].metrics["acc_norm"] == pytest.approx(lm.tasks["fact"].metrics["acc_norm"])
+    assert native.tasks["fact"].value >= 0.9  # the fact expert on its own skill, held out
+
+
+FEWSHOT = REV.replace("task: my_rev", "task: my_rev_3shot") + "num_fewshot: 3\nfewshot_split: validation\n"
+OTHER_FILTER = REV.replace("task: my_rev", "task: my_rev_lower") + """\
+filter_list:
+  - name: lower
+    filter: [{function: lowercase}, {function: take_first}]
+"""
+PUNCT = REV.replace("task: my_rev", "task: my_rev_punct") + """\
+metric_list:
+  - {metric: exact_match, aggregation: mean, higher_is_better: true, ignore_punctuation: true}
+"""
+
+
+@pytest.mark.parametrize("task,why", [
+    ({"lm_eval": "my_letter", "metric": "same_first_letter"}, "on metric 'same_first_letter' (it computes exact_match)"),
+    ({"lm_eval": "my_rev_3shot", "metric": "exact_match"}, "with few-shot examples"),
+    ({"lm_eval": "my_rev_lower", "metric": "exact_match", "filter": "lower"},
+     "with filter 'lower' (lowercase then take_first)"),
+    ({"lm_eval": "my_rev_punct", "metric": "exact_match"}, "with exact_match options ignore_punctuation"),
+    ({"lm_eval": "my_rev", "metric": "exact_match", "filter": "strict"}, "which has no filter 'strict'"),
+])
+def test_native_refuses_only_what_it_cannot_score_as_lm_eval_does(user_tasks, task, why):
+    from evomerge.fitness.native import NativeBackend
+
+    for name, text in (("my_rev_3shot", FEWSHOT), ("my_rev_lower", OTHER_FILTER), ("my_rev_punct", PUNCT)):
+        (user_tasks / "tasks" / f"{name}.yaml").write_text(text)
+    suite = _suite(user_tasks, [{"name": "x", "include": "tasks", **task}])
+    with pytest.raises(SuiteError, match=re.escape(f"task x: the native scorer cannot score lm-eval task "
+                                                   f"{task['lm_eval']!r}, {why} (use fitness.backend lm-eval or vllm)")):
+        NativeBackend().items(suite.tasks[0], "search")
+
+
+def test_native_reads_an_lm_eval_tasks_items_as_lm_eval_builds_them(user_tasks):
+    """No model needed: the prompts, choices, delimiter and answers the native scorer takes from an
+    included task's documents are the zoo's local items (the YAML mirrors the local tasks)."""
+    from evomerge.fitness.native import NativeBackend
+
+    mine, zoo = _suite(user_tasks, [REV_TASK, FACT_TASK]), Suite.load("zoo")
+    for name in ("rev", "fact"):
+        for split in ("search", "heldout"):
+            items, how = NativeBackend().items(mine.task(name), split)
+            local = zoo.task(name).items(split)
+            assert [(i.prompt, i.answer, i.choices) for i in items] == [(i.prompt, i.answer, i.choices) for i in local]
+            assert how == (zoo.task(name).scoring if name == "fact" else
+                           zoo.task(name).scoring.__class__("generate", "exact_match", (".",), 6,
+                                                            "([a-l](?: [a-l])*)", False))
+
+
 def test_a_custom_metric_function(user_tasks, zoo_model):
     """A generate_until task scored on a metric the user's module defines (no process_results)."""
     model, tok = zoo_model("rev")
@@ -261,3 +323,29 @@ def test_search_and_export_warn_about_the_test_split(user_tasks, zoo, tmp_path, 
     export(run, tmp_path / "export")
     for f in ("report.md", "model/README.md"):
         assert "**Warning:** suite mine, task letter: the search optimizes" in (tmp_path / "export" / f).read_text()
+
+
+def test_a_native_search_on_included_tasks_and_its_refusal(user_tasks, zoo, tmp_path):
+    """The native backend searches on included lm-eval tasks; one it cannot score is refused
+    before the run directory exists."""
+    import yaml
+
+    from evomerge.search.loop import create_run, run_search
+
+    def config(tasks: list[dict]) -> Path:
+        suite = _suite(user_tasks, tasks)
+        cfg = tmp_path / "native.yaml"
+        cfg.write_text(yaml.safe_dump({"models": {"base": zoo["base"], "experts": list(zoo["experts"].values())},
+                                       "fitness": {"suite": str(suite.source), "backend": "native"},
+                                       "merge_method": "ties", "budget": {"max_candidates": 2}, "seed": 0}))
+        return cfg
+
+    with pytest.raises(SuiteError, match="the native scorer cannot score lm-eval task 'my_letter', on metric"):
+        create_run(config([{"name": "letter", "lm_eval": "my_letter", "include": "tasks",
+                            "metric": "same_first_letter"}]), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    run = create_run(config([REV_TASK, FACT_TASK]), tmp_path / "run")
+    assert run_search(run, live=False)["evaluated"] == 2
+    rows = [r for r in run.db.rows() if r.counted]
+    assert all(set(r.result["tasks"]) == {"rev", "fact"} and r.fitness is not None for r in rows)
+    assert all(len(r.result["items"]["rev"]) == 40 for r in rows)

@@ -13,7 +13,7 @@ import math
 import time
 from typing import Optional
 
-from evomerge.fitness.lmeval_tasks import Resolver, check_tasks
+from evomerge.fitness.lmeval_tasks import Resolver, check_tasks, load
 from evomerge.fitness.result import CandidateFailed, FitnessResult, ItemResult, TaskResult, choose, combine
 from evomerge.fitness.suite import Suite, SuiteError, Task
 
@@ -100,17 +100,13 @@ class LmEvalBackend:
         role = split if any(t.spec.search_split for t in suite.tasks if not t.local) else "both"
         key = (id(suite), role)
         if key not in self._task_dicts:
-            from lm_eval.tasks import TaskManager
-
             check_margin_tasks(suite)
             resolver = Resolver()
             check_tasks(suite, resolver)
             shots = self.options.get("num_fewshot")
             entries = [task_config(t, shots or 0) if t.local else resolver.config(t, search=split == "search")
                        for t in suite.tasks]
-            named = any(isinstance(e, str) for e in entries)
-            manager = resolver.registry if named else TaskManager(include_defaults=False)
-            tasks = manager.load(entries)["tasks"]  # leaf tasks by name
+            tasks = load(entries, resolver)  # leaf tasks by name
             for task in tasks.values():  # as lm-eval's simple_evaluate sets them up
                 if shots is not None and task.get_config("num_fewshot") != 0:
                     task.set_config(key="num_fewshot", value=shots)

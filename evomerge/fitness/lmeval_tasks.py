@@ -11,6 +11,11 @@ when it has one) are halved by a seeded permutation into search and held-out ite
 :func:`check_tasks` warns when that split is the test split. ``search_split: validation`` (or
 ``train``) searches on the task's validation (training) split and keeps its test split whole for
 the held-out check.
+
+The native scorer scores an lm-eval task as lm-eval does where it can (:func:`native_items`):
+zero-shot multiple choice (``acc``, ``acc_norm``, ``margin``), and greedy ``generate_until``
+scored by ``exact_match`` (``ignore_case`` allowed) after no filter or one ``regex`` filter; each
+item's prompt is lm-eval's own zero-shot context of the document.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ import glob
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from evomerge.errors import SuiteError
+from evomerge.errors import SuiteError, one_line
+from evomerge.fitness.result import INVALID
 
 if TYPE_CHECKING:
-    from evomerge.fitness.suite import Suite, Task
+    from evomerge.fitness.suite import Item, Scoring, Suite, Task
 
 SPLIT_KEYS = {"validation": "validation_split", "train": "training_split"}
 SOURCE_SUFFIXES = (".yaml", ".yml")
@@ -105,7 +111,7 @@ def _load(task: "Task", path: Path, resolve_func: bool) -> dict:
     try:
         return load_yaml(path, resolve_func=resolve_func)
     except Exception as e:  # noqa: BLE001 - a YAML, include or !function error, in one line
-        raise SuiteError(f"{_where(task)}: {path}: {' '.join(str(e).split())}") from None
+        raise SuiteError(f"{_where(task)}: {path}: {one_line(e)}") from None
 
 
 def search_split_name(task: "Task", cfg: dict) -> Optional[str]:
@@ -220,3 +226,91 @@ def check_tasks(suite: "Suite", resolver: Optional[Resolver] = None) -> list[str
                             f"lm-eval task {t.spec.lm_eval!r}; held-out figures from that split are not an independent "
                             "estimate of it" + (f" (search_split: {offer[0]} searches elsewhere)" if offer else ""))
     return warnings
+
+
+def load(entries: list, resolver: Resolver) -> dict:
+    """lm-eval task objects by name for ``entries`` (registry names or configs); lm-eval's
+    registry is indexed only when an entry names a task of it."""
+    from lm_eval.tasks import TaskManager
+
+    manager = resolver.registry if any(isinstance(e, str) for e in entries) else TaskManager(include_defaults=False)
+    try:
+        return manager.load(entries)["tasks"]
+    except Exception as e:  # noqa: BLE001 - a data set that cannot be read (offline, a bad path), in one line
+        names = ", ".join(repr(e if isinstance(e, str) else e.get("task")) for e in entries)
+        raise SuiteError(f"lm-eval could not load task(s) {names}: {one_line(e)}") from None
+
+
+def native_items(task: "Task", split: str, obj: Any) -> tuple[list["Item"], "Scoring"]:
+    """The items of ``task``'s lm-eval task object ``obj`` (loaded for ``split``) as the native
+    scorer scores them, and how: lm-eval's zero-shot context of each document, its choices and
+    target delimiter, its stop strings, token limit and answer filter. A task the native scorer
+    cannot score as lm-eval does is refused in one line saying why."""
+    from evomerge.fitness.suite import Item, Scoring
+
+    cfg, name = obj.config, task.spec.lm_eval
+
+    def cannot(why: str) -> SuiteError:
+        return SuiteError(f"{_where(task)}: the native scorer cannot score lm-eval task {name!r}, {why} "
+                          "(use fitness.backend lm-eval or vllm)")
+
+    mc = cfg.output_type == "multiple_choice"
+    if cfg.output_type not in ("multiple_choice", "generate_until"):
+        raise cannot(f"whose output_type is {cfg.output_type}")
+    for why, bad in (("with few-shot examples", cfg.num_fewshot), ("with a process_results function",
+                     cfg.process_results is not None), ("with a gen_prefix", cfg.gen_prefix),
+                     ("with several inputs or targets per document",
+                      getattr(obj, "multiple_input", 0) or getattr(obj, "multiple_target", 0))):
+        if bad:
+            raise cannot(why)
+    allowed = ("acc", "acc_norm", "margin") if mc else ("exact_match",)
+    if task.spec.metric not in allowed:
+        raise cannot(f"on metric {task.spec.metric!r} (it computes {', '.join(allowed)})")
+    if mc:
+        how = Scoring("multiple_choice", task.spec.metric)
+    else:
+        gen = dict(cfg.generation_kwargs or {})
+        if gen.get("do_sample") or gen.get("temperature", 0):
+            raise cannot("with sampled generation")
+        options = next((m for m in cfg.metric_list or [] if m.get("metric") == "exact_match"), {})
+        extra = sorted(k for k, v in options.items()
+                       if v and k not in ("metric", "aggregation", "higher_is_better", "ignore_case"))
+        if extra:
+            raise cannot(f"with exact_match options {', '.join(extra)}")
+        until = gen.get("until") or []
+        how = Scoring("generate", "exact_match", tuple([until] if isinstance(until, str) else until),
+                      int(gen.get("max_gen_toks", 256)), _answer_regex(cfg.filter_list, task.spec.filter, cannot),
+                      bool(options.get("ignore_case")))
+    docs = obj.eval_docs
+    items = []
+    for i in task.lm_eval_indices(len(docs), split):
+        doc = docs[i]
+        prompt = obj.fewshot_context(doc, 0)
+        if not isinstance(prompt, str):
+            raise cannot("whose prompt is not one string")
+        target = obj.doc_to_target(doc)
+        choices = tuple(obj.doc_to_choice(doc)) if cfg.doc_to_choice is not None else None
+        if mc:
+            answer = choices.index(target) if isinstance(target, str) else int(target)
+        else:
+            answer, choices = str(choices[target] if choices is not None else target), None
+        items.append(Item(f"{task.name}-{i}", i, prompt, answer, choices, cfg.target_delimiter))
+    return items, how
+
+
+def _answer_regex(filters: Any, name: str, cannot) -> Optional[str]:
+    """The pattern of filter ``name`` when it is lm-eval's regex filter (first match, first
+    non-empty group) then take_first; None for no filter (or take_first alone)."""
+    entry = next((f for f in filters or [] if isinstance(f, dict) and f.get("name") == name), None)
+    if entry is None:
+        if name == "none":
+            return None
+        raise cannot(f"which has no filter {name!r}")
+    steps = entry.get("filter") or []
+    functions = [step.get("function") for step in steps]
+    if functions == ["take_first"]:
+        return None
+    regex = steps[0] if functions == ["regex", "take_first"] else {}
+    if regex and regex.get("group_select", 0) == 0 and regex.get("fallback", INVALID) == INVALID:
+        return regex.get("regex_pattern", r"#### (\-?[0-9\.\,]+)")  # lm-eval's default pattern
+    raise cannot(f"with filter {name!r} ({' then '.join(map(str, functions))})")

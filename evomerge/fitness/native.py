@@ -1,4 +1,5 @@
-"""The native scorer: fast fitness for local suites, with lm-eval's metrics.
+"""The native scorer: fast fitness for local suites (and the lm-eval tasks it can score as lm-eval
+does: see :func:`evomerge.fitness.lmeval_tasks.native_items`), with lm-eval's metrics.
 
 Each suite is tokenized once per tokenizer and kept. Log-likelihood requests are sorted by length
 and batched with right padding (like lm-eval's causal models); only the continuation positions'
@@ -19,7 +20,7 @@ import torch
 
 from evomerge.fitness.result import (CandidateFailed, FitnessResult, ItemResult, TaskResult, choose, combine, exact_match,
                      regex_extract)
-from evomerge.fitness.suite import Item, Suite, SuiteError, Task
+from evomerge.fitness.suite import Item, Scoring, Suite, SuiteError, Task
 
 
 @dataclass
@@ -40,12 +41,6 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
-def needs_lm_eval(task: Task, option: str) -> SuiteError:
-    """The error for an lm-eval task given to the native scorer; ``option`` names the setting."""
-    return SuiteError(f"suite {task.suite.name}, task {task.name}: lm-eval task {task.spec.lm_eval!r} needs "
-                      f"{option} lm-eval or vllm (the native scorer reads local data only)")
-
-
 class NativeBackend:
     name = "native"
 
@@ -53,34 +48,48 @@ class NativeBackend:
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self._prepared: dict[tuple, object] = {}
+        self._lm_eval: dict[tuple, object] = {}  # lm-eval task objects the native scorer reads items from
 
     # -- preparation (once per suite, split and tokenizer) ------------------------------------
 
-    def _prepare(self, task: Task, split: str, tokenizer) -> tuple[list[Item], list[_Request], list]:
+    def _prepare(self, task: Task, split: str, tokenizer) -> tuple[list[Item], Scoring, list[_Request], list]:
         key = (id(task), split, id(tokenizer))
         if key not in self._prepared:
-            if not task.local:
-                raise needs_lm_eval(task, "--backend")
             if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
                 raise SuiteError(f"suite {task.suite.name}: the tokenizer has neither a pad nor an EOS token")
-            items = task.items(split)
+            items, how = self.items(task, split)
             reqs: list[_Request] = []
             prompts = []
             for i, it in enumerate(items):
                 if it.choices is not None:
                     for j, c in enumerate(it.choices):
-                        reqs.append(_Request((i, j), *encode_pair(tokenizer, it.prompt, " " + c)))
+                        reqs.append(_Request((i, j), *encode_pair(tokenizer, it.prompt, it.delimiter + c)))
                 else:
-                    if task.spec.metric == "margin":
-                        reqs.append(_Request((i, 0), *encode_pair(tokenizer, it.prompt, " " + it.answer)))
-                    if not task.spec.teacher_forced:
+                    if how.metric == "margin":
+                        reqs.append(_Request((i, 0), *encode_pair(tokenizer, it.prompt, it.delimiter + it.answer)))
+                    if not how.teacher_forced:
                         prompts.append(tokenizer.encode(it.prompt))
             for r in reqs:
                 if not r.continuation:
                     raise SuiteError(f"suite {task.suite.name}, task {task.name}: item {items[r.key[0]].id}: "
                                      "the continuation encodes to no tokens")
-            self._prepared[key] = (items, reqs, prompts)
+            self._prepared[key] = (items, how, reqs, prompts)
         return self._prepared[key]
+
+    def items(self, task: Task, split: str) -> tuple[list[Item], Scoring]:
+        """The items of ``split`` the native scorer scores ``task`` on, and how: a local task's
+        from its file and spec, an lm-eval task's from its documents and config (refused in one
+        line where the native scorer cannot score it as lm-eval does)."""
+        if task.local:
+            return task.items(split), task.scoring
+        from evomerge.fitness.lmeval_tasks import Resolver, load, native_items
+
+        search = split == "search" and task.spec.search_split is not None
+        key = (task.include, task.spec.lm_eval, task.spec.search_split, search)  # one task object per split role
+        if key not in self._lm_eval:
+            resolver = Resolver()
+            self._lm_eval[key] = load([resolver.config(task, search=search)], resolver)[task.spec.lm_eval]
+        return native_items(task, split, self._lm_eval[key])
 
     # -- scoring --------------------------------------------------------------------------------
 
@@ -97,19 +106,18 @@ class NativeBackend:
                              seconds=time.perf_counter() - t0)
 
     def _score_task(self, model, tokenizer, task: Task, split: str) -> TaskResult:
-        items, reqs, prompts = self._prepare(task, split, tokenizer)
-        spec = task.spec
+        items, how, reqs, prompts = self._prepare(task, split, tokenizer)
         lls = self.loglikelihoods(model, reqs, where=f"task {task.name}") if reqs else {}
         per_item: list[ItemResult] = []
         sums: dict[str, float] = defaultdict(float)
-        if spec.kind == "multiple_choice":
+        if how.kind == "multiple_choice":
             for i, it in enumerate(items):
                 m = choose([lls[(i, j)][0] for j in range(len(it.choices))], it.choices, it.answer)
                 for k, v in m.items():
                     sums[k] += v
-                per_item.append(ItemResult(it.id, bool(m["acc" if spec.metric == "margin" else spec.metric]),
-                                           m[spec.metric]))
-        elif spec.teacher_forced:  # the margin, and whether the reference is the greedy continuation
+                per_item.append(ItemResult(it.id, bool(m["acc" if how.metric == "margin" else how.metric]),
+                                           m[how.metric]))
+        elif how.teacher_forced:  # the margin, and whether the reference is the greedy continuation
             lengths = {r.key[0]: len(r.continuation) for r in reqs}
             for i, it in enumerate(items):
                 ll, greedy = lls[(i, 0)]
@@ -117,21 +125,21 @@ class NativeBackend:
                 sums["margin"] += ll / lengths[i]
                 per_item.append(ItemResult(it.id, greedy, ll / lengths[i]))
         else:
-            outputs = self.generate(model, tokenizer, prompts, spec.stop, spec.max_new_tokens)
-            pattern = re.compile(spec.answer_regex) if spec.answer_regex else None
+            outputs = self.generate(model, tokenizer, prompts, list(how.stop), how.max_new_tokens)
+            pattern = re.compile(how.answer_regex) if how.answer_regex else None
             lengths = {r.key[0]: len(r.continuation) for r in reqs}
             for i, (it, out) in enumerate(zip(items, outputs)):
                 got = regex_extract(pattern, out)
-                ok = exact_match(got, it.answer, spec.ignore_case)
+                ok = exact_match(got, it.answer, how.ignore_case)
                 sums["exact_match"] += ok
                 value = float(ok)
-                if spec.metric == "margin":  # mean log-prob per token of the reference answer
+                if how.metric == "margin":  # mean log-prob per token of the reference answer
                     value = lls[(i, 0)][0] / lengths[i]
                     sums["margin"] += value
                 per_item.append(ItemResult(it.id, ok, value, got))
         n = len(items)
         metrics = {k: v / n for k, v in sums.items()}
-        return TaskResult(task.name, spec.metric, metrics[spec.metric], spec.weight, metrics, per_item)
+        return TaskResult(task.name, how.metric, metrics[how.metric], task.spec.weight, metrics, per_item)
 
     @torch.inference_mode()
     def loglikelihoods(self, model, reqs: list[_Request], where: str = "") -> dict[tuple, tuple[float, bool]]:

@@ -73,6 +73,20 @@ class Item:
     prompt: str
     answer: str | int
     choices: Optional[tuple[str, ...]] = None
+    delimiter: str = " "  # between the prompt and a choice (or the reference answer)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How the native scorer scores a task's items (a local task's from its spec; an lm-eval
+    task's from its config, see :func:`evomerge.fitness.lmeval_tasks.native_items`)."""
+    kind: Literal["multiple_choice", "generate"]
+    metric: str
+    stop: tuple[str, ...] = ("\n",)
+    max_new_tokens: int = 32
+    answer_regex: Optional[str] = None
+    ignore_case: bool = False
+    teacher_forced: bool = False
 
 
 class TaskSpec(BaseModel):
@@ -188,6 +202,13 @@ class Task:
     @property
     def local(self) -> bool:
         return self.spec.data is not None
+
+    @property
+    def scoring(self) -> Scoring:
+        """A local task's scoring, from its spec."""
+        s = self.spec
+        return Scoring(s.kind, s.metric, tuple(s.stop), s.max_new_tokens, s.answer_regex, s.ignore_case,
+                       s.teacher_forced)
 
     def _load(self) -> list[tuple[str, Item]]:
         if self._items is None:

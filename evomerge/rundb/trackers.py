@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from evomerge.errors import one_line
+
 log = logging.getLogger("evomerge.trackers")
 
 TRACKERS = ("mlflow", "tensorboard", "wandb")
@@ -43,10 +45,6 @@ def check_installed(names: list[str]) -> None:
     for name in names:
         if importlib.util.find_spec(PACKAGES[name]) is None:
             raise ConfigError(f"report_to: {name} is not installed (pip install 'evomerge[{name}]')")
-
-
-def one_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
 
 
 def flat(value: Any, prefix: str = "") -> dict[str, str]:

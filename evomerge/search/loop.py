@@ -38,7 +38,7 @@ from typing import Iterator, Optional
 
 from evomerge.config import RunConfig, run_name_problem
 from evomerge.errors import EvomergeError
-from evomerge.fitness.suite import Suite, SuiteError
+from evomerge.fitness.suite import SPLITS, Suite, SuiteError
 from evomerge.machine import ThreadFit
 from evomerge.procs import MACHINE
 from evomerge.merging.model_io import hub_commits, resolve_model_path
@@ -142,15 +142,18 @@ def _preflight(cfg: RunConfig, suite: Suite) -> None:
 
         check_margin_tasks(suite)
     if any(not t.local for t in suite.tasks):
-        if backend == "native":
-            from evomerge.fitness.native import needs_lm_eval
-
-            raise needs_lm_eval(next(t for t in suite.tasks if not t.local), "fitness.backend")
         from evomerge.fitness.lmeval_tasks import check_tasks
 
         for warning in check_tasks(suite):
             log.warning(warning)
             print(f"warning: {warning}", file=sys.stderr)
+        if backend == "native":  # refused here where the native scorer cannot score an lm-eval task
+            from evomerge.fitness.native import NativeBackend
+
+            native = NativeBackend()
+            for t in suite.tasks:
+                for split in SPLITS if not t.local else ():
+                    native.items(t, split)
     _dry_score(cfg, suite)
 
 
