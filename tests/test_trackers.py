@@ -140,3 +140,24 @@ def test_a_tracker_not_installed_is_refused_in_one_line(tmp_path, zoo, monkeypat
     with pytest.raises(ConfigError, match=r"report_to: wandb is not installed \(pip install 'evomerge\[wandb\]'\)"):
         create_run(_config(tmp_path, zoo), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_mlflow_with_a_local_file_store(tmp_path, zoo, monkeypatch):
+    """MLflow's file store (which MLflow 3 keeps behind MLFLOW_ALLOW_FILE_STORE) outside the run
+    directory, named by MLFLOW_TRACKING_URI and an experiment of the user's, read back with
+    mlflow.search_runs."""
+    import mlflow
+
+    uri = (tmp_path / "mlruns").as_uri()
+    for key, value in (("MLFLOW_TRACKING_URI", uri), ("MLFLOW_ALLOW_FILE_STORE", "true"),
+                       ("MLFLOW_EXPERIMENT_NAME", "merges")):
+        monkeypatch.setenv(key, value)
+    run = create_run(_config(tmp_path, zoo, report_to=["mlflow"], budget={"max_candidates": 3}), tmp_path / "run")
+    run_search(run, live=False)
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.search_runs(experiment_names=["merges"])
+    assert len(found) == 1 and found["tags.evomerge.run_id"][0] == run_identity(run)
+    fitness = {r.number: r.fitness for r in run.db.rows() if r.counted}
+    history = mlflow.MlflowClient(uri).get_metric_history(found["run_id"][0], "fitness")
+    assert {m.step: m.value for m in history} == pytest.approx(fitness, abs=1e-12) and len(fitness) == 3
+    assert not (tmp_path / "run" / "mlflow.db").exists()
