@@ -90,7 +90,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     suite = Suite.load(args.suite)
     backend = get_backend(args.backend, model_dir=args.model_dir, batch_size=args.batch_size)
     model = None
-    if not hasattr(backend, "load_weights"):  # an engine of its own (vllm) reads the files itself
+    if not BACKENDS[args.backend].streams:  # else an engine of its own (vllm) takes the files' tensors
         model = load_causal_lm(args.model_dir, device=args.device, trust_remote_code=args.trust_remote_code,
                                allow_pickle=args.allow_pickle)
     try:

@@ -16,11 +16,12 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from evomerge.errors import EvomergeError
-from evomerge.fitness.base import BACKENDS
+from evomerge.fitness.base import BACKENDS, backends_that
 from evomerge.inputs import load_yaml, validate
 from evomerge.merging.methods import METHODS
 from evomerge.merging.recipe import PASSTHROUGH, DtypeName, check_method
-from evomerge.search.samplers import SAMPLERS
+from evomerge.search.registry import DRIVERS, drivers_that
+from evomerge.search.samplers import DEFAULT_SAMPLER, SAMPLERS, SINGLE_OBJECTIVE
 
 class ConfigError(EvomergeError):
     """A run config is invalid."""
@@ -133,16 +134,17 @@ class FitnessSpec(_Strict):
     @classmethod
     def _options_need_lm_eval(cls, v: Optional[LmEvalOptions], info: ValidationInfo) -> Optional[LmEvalOptions]:
         backend = info.data.get("backend")
-        if v is not None and backend not in ("lm-eval", "vllm"):
-            raise ValueError(f"lm-eval options apply to the lm-eval and vllm backends, not {backend!r}")
+        if v is not None and backend in BACKENDS and not BACKENDS[backend].lm_eval:
+            raise ValueError(f"lm-eval options apply to the {backends_that('lm_eval')} backends, not {backend!r}")
         return v
 
     @field_validator("engine")
     @classmethod
     def _engine_needs_vllm(cls, v: Optional[VllmEngineSpec], info: ValidationInfo) -> Optional[VllmEngineSpec]:
         backend = info.data.get("backend")
-        if v is not None and backend != "vllm":
-            raise ValueError(f"engine arguments apply to the vllm backend, not {backend!r}")
+        if v is not None and backend in BACKENDS and not BACKENDS[backend].needs_model_dir:
+            raise ValueError(f"engine arguments apply to the {backends_that('needs_model_dir')} backend(s), "
+                             f"not {backend!r}")
         return v
 
 
@@ -153,13 +155,18 @@ def _registered(v: Optional[str], registry: dict, what: str) -> Optional[str]:
 
 
 class DriverSpec(_Strict):
-    name: Literal["cma", "optuna"] = "cma"
+    name: str = "cma"
     sampler: Optional[str] = None
     popsize: Optional[int] = Field(None, ge=2)
     sigma0: float = Field(1 / 6, gt=0, le=1)
     restarts: int = Field(0, ge=0)
     x0: Literal["default", "center"] = "default"
     n_startup_trials: Optional[int] = Field(None, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _registered(v, DRIVERS, "driver")
 
     @field_validator("sampler")
     @classmethod
@@ -168,12 +175,13 @@ class DriverSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "DriverSpec":
-        if self.name == "optuna" and self.sampler is None:
-            self.sampler = "tpe"
-        if self.name == "cma" and self.sampler is not None:
-            raise ValueError("sampler applies to driver optuna only (cma is pycma itself)")
-        if self.name == "optuna" and self.restarts:
-            raise ValueError("restarts applies to driver cma only")
+        entry = DRIVERS[self.name]
+        if entry.samplers and self.sampler is None:
+            self.sampler = DEFAULT_SAMPLER
+        if not entry.samplers and self.sampler is not None:
+            raise ValueError(f"sampler applies to driver {drivers_that('samplers')} only, not {self.name}")
+        if not entry.restarts and self.restarts:
+            raise ValueError(f"restarts applies to driver {drivers_that('restarts')} only, not {self.name}")
         return self
 
 
@@ -256,9 +264,10 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> "RunConfig":
         if self.merge_method == PASSTHROUGH:
-            if self.fitness.backend == "vllm":
-                raise ValueError("fitness.backend: a layer path is scored on live transformers models; vllm takes "
-                                 "merged weights only: use native or lm_eval")
+            if BACKENDS[self.fitness.backend].streams:
+                live = " or ".join(n for n, e in BACKENDS.items() if not e.streams)
+                raise ValueError(f"fitness.backend: a layer path is scored on live transformers models; "
+                                 f"{self.fitness.backend} takes merged weights only: use {live}")
             return self
         method = METHODS[self.merge_method]
         if method.needs_base and not self.models.base:
@@ -313,8 +322,10 @@ class RunConfig(_Strict):
 
     def check_objectives(self, n_objectives: int, where: str = "config") -> None:
         """Refuse a driver that cannot search several objectives."""
-        if n_objectives > 1 and (self.driver.name == "cma" or self.driver.sampler == "cmaes"):
-            raise ConfigError(f"{where}: driver: the suite has {n_objectives} objectives; CMA-ES searches one. "
+        if n_objectives > 1 and (not DRIVERS[self.driver.name].multi_objective
+                                 or self.driver.sampler in SINGLE_OBJECTIVE):
+            used = self.driver.sampler if self.driver.sampler in SINGLE_OBJECTIVE else self.driver.name
+            raise ConfigError(f"{where}: driver: the suite has {n_objectives} objectives; {used} searches one. "
                               "Use driver {name: optuna, sampler: nsga2} (or tpe, gp, random)")
 
     @property

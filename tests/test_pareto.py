@@ -44,7 +44,7 @@ def test_suite_objectives_are_checked():
 
 
 def test_cma_refuses_several_objectives(tmp_path, zoo):
-    with pytest.raises(ConfigError, match="2 objectives; CMA-ES searches one"):
+    with pytest.raises(ConfigError, match="2 objectives; cma searches one"):
         create_run(config(tmp_path, zoo, fitness={"suite": "zoo-pareto"}), tmp_path / "run")
 
 

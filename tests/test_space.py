@@ -143,7 +143,7 @@ def test_config_relative_paths(tmp_path, zoo):
 @pytest.mark.parametrize("over, message", [
     ({"budget": {}}, "budget: give max_candidates, max_minutes or both"),
     ({"merge_method": "tie"}, "merge_method: unknown method 'tie'"),
-    ({"driver": {"name": "cma", "sampler": "tpe"}}, "sampler applies to driver optuna only"),
+    ({"driver": {"name": "cma", "sampler": "tpe"}}, "sampler applies to driver optuna only, not cma"),
     ({"driver": {"name": "optuna", "sampler": "annealing"}}, "driver.sampler"),
     ({"colour": "red"}, "colour: unknown key"),
     ({"models": {"base": "./nowhere", "experts": ["./nowhere2"]}}, "models: ./nowhere: no such directory"),

@@ -26,18 +26,53 @@ class FitnessBackend(Protocol):
 
 @dataclass(frozen=True)
 class BackendEntry:
+    """A backend by name, with what it can do; the config, the run's start and the evaluator ask
+    these, never the name."""
+
     name: str
     module: str
     cls: str
-    needs_model_dir: bool = False  # started from the base model's directory (an engine of its own)
+    needs_model_dir: bool = False  # started from the base model's directory (an engine of its own: dtype, engine args)
     lm_eval: bool = False  # builds its requests through lm-eval (takes lm-eval's request options)
+    streams: bool = False  # takes merged tensors through ``load_weights(items, tokenizer)``, no live model
+    check: Optional[str] = None  # "module:function" run on the reference model's directory before a run
+    check_suite: Optional[str] = None  # "module:function" run on the suite before a run: what it cannot score
 
 
-BACKENDS: dict[str, BackendEntry] = {e.name: e for e in (
-    BackendEntry("native", "evomerge.fitness.native", "NativeBackend"),
-    BackendEntry("lm-eval", "evomerge.fitness.lmeval", "LmEvalBackend", lm_eval=True),
-    BackendEntry("vllm", "evomerge.fitness.vllm", "VllmBackend", needs_model_dir=True, lm_eval=True),
-)}
+BACKENDS: dict[str, BackendEntry] = {}
+
+
+def register_backend(entry: BackendEntry) -> None:
+    """Add a backend (a name given twice is refused)."""
+    if entry.name in BACKENDS:
+        raise SuiteError(f"fitness backends: two backends are named {entry.name!r}")
+    BACKENDS[entry.name] = entry
+
+
+for _entry in (
+    BackendEntry("native", "evomerge.fitness.native", "NativeBackend",
+                 check_suite="evomerge.fitness.native:check_suite"),
+    BackendEntry("lm-eval", "evomerge.fitness.lmeval", "LmEvalBackend", lm_eval=True,
+                 check_suite="evomerge.fitness.lmeval:check_margin_tasks"),
+    BackendEntry("vllm", "evomerge.fitness.vllm", "VllmBackend", needs_model_dir=True, lm_eval=True, streams=True,
+                 check="evomerge.fitness.vllm:check_model", check_suite="evomerge.fitness.lmeval:check_margin_tasks"),
+):
+    register_backend(_entry)
+
+
+def backends_that(capability: str) -> str:
+    """The names of the backends with ``capability``, for messages."""
+    return " and ".join(n for n, e in BACKENDS.items() if getattr(e, capability)) or "none"
+
+
+def preflight(name: str, model_dir: str, suite: "Suite") -> None:
+    """The backend's own checks before a run: of the reference model's directory, and of the suite
+    (what it cannot score), each refused in one line."""
+    entry = BACKENDS[name]
+    for check, arg in ((entry.check, model_dir), (entry.check_suite, suite)):
+        if check:
+            module, function = check.split(":")
+            getattr(import_module(module), function)(arg)
 
 
 def get_backend(name: str, *, model_dir: Optional[str] = None, batch_size: int = 32, dtype: Optional[str] = None,
@@ -57,5 +92,5 @@ def get_backend(name: str, *, model_dir: Optional[str] = None, batch_size: int =
     if entry.lm_eval:
         kwargs["options"] = options
     elif options:
-        raise SuiteError(f"lm-eval options apply to the lm-eval and vllm backends, not {name!r}")
+        raise SuiteError(f"lm-eval options apply to the {backends_that('lm_eval')} backends, not {name!r}")
     return cls(**kwargs)

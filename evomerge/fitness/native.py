@@ -20,7 +20,7 @@ import torch
 
 from evomerge.fitness.result import (CandidateFailed, FitnessResult, ItemResult, TaskResult, choose, combine, exact_match,
                      regex_extract)
-from evomerge.fitness.suite import Item, Scoring, Suite, SuiteError, Task
+from evomerge.fitness.suite import SPLITS, Item, Scoring, Suite, SuiteError, Task
 
 
 @dataclass
@@ -39,6 +39,15 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     whole = tokenizer.encode(context + continuation)
     ctx = tokenizer.encode(context)
     return ctx, whole[len(ctx):]
+
+
+def check_suite(suite: Suite) -> None:
+    """Refuse, before a run, an lm-eval task of the suite that the native scorer cannot score as
+    lm-eval does (reading each one's items for both splits)."""
+    native = NativeBackend()
+    for t in suite.tasks:
+        for split in SPLITS if not t.local else ():
+            native.items(t, split)
 
 
 class NativeBackend:

@@ -15,15 +15,15 @@ from typing import Optional, Sequence
 from evomerge.config import DriverSpec
 from evomerge.rundb.leases import Owner
 from evomerge.rundb.store import RunDB
-from evomerge.search.drivers import DRIVERS, Driver, Proposal
+from evomerge.search.drivers import Driver, Proposal
+from evomerge.search.registry import DRIVERS, driver_class
 
 
 def make_driver(db: RunDB, names: Sequence[str], spec: DriverSpec, seed: int, x0: Sequence[float], slot: int,
                 solo: bool, **options) -> Driver:
-    cls = DRIVERS[spec.name]
-    if cls.kind == "optuna":
+    if DRIVERS[spec.name].study:
         options["study_of"] = db.study
-    return cls(names, spec, seed, x0, slot=slot, solo=solo, **options)
+    return driver_class(spec.name)(names, spec, seed, x0, slot=slot, solo=solo, **options)
 
 
 class DriverClaims:

@@ -301,5 +301,3 @@ class OptunaDriver(Driver):
             self.sampler.after_trial(self.study, frozen, state, None if values is None else list(values))
         return self._state() if self.solo else None
 
-
-DRIVERS: dict[str, type[Driver]] = {"cma": CmaDriver, "optuna": OptunaDriver}

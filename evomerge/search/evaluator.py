@@ -17,7 +17,7 @@ import torch
 
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError, ModelError, first_line
-from evomerge.fitness.base import get_backend
+from evomerge.fitness.base import BACKENDS, get_backend
 from evomerge.fitness.result import FitnessResult
 from evomerge.fitness.suite import Suite
 from evomerge.merging.layer_path import LayerPath, PathModel
@@ -108,7 +108,7 @@ class Evaluator:
                                    dtype=cfg.dtype, engine=_dump(cfg.fitness.engine), options=_dump(cfg.fitness.lm_eval))
         # a backend with an engine of its own (vLLM) takes each candidate's merged tensors straight
         # into that engine: no live transformers model is kept beside it
-        self.streams = hasattr(self.backend, "load_weights")
+        self.streams = BACKENDS[cfg.fitness.backend].streams
         self.engine = None
         self.model = None
 

@@ -38,7 +38,8 @@ from typing import Iterator, Optional
 
 from evomerge.config import RunConfig, run_name_problem
 from evomerge.errors import EvomergeError
-from evomerge.fitness.suite import SPLITS, Suite, SuiteError
+from evomerge.fitness.base import preflight
+from evomerge.fitness.suite import Suite, SuiteError
 from evomerge.machine import ThreadFit
 from evomerge.procs import MACHINE
 from evomerge.merging.model_io import hub_commits, resolve_model_path
@@ -51,6 +52,7 @@ from evomerge.rundb.secrets import has_secret, redact
 from evomerge.rundb.store import RunDB, best_row, sqlite_path, sqlite_url
 from evomerge.rundb.trackers import Trackers, check_installed
 from evomerge.search.claims import DriverClaims, make_driver
+from evomerge.search.registry import DRIVERS
 from evomerge.search.path_space import PathSpace
 from evomerge.search.space import SearchSpace, checked_space, method_defaults, space_for
 
@@ -128,32 +130,18 @@ def _preflight(cfg: RunConfig, suite: Suite) -> None:
     backend = cfg.fitness.backend
     options = cfg.fitness.lm_eval
     ref = str(resolve_model_path(cfg.reference_model))
-    if backend == "vllm":
-        from evomerge.fitness.vllm import check_model
-
-        check_model(ref)
-    if options is not None and options.apply_chat_template:
-        from transformers import AutoTokenizer
-
-        if not AutoTokenizer.from_pretrained(ref, trust_remote_code=cfg.trust_remote_code).chat_template:
-            raise SuiteError(f"fitness.lm_eval.apply_chat_template: the tokenizer of {ref} has no chat template")
-    if backend != "native":
-        from evomerge.fitness.lmeval import check_margin_tasks
-
-        check_margin_tasks(suite)
     if any(not t.local for t in suite.tasks):
         from evomerge.fitness.lmeval_tasks import check_tasks
 
         for warning in check_tasks(suite):
             log.warning(warning)
             print(f"warning: {warning}", file=sys.stderr)
-        if backend == "native":  # refused here where the native scorer cannot score an lm-eval task
-            from evomerge.fitness.native import NativeBackend
+    preflight(backend, ref, suite)
+    if options is not None and options.apply_chat_template:
+        from transformers import AutoTokenizer
 
-            native = NativeBackend()
-            for t in suite.tasks:
-                for split in SPLITS if not t.local else ():
-                    native.items(t, split)
+        if not AutoTokenizer.from_pretrained(ref, trust_remote_code=cfg.trust_remote_code).chat_template:
+            raise SuiteError(f"fitness.lm_eval.apply_chat_template: the tokenizer of {ref} has no chat template")
     _dry_score(cfg, suite)
 
 
@@ -556,7 +544,7 @@ class _Search:
                                               self.slot, solo=not self.worker), self.owner)
         # a lost candidate is re-queued and redone; one Optuna process instead re-proposes it from
         # its restored sampler (a re-queued trial would skip the draws the sampler made for it)
-        retry = self.worker or cfg.driver.name == "cma"
+        retry = self.worker or DRIVERS[cfg.driver.name].requeue
         rows = db.scores()
         done = sum(r.counted for r in rows)
         elapsed0, session0 = db.metadata.elapsed(), time.perf_counter()

@@ -45,6 +45,8 @@ def _nsga2(spec: "DriverSpec", seed: int, x0: dict[str, float]):
 
 
 SAMPLERS: dict[str, Callable] = {"tpe": _tpe, "cmaes": _cmaes, "gp": _gp, "random": _random, "nsga2": _nsga2}
+DEFAULT_SAMPLER = "tpe"
+SINGLE_OBJECTIVE = frozenset({"cmaes"})  # Optuna's CmaEsSampler searches one objective
 
 
 def make_sampler(spec: "DriverSpec", seed: int, x0: dict[str, float]):
