@@ -20,6 +20,7 @@ from evomerge.run.report import export, export_pareto, status_text
 from evomerge.rundb.store import best_row
 from evomerge.search.evaluator import Evaluator
 from evomerge.search.loop import create_run, open_run, run_search
+from evomerge.search.racing import Racer
 from test_search import ENV, config
 
 RACING = {"racing": {"rungs": [0.1, 0.3], "z": 1.0}}
@@ -148,11 +149,32 @@ def test_racing_search_records_estimates_it_can_justify(tmp_path, zoo):
     assert is_full(leader.result)
     best = best_row(rows)  # what status and export call the best candidate
     assert is_full(best.result)
-    # the racer reads each record once: all complete ones, then none that it has seen
+    # the racer looks at new rows by their summaries and values, and those it has seen never again
     tables = run.db.leases.tables
-    read = tables.complete_results(set())
-    assert [(n, rec["fitness"]) for _, n, rec in read] == [(r.number, r.fitness) for r in rows]
-    assert tables.complete_results({i for i, _, _ in read[:-1]}) == read[-1:]
+    listed = tables.complete_summaries(set())
+    assert [(n, summary["full"], values) for _, n, summary, values in listed] == [
+        (r.number, is_full(r.result), [r.fitness]) for r in rows]
+    assert tables.complete_summaries({i for i, *_ in listed[:-1]}) == listed[-1:]
+    # a resumed racer (the plan saved) reads the records of the fully scored rows that can lead,
+    # not every record, and has the targets that reading every record gives
+    reads = []
+    results = tables.results
+    tables.results = lambda ids: reads.append(list(ids)) or results(ids)
+    racer = Racer(scorer, suite, run.cfg.fitness.estimate, run.cfg.seed)
+    racer.refresh(run.db, force=True)
+    tables.results = results
+    full = [r for r in rows if is_full(r.result)]
+    top = max(r.fitness for r in full)
+    assert reads == [[r.trial_id for r in full]]  # no plan yet in this process: calibration reads them all
+    assert [t.values for t in racer.targets] == [[max(top, *(x.fitness for x in refs.values() if is_full(x.result)))]]
+    reads.clear()
+    tables.results = lambda ids: reads.append(list(ids)) or results(ids)
+    planned = Racer(scorer, suite, run.cfg.fitness.estimate, run.cfg.seed)
+    planned.plan = racer.plan  # as a resumed racer has it once read (the run's saved plan)
+    planned.refresh(run.db, force=True)
+    tables.results = results
+    assert reads == [[r.trial_id for r in full if r.fitness == top]]
+    assert [t.values for t in planned.targets] == [t.values for t in racer.targets]
     status = status_text(run, recent=len(rows))
     assert "candidates stopped before all items" in status and "estimated from 10 of 100 items" in status
     assert "(estimated from 10 of 100 items)" in (tmp_path / "run" / "search.log").read_text()

@@ -204,10 +204,14 @@ class Target:
     items: dict[str, Values]
 
 
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """``a`` is no worse than ``b`` on every objective and better on one (all maximized)."""
+    return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+
 def pareto(targets: list[Target]) -> list[Target]:
     """Targets no other one dominates (all objectives maximized); best first objective first."""
-    keep = [t for t in targets if not any(all(a >= b for a, b in zip(o.values, t.values))
-                                          and any(a > b for a, b in zip(o.values, t.values)) for o in targets)]
+    keep = [t for t in targets if not any(dominates(o.values, t.values) for o in targets)]
     return sorted(keep, key=lambda t: [-v for v in t.values])
 
 

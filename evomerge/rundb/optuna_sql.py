@@ -221,21 +221,28 @@ class OptunaTables:
                 out |= {i: json.loads(v) for i, v in conn.execute(q).all()}
         return out
 
-    def complete_results(self, seen: set[int]) -> list[tuple[int, int, dict]]:
-        """(trial id, number, result record) of the study's COMPLETE trials not in ``seen``: the ids
-        are read first, then only the new records (a full read of thousands of trials takes seconds)."""
-        tr, ua = self.t["trials"], self.t["trial_user_attributes"]
-        out = []
+    def complete_summaries(self, seen: set[int]) -> list[tuple[int, int, Optional[dict], list[float]]]:
+        """(trial id, number, summary, objective values) of the study's COMPLETE trials not in
+        ``seen``, without their records: the ids are read first, then only the new rows' summaries
+        (None for a row written before summaries) and values."""
+        tr, ua, tv = self.t["trials"], self.t["trial_user_attributes"], self.t["trial_values"]
+        out: dict[int, list] = {}
         with self.engine.connect() as conn:
             ids = conn.execute(sa.select(tr.c.trial_id).where(
                 tr.c.study_id == self.study_id, tr.c.state == TrialState.COMPLETE.name)).scalars().all()
             new = sorted(set(ids) - seen)
             for start in range(0, len(new), 500):
+                part = new[start:start + 500]
                 q = (sa.select(tr.c.trial_id, tr.c.number, ua.c.value_json)
-                     .select_from(tr.join(ua, sa.and_(ua.c.trial_id == tr.c.trial_id, ua.c.key == "result")))
-                     .where(tr.c.trial_id.in_(new[start:start + 500])))
-                out += [(i, n, json.loads(v)) for i, n, v in conn.execute(q).all()]
-        return sorted(out)
+                     .select_from(tr.outerjoin(ua, sa.and_(ua.c.trial_id == tr.c.trial_id, ua.c.key == SUMMARY_KEY)))
+                     .where(tr.c.trial_id.in_(part)))
+                for i, n, summary in conn.execute(q).all():
+                    out[i] = [i, n, json.loads(summary) if summary is not None else None, []]
+                vq = (sa.select(tv.c.trial_id, tv.c.value).where(tv.c.trial_id.in_(part))
+                      .order_by(tv.c.trial_id, tv.c.objective))
+                for i, value in conn.execute(vq).all():
+                    out[i][3].append(value)
+        return [tuple(out[i]) for i in sorted(out)]
 
     def last_trial_id(self) -> int:
         trials = self.t["trials"]

@@ -14,7 +14,7 @@ import time
 from typing import Optional
 
 from evomerge.config import EstimateSpec
-from evomerge.fitness.estimate import Plan, Target, compare, is_full, item_values, make_plan, pareto
+from evomerge.fitness.estimate import Plan, Target, compare, dominates, is_full, item_values, make_plan, pareto
 from evomerge.fitness.result import FitnessResult, ItemResult, TaskResult, combine
 from evomerge.fitness.suite import Suite
 from evomerge.merging.recipe import Recipe
@@ -44,8 +44,11 @@ class Racer:
     # -- the run's plan and targets -----------------------------------------------------------
 
     def refresh(self, db: RunDB, force: bool = False) -> None:
-        """Read the run's new fully scored rows (every ``REFRESH_S``; each record is read once),
-        and its plan (chosen here, under the lock, once there are enough of them)."""
+        """Read the run's new fully scored rows (every ``REFRESH_S``), and its plan (chosen here,
+        under the lock, once there are enough of them). New rows are looked at by their summaries
+        and objective values first: until the plan exists every fully scored row's record is read
+        (calibration), then only those that can join the targets' Pareto front, so a resume of a
+        long run reads a handful of records, not every one."""
         if self.plan is not None and not force and time.perf_counter() - self._read_at < REFRESH_S:
             return
         self._read_at = time.perf_counter()
@@ -54,9 +57,14 @@ class Racer:
             if r.state == "complete" and r.name not in self._refs:
                 self._refs.add(r.name)
                 new.append((r.name, r.result))
-        for trial_id, number, record in db.leases.tables.complete_results(self._seen):
-            self._seen.add(trial_id)
-            new.append((f"#{number}", record))
+        rows = db.leases.tables.complete_summaries(self._seen)
+        self._seen.update(trial_id for trial_id, *_ in rows)
+        full = [(i, n, values) for i, n, summary, values in rows if summary is None or summary["full"]]
+        if self.plan is not None:
+            front = [t.values for t in self.targets] + [values for *_, values in full]
+            full = [(i, n, v) for i, n, v in full if not any(dominates(o, v) for o in front)]
+        records = db.leases.tables.results([i for i, _, _ in full])
+        new += [(f"#{n}", records[i]) for i, n, _ in full if i in records]
         self._take([(name, record) for name, record in new if is_full(record)])
         if self.plan is None:
             with db.lock():
