@@ -69,10 +69,13 @@ def test_workers_and_export_report_to_one_run_of_each_tracker(tmp_path, zoo, mon
 
     for key in ("WANDB_MODE", "WANDB_SILENT"):
         monkeypatch.setenv(key, ENV[key])  # the export runs in this process
+    elsewhere = tmp_path / "cwd"  # nothing may be written where the commands run, only in the run
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     cfg = _config(tmp_path, zoo, budget={"max_candidates": 10})
     out = subprocess.run([sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--run-dir",
                           str(tmp_path / "run"), "--devices", "cpu,cpu"], env=ENV, capture_output=True, text=True,
-                         timeout=900)
+                         timeout=900, cwd=elsewhere)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "report_to" not in out.stderr  # no tracker failed
     run = open_run(tmp_path / "run")
@@ -100,6 +103,7 @@ def test_workers_and_export_report_to_one_run_of_each_tracker(tmp_path, zoo, mon
         pytest.approx({n: r.params[x] for n, r in rows.items()})
     assert client.get_metric_history(run_id, "export.candidate")[0].value == report["candidate"]
     assert mlflow.artifacts.load_text(f"runs:/{run_id}/export/recipe.yaml") == recipe
+    assert (tmp_path / "run" / "mlflow-artifacts").is_dir() and not list(elsewhere.iterdir())
 
     # TensorBoard: the two workers' event files are one run
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

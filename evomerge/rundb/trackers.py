@@ -4,7 +4,8 @@ in the run config (none by default; each an optional extra, ``pip install 'evome
 One evomerge run is one tracker run, whichever process logs to it: its search, resumes, workers
 and export.
 
-- **MLflow**: ``MLFLOW_TRACKING_URI`` (default: ``sqlite:///RUN_DIR/mlflow.db``) and
+- **MLflow**: ``MLFLOW_TRACKING_URI`` (default: ``sqlite:///RUN_DIR/mlflow.db``, its artifacts in
+  ``RUN_DIR/mlflow-artifacts``) and
   ``MLFLOW_EXPERIMENT_NAME`` (default ``evomerge``); the run is found again by its tag
   ``evomerge.run_id``.
 - **TensorBoard**: event files in ``RUN_DIR/tensorboard`` (one file per process, one run).
@@ -79,11 +80,14 @@ class _Mlflow:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
         from mlflow.tracking import MlflowClient
 
+        own = not os.environ.get("MLFLOW_TRACKING_URI")  # the default store, in the run directory
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
         self.client = MlflowClient(tracking_uri=uri)
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or "evomerge"
         found = self.client.get_experiment_by_name(experiment)
-        exp_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        # artifacts of the default store go beside it (MLflow's default is ./mlruns in the working directory)
+        where = (run_dir / "mlflow-artifacts").resolve().as_uri() if own else None
+        exp_id = found.experiment_id if found else self.client.create_experiment(experiment, artifact_location=where)
         runs = self.client.search_runs([exp_id], filter_string=f"tags.`evomerge.run_id` = '{run_id}'", max_results=1)
         self.new = not runs
         self.run_id = runs[0].info.run_id if runs else \
