@@ -203,7 +203,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 def rank_correlation(run, scorer) -> Optional[float]:
     """Spearman's rho between recorded (estimated) and true search fitness, on up to RANKED
     estimated candidates spread over the run."""
-    from evomerge.merging.to_disk import read_recipe
+    from evomerge.merging.plan import read_recipe
 
     est = [r for r in run.db.rows() if r.state == "complete" and r.result.get("fidelity", {}).get("estimated")]
     if len(est) < 3:
@@ -233,7 +233,8 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
 
     from evomerge.fitness.suite import Suite
-    from evomerge.merging.to_disk import merge_to_disk, read_recipe
+    from evomerge.merging.plan import read_recipe
+    from evomerge.merging.to_disk import merge_to_disk
     from evomerge.rundb.store import best_row
     from evomerge.search.evaluator import Evaluator
     from evomerge.search.loop import create_run, run_search

@@ -30,7 +30,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from evomerge.inputs import load_yaml
     from evomerge.merging.layer_path import LayerPath
     from evomerge.merging.recipe import Recipe, RecipeError
-    from evomerge.merging.to_disk import merge_to_disk, read_recipe
+    from evomerge.merging.plan import read_recipe
+    from evomerge.merging.to_disk import merge_to_disk
 
     recipe = read_recipe(load_yaml(args.recipe, RecipeError, "recipe"), source=args.recipe)
     if isinstance(recipe, LayerPath):

@@ -32,10 +32,10 @@ from evomerge.merging.architecture import family_of
 from evomerge.merging.conversion import live_name, renamings
 from evomerge.merging.kernel.mix import ExpertTensor
 from evomerge.merging.kernel.sparsify import stream_seed
-from evomerge.merging.to_disk import (merge_one, open_models, output_dtype, prepare_inputs, read_inputs, resolve_params,
-                    tensor_meta, work_dtype)
 from evomerge.merging.layout import build_layout
+from evomerge.merging.plan import open_models, output_dtype, resolve_params, tensor_meta, work_dtype
 from evomerge.merging.recipe import Recipe
+from evomerge.merging.tensor import merge_one, prepare_inputs, read_inputs
 
 log = logging.getLogger(__name__)
 

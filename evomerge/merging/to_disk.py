@@ -1,4 +1,5 @@
-"""Merging recipes: parameter resolution per tensor, and ``evomerge merge`` (streamed to disk)."""
+"""``evomerge merge``: a recipe merged (or a layer path stacked) into a complete Hugging Face model
+directory, streamed one tensor at a time, following its plan (:mod:`.plan`)."""
 
 from __future__ import annotations
 
@@ -6,190 +7,20 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Iterator
 
 import torch
 
-from evomerge.errors import ModelError, RecipeError
-from evomerge.merging.kernel.mix import ExpertTensor, prepare_expert
-from evomerge.merging.model_io import (ModelFiles, ShardedWriter, TensorSpec, all_finite, atomic_directory,
-                                       copy_generation_config, copy_tokenizer, dtype_from_name)
-from evomerge.merging.layout import Layout, TensorSource, align_vocab, build_layout
+from evomerge.errors import ModelError
 from evomerge.merging.layer_path import LayerPath, materialize
-from evomerge.merging.recipe import PASSTHROUGH, Recipe
+from evomerge.merging.layout import build_layout
+from evomerge.merging.model_io import ShardedWriter, TensorSpec, atomic_directory, copy_generation_config, copy_tokenizer
+from evomerge.merging.plan import open_models, output_config, output_dtype, resolve_params, tensor_meta, work_dtype
+from evomerge.merging.recipe import Recipe
+from evomerge.merging.tensor import copied_tensor, merge_checked, read_inputs
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TensorParams:
-    model_params: list[dict]  # per expert, in Layout.experts order
-    global_params: dict
-
-
-def resolve_params(recipe: Recipe, layout: Layout) -> list[TensorParams]:
-    """Every tensor's parameters, resolved before any work so that a bad value fails early,
-    naming the tensor and model."""
-    method = recipe.method
-    out = []
-    for ts in layout.tensors:
-        per_model = []
-        for m in layout.experts:
-            p = recipe.model_params(m, ts.name, ts.t, ts.slice_index)
-            if "weight" in method.model_params and "weight" not in p:
-                raise RecipeError(f"parameter weight of model {m}: no value applies to tensor {ts.name}")
-            problem = method.sparsifier.check(p, f"model {m}, tensor {ts.name}") if method.sparsifier else None
-            if problem:
-                raise RecipeError(problem)
-            per_model.append(p)
-        g = recipe.global_params(ts.name, ts.t, ts.slice_index)
-        for param in method.globals_:
-            if param.required and param.name not in g:
-                raise RecipeError(f"parameter {param.name}: no value applies to tensor {ts.name}")
-        out.append(TensorParams(per_model, g))
-    return out
-
-
-def work_dtype(recipe: Recipe, input_dtypes: Sequence[torch.dtype]) -> torch.dtype:
-    """The merge's compute dtype: the recipe's ``dtype``, else the inputs' promoted dtype."""
-    if recipe.dtype:
-        return dtype_from_name(recipe.dtype)
-    dt = input_dtypes[0]
-    for d in input_dtypes[1:]:
-        dt = torch.promote_types(dt, d)
-    return dt
-
-
-def output_dtype(recipe: Recipe, merged: torch.dtype) -> torch.dtype:
-    return dtype_from_name(recipe.out_dtype) if recipe.out_dtype else merged
-
-
-def gather_inputs(layout: Layout, ts: TensorSource, raw: Sequence[torch.Tensor], dtype: torch.dtype,
-                  device: torch.device) -> list[torch.Tensor]:
-    """Inputs of one tensor on the device, in the merge dtype, vocabularies aligned."""
-    tensors = [t.to(device=device, dtype=dtype) for t in raw]
-    if ts.vocab:
-        base_index = layout.models.index(layout.base) if layout.base else None
-        tensors = align_vocab(tensors, layout.vocab_perms, base_index)
-    return tensors
-
-
-def expert_states(recipe: Recipe, layout: Layout, ts: TensorSource, tensors: list[torch.Tensor],
-                  reuse: bool = False) -> tuple[Optional[torch.Tensor], list[ExpertTensor]]:
-    """The base tensor and each expert's recipe-independent state (task vectors for the task
-    arithmetic family, the raw tensors for linear and slerp). ``reuse``: kept for many recipes;
-    on the CPU DARE's draws are then hashed once and kept with their rescaling table. A single use
-    hashes them in the kernels instead (about 2.5x faster than building the table for one recipe)."""
-    method = recipe.method
-    by_model = dict(zip(layout.models, tensors))
-    base = by_model[layout.base] if layout.base else None
-    states = []
-    for i, m in enumerate(layout.experts):
-        if method.task_vectors:
-            delta = by_model[m] - base
-            states.append(prepare_expert(delta, method, seed=recipe.random_seed, tensor_name=ts.name,
-                                         expert_index=i, reuse=reuse,
-                                         cache_draws=reuse and delta.device.type == "cpu"))
-        else:
-            states.append(ExpertTensor(delta=by_model[m]))
-    return base, states
-
-
-def read_inputs(files: dict[str, ModelFiles], layout: Layout, ts: TensorSource,
-                check: bool = False) -> list[torch.Tensor]:
-    """One output tensor's input tensors as stored, one per model; with ``check``, refused when one
-    holds NaN or inf."""
-    out = [files[m].get(n) for m, n in zip(layout.models, ts.inputs)]
-    if check:
-        for m, n, t in zip(layout.models, ts.inputs, out):
-            files[m].check_finite(n, t)
-    return out
-
-
-def merge_checked(recipe: Recipe, files: dict[str, ModelFiles], layout: Layout, ts: TensorSource,
-                  raw: list[torch.Tensor], params: TensorParams, out: torch.Tensor,
-                  device: torch.device) -> torch.Tensor:
-    """One merged tensor. Its inputs are checked for NaN and inf only when the merge fails or its
-    result is not finite (one check of the output instead of one per input), naming the culprit."""
-    try:
-        base, states, _ = prepare_inputs(recipe, layout, ts, raw, device)
-        merged = merge_one(recipe, base, states, params, out)
-    except Exception:
-        read_inputs(files, layout, ts, check=True)
-        raise
-    if merged.is_floating_point() and not all_finite(merged):
-        read_inputs(files, layout, ts, check=True)
-        raise ModelError(f"tensor {ts.name}: the merge gave NaN or inf values from finite inputs "
-                         "(weights too large for the dtype?)")
-    return merged
-
-
-def prepare_inputs(recipe: Recipe, layout: Layout, ts: TensorSource, raw: Sequence[torch.Tensor],
-                   device: torch.device, reuse: bool = False
-                   ) -> tuple[Optional[torch.Tensor], list[ExpertTensor], torch.dtype]:
-    """The base tensor, each expert's state and the merge dtype of one output tensor."""
-    dtype = work_dtype(recipe, [t.dtype for t in raw])
-    tensors = gather_inputs(layout, ts, raw, dtype, device)
-    base, states = expert_states(recipe, layout, ts, tensors, reuse)
-    return base, states, dtype
-
-
-def merge_one(recipe: Recipe, base: Optional[torch.Tensor], states: Sequence[ExpertTensor],
-              params: TensorParams, out: torch.Tensor) -> torch.Tensor:
-    """Merge one tensor into ``out`` (its dtype is the output dtype)."""
-    method = recipe.method
-    return method.merge(method, base, states, params.model_params, params.global_params, out)
-
-
-def output_config(recipe: Recipe, layout: Layout, files: dict[str, ModelFiles], out_dtype: torch.dtype) -> dict:
-    ref = layout.base or layout.models[0]
-    config = json.loads(json.dumps(files[ref].config))
-    dtype_name = str(out_dtype).removeprefix("torch.")
-    config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = dtype_name
-    if layout.output_num_layers is not None:  # every key that holds the layer count (GPT-2: n_layer)
-        keys = [k for k in ("num_hidden_layers", "n_layer", "num_layers") if k in config] or ["num_hidden_layers"]
-        for key in keys:
-            config[key] = layout.output_num_layers
-    if layout.vocab_perms is not None:
-        config["vocab_size"] = int(layout.vocab_perms.shape[1])
-    if layout.lm_head_added:
-        config["tie_word_embeddings"] = False
-    return config
-
-
-def tensor_meta(layout: Layout, files: dict[str, ModelFiles], ts: TensorSource
-                ) -> tuple[tuple[int, ...], list[torch.dtype]]:
-    """An output tensor's shape and its inputs' dtypes, without reading data."""
-    metas = [files[m].meta(n) for m, n in zip(layout.models, ts.inputs)]
-    ref = layout.models.index(layout.base) if layout.base else 0
-    shape = metas[ref][0]
-    if ts.vocab:
-        shape = (int(layout.vocab_perms.shape[1]), *shape[1:])
-    return shape, [d for _, d in metas]
-
-
-def copied_tensor(files: dict[str, ModelFiles], layout: Layout, ts: TensorSource) -> torch.Tensor:
-    """A non-floating buffer, as the reference model holds it; every model must hold the same."""
-    raw = read_inputs(files, layout, ts)
-    ref = layout.models.index(layout.base or layout.models[0])
-    differ = [m for m, t in zip(layout.models, raw) if t.dtype != raw[ref].dtype or not torch.equal(t, raw[ref])]
-    if differ:
-        raise ModelError(f"tensor {ts.name}: a non-floating buffer (not merged, copied through) that differs "
-                         f"between {layout.models[ref]} and {', '.join(differ)}")
-    return raw[ref]
-
-
-def open_models(recipe: Recipe, allow_pickle: bool = False) -> dict[str, ModelFiles]:
-    return {m: ModelFiles(m, allow_pickle=allow_pickle) for m in recipe.model_names()}
-
-
-def read_recipe(data: Any, source: str = "recipe") -> Recipe | LayerPath:
-    """A recipe dict as a merge :class:`Recipe`, or a :class:`LayerPath` (``merge_method: passthrough``)."""
-    if isinstance(data, Mapping) and data.get("merge_method") == PASSTHROUGH:
-        return LayerPath.from_dict(data, source)
-    return Recipe.from_dict(data, source)
 
 
 def merge_to_disk(recipe: Recipe | LayerPath, out_dir: str | Path, *, device: str = "cpu", allow_pickle: bool = False,

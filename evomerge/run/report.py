@@ -228,7 +228,8 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
     """Write OUT_DIR/recipe.yaml, OUT_DIR/model (the merged model), OUT_DIR/report.{json,md}.
     The directory appears only when complete."""
     from evomerge.search.evaluator import Evaluator
-    from evomerge.merging.to_disk import merge_to_disk, read_recipe
+    from evomerge.merging.plan import read_recipe
+    from evomerge.merging.to_disk import merge_to_disk
     from evomerge.merging.model_io import atomic_directory
 
     row = pick(run, trial)
@@ -282,7 +283,7 @@ CHECKED = 5  # estimated candidates scored on every item at export
 def _check_estimates(run: Run, evaluator) -> Optional[dict]:
     """With ``fitness.estimate``: the item evaluations used, and the best few candidates whose
     fitness was estimated, scored now on every search item (estimate against truth)."""
-    from evomerge.merging.to_disk import read_recipe
+    from evomerge.merging.plan import read_recipe
 
     rows = run.db.scores()
     used = usage([r.summary for r in rows if r.counted])
@@ -393,7 +394,8 @@ def export_pareto(run: Run, out_dir: str | Path, overwrite: bool = False, heldou
     ``models``), and OUT_DIR/pareto.{json,md} with each one's objectives on the search split and,
     with ``heldout``, on the held-out split (re-scored here). Written atomically."""
     from evomerge.search.evaluator import Evaluator
-    from evomerge.merging.to_disk import merge_to_disk, read_recipe
+    from evomerge.merging.plan import read_recipe
+    from evomerge.merging.to_disk import merge_to_disk
     from evomerge.merging.model_io import atomic_directory
 
     names = objective_names(run)

@@ -408,7 +408,7 @@ def checked_space(cfg: "RunConfig") -> Any:
     is an error, a preset's a warning. For starting a run and ``evomerge space``; a run that is
     opened again was checked when it started."""
     from evomerge.merging.layout import SEARCH_HINT, build_layout
-    from evomerge.merging.to_disk import open_models
+    from evomerge.merging.plan import open_models
 
     space = space_for(cfg)
     if not isinstance(space, SearchSpace):
