@@ -130,7 +130,7 @@ def test_a_failing_tracker_is_warned_about_and_the_search_goes_on(tmp_path, zoo,
                      tmp_path / "run")
     summary = run_search(run, live=False)
     assert summary["evaluated"] == 2
-    warned = [line for line in capsys.readouterr().err.splitlines() if "report_to" in line]
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: report_to")]
     assert len(warned) == 1 and warned[0].startswith("warning: report_to: mlflow failed (")
     assert warned[0].endswith("the search goes on without it")
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))  # the other tracker logged
