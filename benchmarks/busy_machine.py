@@ -30,7 +30,8 @@ MATMUL_LOOP = ("import select, sys, torch\ntorch.set_num_threads(1)\na = torch.r
 
 def _search(zoo: dict, work: Path, name: str, candidates: int, minutes: float, threads) -> dict:
     from evomerge.demo import demo_config
-    from evomerge.search.loop import create_run, run_search
+    from evomerge.run.loop import run_search
+    from evomerge.run.rundir import create_run
 
     cfg = demo_config(zoo, candidates) | {"references": False, "name": name}
     cfg["budget"] = {"max_candidates": candidates, "max_minutes": minutes}

@@ -7,7 +7,6 @@ first start, against a resume that finds the hashes cached in the run directory 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time

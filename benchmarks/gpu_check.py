@@ -152,7 +152,8 @@ def _tiny_zoo(args) -> dict:
 def stage_search(args, device: str) -> dict:
     import yaml
 
-    from evomerge.search.loop import create_run, run_search
+    from evomerge.run.loop import run_search
+    from evomerge.run.rundir import create_run
 
     zoo = _tiny_zoo(args)
     n = 4 if args.dry_run else args.candidates

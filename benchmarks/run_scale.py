@@ -46,7 +46,8 @@ from workers import _database, _start_postgres  # noqa: E402  (a throwaway serve
 
 def make_run(work: Path, storage: str | None) -> Path:
     """A run directory holding a real two-candidate search on a tiny family."""
-    from evomerge.search.loop import create_run, run_search
+    from evomerge.run.loop import run_search
+    from evomerge.run.rundir import create_run
     from evomerge.tiny import build_family
 
     family = build_family(work / "family", n_experts=2)
@@ -68,7 +69,7 @@ def make_run(work: Path, storage: str | None) -> Path:
 def grow(run_dir: Path, storage: str | None, target: int, rng: random.Random) -> None:
     """Add candidates through the run database's write path until it holds ``target``."""
     from evomerge.rundb.leases import Owner
-    from evomerge.search.loop import open_run
+    from evomerge.run.rundir import open_run
 
     run = open_run(run_dir, storage)
     owner = Owner.this_process()
@@ -87,7 +88,7 @@ def grow(run_dir: Path, storage: str | None, target: int, rng: random.Random) ->
 def claim_finish(run_dir: Path, storage: str | None, n: int = 50) -> float:
     """Mean seconds of one claim and one finish, as the loop does them (under the run lock)."""
     from evomerge.rundb.leases import Owner
-    from evomerge.search.loop import open_run
+    from evomerge.run.rundir import open_run
 
     run = open_run(run_dir, storage)
     owner = Owner.this_process()
@@ -112,7 +113,7 @@ def timed(fn) -> float:
 def status(run_dir: Path, storage: str | None) -> tuple[float, float]:
     """Seconds of ``evomerge status``'s text, and of its plots."""
     from evomerge.run.report import status_text, write_plots
-    from evomerge.search.loop import open_run
+    from evomerge.run.rundir import open_run
 
     run = open_run(run_dir, storage)
     t = timed(lambda: status_text(run)), timed(lambda: write_plots(run))
@@ -122,7 +123,7 @@ def status(run_dir: Path, storage: str | None) -> tuple[float, float]:
 
 def export_pick(run_dir: Path, storage: str | None) -> float:
     from evomerge.run.report import pick
-    from evomerge.search.loop import open_run
+    from evomerge.run.rundir import open_run
 
     run = open_run(run_dir, storage)
     t = timed(lambda: pick(run, None))
@@ -132,8 +133,9 @@ def export_pick(run_dir: Path, storage: str | None) -> float:
 
 def resume_start(run_dir: Path, storage: str | None) -> float:
     """Seconds from opening the run to its first new candidate's claim, in ``run_search(resume=True)``."""
+    from evomerge.run.loop import run_search
+    from evomerge.run.rundir import open_run
     from evomerge.rundb import leases
-    from evomerge.search import loop
 
     first: list[float] = []
     claim = leases.Leases.claim
@@ -145,9 +147,9 @@ def resume_start(run_dir: Path, storage: str | None) -> float:
     leases.Leases.claim = claim_once
     t0 = time.perf_counter()
     try:
-        run = loop.open_run(run_dir, storage)
+        run = open_run(run_dir, storage)
         try:
-            loop.run_search(run, resume=True, max_candidates=10 ** 7)
+            run_search(run, resume=True, max_candidates=10 ** 7)
         except KeyboardInterrupt:
             pass
         run.db.close()
@@ -179,7 +181,8 @@ def memory(work: Path, candidates: int) -> list[tuple[int, float]]:
     """A fresh search of ``candidates`` on the tiny family, in this process (SQLite in its run
     directory): (candidates done, RSS in MB) after every 100th."""
     from evomerge.search import claims
-    from evomerge.search.loop import create_run, run_search
+    from evomerge.run.loop import run_search
+    from evomerge.run.rundir import create_run
 
     cfg = yaml.safe_load((work / "cfg.yaml").read_text()) | {"name": "memory",
                                                               "budget": {"max_candidates": candidates}}

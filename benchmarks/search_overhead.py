@@ -37,7 +37,9 @@ def main() -> int:
     from evomerge.demo import demo_config
     from evomerge.rundb.leases import Leases
     from evomerge.search import evaluator as evaluator_mod
-    from evomerge.search import loop as search_mod
+    from evomerge.run import loop as search_mod
+    from evomerge.run.rundir import create_run
+    from evomerge.search.space import SearchSpace
     from evomerge.search.claims import DriverClaims
     from evomerge.zoo import load_or_build_zoo
 
@@ -72,12 +74,12 @@ def main() -> int:
     Leases.reclaim = timed("lost-candidate check", Leases.reclaim)
     Leases.counts = timed("budget check", Leases.counts)
     DriverClaims.tell = timed("driver tell + database write", DriverClaims.tell)
-    search_mod.SearchSpace.decode = timed("decode recipe", search_mod.SearchSpace.decode)
+    SearchSpace.decode = timed("decode recipe", SearchSpace.decode)
     evaluator_mod.Evaluator.score_recipe = timed("candidate (merge + fitness)", evaluator_mod.Evaluator.score_recipe)
     evaluator_mod.Evaluator.score_model = timed("fitness evaluation", evaluator_mod.Evaluator.score_model)
 
     before = {p for p in Path(zoo["root"]).rglob("*") if p.is_file()}
-    run = search_mod.create_run(work / "cfg.yaml", work / "run")
+    run = create_run(work / "cfg.yaml", work / "run")
     loop = search_mod._Search.loop
     wall = []
 

@@ -237,7 +237,8 @@ def main() -> int:
     from evomerge.merging.to_disk import merge_to_disk
     from evomerge.rundb.store import best_row
     from evomerge.search.evaluator import Evaluator
-    from evomerge.search.loop import create_run, run_search
+    from evomerge.run.loop import run_search
+    from evomerge.run.rundir import create_run
     from evomerge.zoo import load_or_build_any
 
     if args.size == "smollm2":

@@ -49,7 +49,7 @@ def _database(server: str, name: str) -> str:
 
 
 def run_setting(n: int, zoo: dict, work: Path, candidates: int, device: str, server: str | None) -> dict:
-    from evomerge.search.loop import create_run
+    from evomerge.run.rundir import create_run
 
     name = f"w{n}"
     cfg = {"name": name, "models": {"base": zoo["base"], "experts": list(zoo["experts"].values())},

@@ -117,7 +117,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from evomerge.search.loop import create_run, run_search
+    from evomerge.run.loop import run_search
+    from evomerge.run.rundir import create_run
 
     devices = None
     if args.devices:
@@ -140,7 +141,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _cmd_worker(args: argparse.Namespace) -> int:
     from evomerge.config import check_device
-    from evomerge.search.loop import join_run, run_search
+    from evomerge.run.loop import run_search
+    from evomerge.run.rundir import join_run
 
     run = join_run(args.target, args.storage, args.run_dir, env=_env_storage())
     with closing(run.db):
@@ -160,7 +162,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
-    from evomerge.search.loop import open_run, run_search
+    from evomerge.run.loop import run_search
+    from evomerge.run.rundir import open_run
 
     run = open_run(args.run_dir, args.storage, env=_env_storage())
     with closing(run.db):
@@ -194,7 +197,7 @@ def _cmd_space(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from evomerge.run.report import status_text, write_plots
-    from evomerge.search.loop import open_run
+    from evomerge.run.rundir import open_run
 
     run = open_run(args.run_dir, args.storage, env=_env_storage())
     with closing(run.db):
@@ -206,7 +209,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from evomerge.search.loop import open_run
+    from evomerge.run.rundir import open_run
 
     run = open_run(args.run_dir, args.storage, env=_env_storage())
     with closing(run.db):

@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from evomerge import machine
     from evomerge.run.report import comparison_table, export, status_text, write_plots
-    from evomerge.search.loop import create_run, run_search
+    from evomerge.run.loop import run_search
+    from evomerge.run.rundir import create_run
     from evomerge.zoo import describe_zoo, load_or_build_zoo
 
     t0 = time.perf_counter()

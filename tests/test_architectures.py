@@ -214,7 +214,8 @@ def test_moe_merges_are_mergekits(tmp_path, moe, kind, method):
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "gpt_neox"])
 def test_moe_and_renamed_checkpoints_search_resume_and_export(tmp_path, moe, kind):
     from evomerge.run.report import export
-    from evomerge.search.loop import create_run, open_run, run_search
+    from evomerge.run.loop import run_search
+    from evomerge.run.rundir import create_run, open_run
 
     fam = moe(kind)
     cfg = tmp_path / "cfg.yaml"
@@ -255,7 +256,7 @@ def test_slices_rewrite_every_layer_count_key(tmp_path, tiny):
 def test_the_vllm_backend_refuses_a_mixture_of_experts_on_cpu(tmp_path, moe, vllm_available):
     """vLLM 0.32's CPU build does not rebuild its packed expert layout on an in-place reload."""
     from evomerge.fitness.suite import SuiteError
-    from evomerge.search.loop import create_run
+    from evomerge.run.rundir import create_run
 
     if torch.cuda.is_available():
         pytest.skip("the refusal is for vLLM's CPU build")

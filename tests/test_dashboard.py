@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge.search.loop import create_run, run_search
+from evomerge.run.loop import run_search
+from evomerge.run.rundir import create_run
 
 
 def _chromium() -> str:

@@ -19,7 +19,8 @@ from evomerge.merging.recipe import Recipe
 from evomerge.run.report import export, export_pareto, status_text
 from evomerge.rundb.store import best_row
 from evomerge.search.evaluator import Evaluator
-from evomerge.search.loop import create_run, open_run, run_search
+from evomerge.run.loop import run_search
+from evomerge.run.rundir import create_run, open_run
 from evomerge.search.racing import Racer
 from test_search import ENV, config
 

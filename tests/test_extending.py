@@ -12,7 +12,8 @@ from evomerge.config import ConfigError, RunConfig
 from evomerge.fitness.base import BACKENDS, BackendEntry, register_backend
 from evomerge.fitness.result import FitnessResult, ItemResult, TaskResult, combine
 from evomerge.search.drivers import Driver, Proposal
-from evomerge.search.loop import create_run, open_run, run_search
+from evomerge.run.loop import run_search
+from evomerge.run.rundir import create_run, open_run
 from evomerge.search.registry import DRIVERS, DriverEntry, register_driver
 
 

@@ -180,7 +180,8 @@ def test_searched_recipes_reach_the_same_tensors_in_mergekit(tmp_path, family, n
 @pytest.mark.parametrize("name", FAMILIES)
 def test_short_search_and_export(tmp_path, family, name):
     from evomerge.run.report import export
-    from evomerge.search.loop import create_run, run_search
+    from evomerge.run.loop import run_search
+    from evomerge.run.rundir import create_run
 
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"models": family(name), "merge_method": "ties", "space": "per_layer",

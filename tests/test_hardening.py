@@ -25,7 +25,8 @@ from evomerge.procs import HOST, process_start
 from evomerge.resources import suites_dir
 from evomerge.rundb.meta import STATE_KEY
 from evomerge.rundb.secrets import has_secret, redact, scrub
-from evomerge.search.loop import RunError, create_run, open_run, run_search
+from evomerge.run.loop import run_search
+from evomerge.run.rundir import RunError, create_run, open_run
 
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -381,7 +382,7 @@ def test_a_run_whose_first_candidates_all_fail_alike_stops(tmp_path, zoo):
                                              ([None, "x", "x"], 3, False), (["x", "x"], 3, False),
                                              (["x", "x", "x", "x"], 3, False), (["x"], 0, False)])
 def test_same_failure(errors, n, stops):
-    from evomerge.search.loop import same_failure
+    from evomerge.run.loop import same_failure
 
     assert same_failure(errors, n) is stops
 

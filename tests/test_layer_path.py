@@ -202,7 +202,7 @@ def test_a_hybrid_export_holds_the_recipe_chain_that_rebuilds_it(tmp_path, zoo, 
     import json
 
     from evomerge import cli
-    from evomerge.search.loop import open_run
+    from evomerge.run.rundir import open_run
 
     ps = write_run_config(tmp_path / "ps.yaml", zoo)
     assert cli.main(["search", str(ps), "--run-dir", str(tmp_path / "ps")]) == 0

@@ -308,7 +308,8 @@ def test_search_and_export_warn_about_the_test_split(user_tasks, zoo, tmp_path, 
     import yaml
 
     from evomerge.run.report import export
-    from evomerge.search.loop import create_run, run_search
+    from evomerge.run.loop import run_search
+    from evomerge.run.rundir import create_run
 
     suite = _suite(user_tasks, [{"name": "letter", "lm_eval": "my_letter", "include": "tasks",
                                  "metric": "same_first_letter", "n": 8, "n_heldout": 8}])
@@ -330,7 +331,8 @@ def test_a_native_search_on_included_tasks_and_its_refusal(user_tasks, zoo, tmp_
     before the run directory exists."""
     import yaml
 
-    from evomerge.search.loop import create_run, run_search
+    from evomerge.run.loop import run_search
+    from evomerge.run.rundir import create_run
 
     def config(tasks: list[dict]) -> Path:
         suite = _suite(user_tasks, tasks)

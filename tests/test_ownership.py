@@ -19,7 +19,7 @@ import yaml
 
 from evomerge import cli
 from evomerge.merging.model_io import OUTPUT_MARKER
-from evomerge.search.loop import open_run
+from evomerge.run.rundir import open_run
 
 
 def run_cli(capsys, *args) -> tuple[int, str]:

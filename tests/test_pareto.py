@@ -15,7 +15,8 @@ from evomerge.fitness.suite import Suite
 from evomerge.fitness.suite import SuiteError
 from evomerge.run.report import export_pareto, status_text, write_plots
 from evomerge.rundb.store import Row, pareto_front
-from evomerge.search.loop import create_run, run_search
+from evomerge.run.loop import run_search
+from evomerge.run.rundir import create_run
 from test_search import ENV, config
 
 

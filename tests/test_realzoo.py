@@ -152,7 +152,8 @@ def test_search_and_export_on_the_real_model_and_mergekit_agrees(real_zoo, tmp_p
 
     from conftest import load_dir, mergekit_merge
     from evomerge.run.report import export
-    from evomerge.search.loop import create_run, run_search
+    from evomerge.run.loop import run_search
+    from evomerge.run.rundir import create_run
 
     cfg = {"models": {"base": real_zoo["base"], "experts": list(real_zoo["experts"].values())},
            "merge_method": "task_arithmetic", "space": {"granularity": "layer_groups", "layers_per_group": 10},

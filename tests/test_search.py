@@ -22,7 +22,8 @@ from conftest import load_dir, mergekit_merge
 from evomerge.errors import EvomergeError
 from evomerge.run.report import export, status_text, write_plots
 from evomerge.rundb.store import RunDB, sqlite_url
-from evomerge.search.loop import RunError, create_run, open_run, run_search
+from evomerge.run.loop import run_search
+from evomerge.run.rundir import RunError, create_run, open_run
 
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge.search.loop import create_run, open_run, run_identity, run_search
+from evomerge.run.loop import run_search
+from evomerge.run.rundir import create_run, open_run, run_identity
 
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
                     "WANDB_SILENT": "true"}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge.search.loop import open_run
+from evomerge.run.rundir import open_run
 
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                     "OMP_NUM_THREADS": "1"}
@@ -80,7 +80,7 @@ def test_three_workers_one_killed(tmp_path, zoo, pg_url, driver):
     outs = [p.communicate(timeout=600)[0] for p in (procs[0], procs[2])]
     assert [p.returncode for p in (procs[0], procs[2])] == [0, 0], "\n".join(outs)
     db.close()
-    from evomerge.search.loop import join_run
+    from evomerge.run.rundir import join_run
 
     run = join_run(tmp_path / "host0", pg_url)
 

@@ -15,7 +15,7 @@ from evomerge.run.card import write_model_card
 from evomerge.rundb.secrets import redact
 from evomerge.rundb.store import Row, Score, best_row, pareto_front
 from evomerge.rundb.trackers import Trackers
-from evomerge.search.loop import Run, parents, reference_recipes, run_budget, run_identity, versions
+from evomerge.run.rundir import Run, parents, reference_recipes, run_budget, run_identity, versions
 
 
 def _fmt(v: Optional[float]) -> str:

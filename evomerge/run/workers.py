@@ -20,7 +20,7 @@ from typing import Optional
 
 from evomerge.errors import EvomergeError
 from evomerge.machine import usable_cores
-from evomerge.search.loop import Run, run_budget
+from evomerge.run.rundir import Run, run_budget
 
 log = logging.getLogger(__name__)
 

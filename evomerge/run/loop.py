@@ -1,290 +1,51 @@
-"""A search run: its directory, its references, its loop, its resume.
+"""A run's search loop (:func:`run_search`), for one process of any number on one run.
 
-A run directory holds ``config.yaml`` (the resolved config: absolute paths), ``run.json`` (the
-run's name, its id and its storage), ``run.db`` (the SQLite run database unless ``--storage``
-points elsewhere), ``search.log`` and the plots ``evomerge status`` writes.
-
-A run directory is self-contained: ``run.json`` names a database inside it by its path relative
-to the directory, so a copied or moved run opens its own ``run.db``. An external storage
-(PostgreSQL, or a SQLite file elsewhere) is named by its URL, without any password. Either way
-the database must hold the run of the same id: a database of another run is refused. An
-explicit ``--storage`` replaces the run's own storage, saying so; ``$EVOMERGE_STORAGE`` never
-does (it only supplies the password of the run's own storage).
-
-The loop: under the run's lock, reclaim candidates whose worker died and ask the driver (which
-claims a candidate); then decode the vector into a recipe, apply it into the live model, score
-it (a heartbeat thread keeps the claim alive), and under the lock again tell the driver (which
-records it). Any number of processes may run this loop on one run database (``evomerge
-worker``): there is no generation barrier, and the budget counts the candidates of all of them.
-SIGINT / SIGTERM finish the candidate in flight, save the state and print how to resume; a
-second signal abandons the candidate (it is redone).
+Under the run's lock, reclaim candidates whose worker died and ask the driver (which claims a
+candidate); then run the trial (:meth:`_Search.run_trial`): decode the vector into a recipe,
+apply it into the live model, score it (a heartbeat thread keeps the claim alive), and under the
+lock again tell the driver (which records it). Any number of processes may run this loop on one
+run database (``evomerge worker``): there is no generation barrier, and the budget counts the
+candidates of all of them. SIGINT / SIGTERM finish the candidate in flight, save the state and
+print how to resume; a second signal abandons the candidate (it is redone). The run's directory
+and database: :mod:`evomerge.run.rundir`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import signal
 import sys
 import threading
 import time
-import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from importlib import metadata
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional
 
-from evomerge.config import RunConfig, run_name_problem
-from evomerge.errors import EvomergeError
-from evomerge.fitness.base import preflight
-from evomerge.fitness.suite import Suite, SuiteError
+from evomerge.fitness.suite import Suite
 from evomerge.machine import ThreadFit
 from evomerge.procs import MACHINE
-from evomerge.merging.model_io import hub_commits, resolve_model_path
+from evomerge.run.rundir import (BUDGET_KEY, Run, RunError, parents, reference_recipes, run_budget, run_identity, versions, x0_vector)
+from evomerge.rundb.leases import Owner
+from evomerge.rundb.secrets import redact
+from evomerge.rundb.store import RunDB, best_row
+from evomerge.rundb.trackers import Trackers
+from evomerge.search.claims import DriverClaims, make_driver
+from evomerge.search.drivers import Proposal
 from evomerge.search.evaluator import Evaluation, Evaluator
-from evomerge.search.fingerprint import HASHES_FILE, RESUMABLE, FileHashes, compare, fingerprint
+from evomerge.search.fingerprint import (
+    HASHES_FILE,
+    RESUMABLE,
+    FileHashes,
+    compare,
+    fingerprint,
+)
 from evomerge.search.progress import Progress
 from evomerge.search.racing import Racer
-from evomerge.rundb.leases import Owner
-from evomerge.rundb.secrets import has_secret, redact
-from evomerge.rundb.store import RunDB, best_row, sqlite_path, sqlite_url
-from evomerge.rundb.trackers import Trackers, check_installed
-from evomerge.search.claims import DriverClaims, make_driver
 from evomerge.search.registry import DRIVERS
-from evomerge.search.path_space import PathSpace
-from evomerge.search.space import SearchSpace, checked_space, method_defaults, space_for
 
 log = logging.getLogger("evomerge.search")
-
-PACKAGES = ("evomerge", "torch", "transformers", "safetensors", "optuna", "cma", "lm_eval", "numpy")
-
-
-class RunError(EvomergeError):
-    """A run directory is missing, incomplete or does not match its database."""
-
-
-def versions() -> dict[str, str]:
-    out = {}
-    for p in PACKAGES:
-        try:
-            out[p] = metadata.version(p.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            out[p] = "not installed"
-    out["python"] = sys.version.split()[0]
-    return out
-
-
-@dataclass
-class Run:
-    """An opened run: its directory, config, database and search space."""
-    run_dir: Path
-    cfg: RunConfig
-    db: RunDB
-    space: SearchSpace | PathSpace
-    name: str
-
-
-def run_identity(run: Run) -> str:
-    """The run's identity (a run from before identities were kept: its name)."""
-    return run.db.metadata.get().get(RUN_ID_KEY) or run.name
-
-
-def _heartbeat_options(cfg: RunConfig) -> dict:
-    return {"heartbeat_s": cfg.heartbeat.interval_s, "grace_s": cfg.heartbeat.grace_s}
-
-
-RUN_ID_KEY = "run_id"  # run.json's and the run database's metadata key of the run's identity
-
-
-def _local_database(run_dir: Path, url: str) -> Optional[str]:
-    """The path relative to ``run_dir`` of a SQLite database ``url`` inside it; None otherwise."""
-    path = sqlite_path(url)
-    if path is None:
-        return None
-    try:
-        return Path(path).resolve().relative_to(run_dir.resolve()).as_posix()
-    except ValueError:
-        return None
-
-
-def _write_run_dir(run_dir: Path, cfg: RunConfig, name: str, url: str, run_id: str) -> None:
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    local = _local_database(run_dir, url)
-    info = {"name": name, RUN_ID_KEY: run_id, "storage": local or redact(url), "storage_in_run_dir": local is not None,
-            "storage_has_password": has_secret(url), "created": _dt.datetime.now().isoformat(timespec="seconds"),
-            "hub_commits": hub_commits(cfg.models.names())}
-    tmp = run_dir / f"run.json.{threading.get_native_id()}.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(run_dir / "run.json")
-
-
-def _preflight(cfg: RunConfig, suite: Suite) -> None:
-    """Check what a run needs before anything is written, beyond what ``checked_space`` checked (the
-    models' compatibility): the suite's data (both splits), its lm-eval tasks (with a warning for
-    each searched on its test split), that the backend can score every task, and that a chat
-    template asked for exists."""
-    suite.check()
-    check_installed(cfg.report_to)
-    backend = cfg.fitness.backend
-    options = cfg.fitness.lm_eval
-    ref = str(resolve_model_path(cfg.reference_model))
-    if any(not t.local for t in suite.tasks):
-        from evomerge.fitness.lmeval_tasks import check_tasks
-
-        for warning in check_tasks(suite):
-            log.warning(warning)
-            print(f"warning: {warning}", file=sys.stderr)
-    preflight(backend, ref, suite)
-    if options is not None and options.apply_chat_template:
-        from transformers import AutoTokenizer
-
-        if not AutoTokenizer.from_pretrained(ref, trust_remote_code=cfg.trust_remote_code).chat_template:
-            raise SuiteError(f"fitness.lm_eval.apply_chat_template: the tokenizer of {ref} has no chat template")
-    _dry_score(cfg, suite)
-
-
-def _dry_score(cfg: RunConfig, suite: Suite) -> None:
-    """Score the reference model on the first search item of each task with the run's backend and
-    options: what the backend rejects (an lm-eval option, a prompt too long for the engine) stops
-    the run before it exists, not every candidate. A vLLM engine started here serves the run."""
-    ref = str(resolve_model_path(cfg.reference_model))
-    ev = Evaluator(cfg, suite.subset({t.name: [0] for t in suite.tasks})).score_model_dir(ref)["search"]
-    if ev.error:
-        raise SuiteError(f"fitness: the {cfg.fitness.backend} backend failed to score {ref} on one item of each "
-                         f"task, so every candidate would fail: {ev.error}")
-
-
-def _new_run_place(config_path: str | Path, run_dir: Optional[str | Path], storage: Optional[str]):
-    """A config checked against its models, with the run's name, directory (created; default
-    runs/NAME) and storage URL (default: SQLite in that directory), and its objectives' names."""
-    cfg = RunConfig.load(config_path)
-    space = checked_space(cfg)
-    suite = Suite.resolve(cfg.fitness.suite)
-    objectives = suite.objective_names
-    cfg.check_objectives(len(objectives), str(config_path))
-    _preflight(cfg, suite)
-    name = cfg.name or Path(config_path).stem
-    problem = run_name_problem(name)
-    if problem:
-        raise RunError(f"{config_path}: no name given, and its file name {problem}; set name: in the config")
-    run_dir = Path(run_dir) if run_dir else Path("runs") / name
-    url = storage or sqlite_url((run_dir / "run.db").resolve())
-    return cfg, space, objectives, name, run_dir, url
-
-
-def _claim_run_dir(run_dir: Path) -> bool:
-    """Make ``run_dir`` a new run's directory: it must not exist, or be empty. Returns whether it
-    was created here (so a failed start may remove it)."""
-    if (run_dir / "run.json").exists():
-        raise RunError(f"{run_dir}: a run already lives here; continue it with: evomerge resume {run_dir}")
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise RunError(f"{run_dir}: exists and is not empty; a run directory must be new (pick another --run-dir "
-                       "or name)")
-    fresh = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return fresh
-
-
-def create_run(config_path: str | Path, run_dir: Optional[str | Path] = None, storage: Optional[str] = None) -> Run:
-    cfg, space, objectives, name, run_dir, url = _new_run_place(config_path, run_dir, storage)
-    fresh = _claim_run_dir(run_dir)
-    run_id = uuid.uuid4().hex
-    try:
-        db = RunDB(url, name, create=True, objectives=objectives, **_heartbeat_options(cfg))
-        db.metadata.set({RUN_ID_KEY: run_id})
-    except BaseException:
-        if fresh and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # ours and empty: nothing may block the corrected command
-        raise
-    try:
-        _write_run_dir(run_dir, cfg, name, url, run_id)
-    except BaseException:
-        db.delete_run()  # the run is ours: without its run directory it could never be resumed
-        raise
-    return Run(run_dir, cfg, db, space, name)
-
-
-def _run_storage(run_dir: Path, info: dict, storage: Optional[str], env: Optional[str]) -> str:
-    """The URL of a run's database: its own (run.json), or an explicit ``storage`` (said in the log).
-    ``env`` ($EVOMERGE_STORAGE) only supplies the password of the run's own external storage."""
-    own = info["storage"]
-    if info.get("storage_in_run_dir"):
-        own = sqlite_url((run_dir / own).resolve())
-    elif RUN_ID_KEY not in info and _local_database(run_dir, own) is None and (run_dir / "run.db").exists():
-        # a run directory of an older evomerge (an absolute SQLite URL), since moved or copied
-        log.warning("%s/run.json names %s, but the directory holds its own run.db (moved or copied): using that",
-                    run_dir, own)
-        own = sqlite_url((run_dir / "run.db").resolve())
-    if storage is not None:
-        if redact(storage) != redact(own):
-            log.warning("--storage %s replaces the run's own storage %s", redact(storage), redact(own))
-        return storage
-    if env is not None and redact(env) == redact(own) and info.get("storage_has_password"):
-        return env
-    if env is not None and redact(env) != redact(own):
-        log.warning("EVOMERGE_STORAGE (%s) is not this run's storage: using the run's own, %s (pass --storage to "
-                    "use another)", redact(env), redact(own))
-    if info.get("storage_has_password"):
-        raise RunError(f"{run_dir}: the run's storage {own} needs a password; pass --storage with the full URL "
-                       "(or set EVOMERGE_STORAGE to it)")
-    return own
-
-
-def _check_identity(db: RunDB, info: dict, run_dir: Path) -> None:
-    """Refuse a database that holds a run of the same name but not this run."""
-    mine, theirs = info.get(RUN_ID_KEY), db.metadata.get().get(RUN_ID_KEY)
-    if mine is not None and theirs != mine:
-        raise RunError(f"storage {redact(db.url)}: its run {db.name!r} is not the run of {run_dir} (run id "
-                       f"{theirs or 'none'}, not {mine}): pass that run's own --storage")
-
-
-def open_run(run_dir: str | Path, storage: Optional[str] = None, env: Optional[str] = None) -> Run:
-    """An existing run directory's run. ``storage`` replaces the run's own storage (a database
-    of the same run, see :func:`_run_storage`); ``env`` is ``$EVOMERGE_STORAGE``."""
-    run_dir = Path(run_dir)
-    info_path = run_dir / "run.json"
-    if not info_path.exists():
-        raise RunError(f"{run_dir}: not a run directory (no run.json); start one with: evomerge search CONFIG.yaml")
-    info = json.loads(info_path.read_text())
-    url = _run_storage(run_dir, info, storage, env)
-    cfg = RunConfig.load(run_dir / "config.yaml")
-    db = RunDB(url, info["name"], create=False, **_heartbeat_options(cfg))
-    _check_identity(db, info, run_dir)
-    return _checked_run(run_dir, cfg, space_for(cfg), db, info["name"], run_dir / "config.yaml")
-
-
-def _checked_run(run_dir: Path, cfg: RunConfig, space: SearchSpace, db: RunDB, name: str, where: Path) -> Run:
-    if db.metadata.get().get("coordinates") not in (None, space.names):
-        raise RunError(f"{where}: its search space no longer matches the run database's coordinates; use "
-                       "the config the run was started with")
-    return Run(run_dir, cfg, db, space, name)
-
-
-def join_run(target: str | Path, storage: Optional[str] = None, run_dir: Optional[str | Path] = None,
-             env: Optional[str] = None) -> Run:
-    """A worker's view of a run: an existing run directory, or a config file (the run named in it
-    is joined in ``storage`` (default ``env``), or created there if no worker has yet; ``run_dir``,
-    by default runs/NAME, keeps this host's copy of the config and the logs)."""
-    target = Path(target)
-    if target.is_dir():
-        return open_run(target, storage, env)
-    cfg, space, objectives, name, run_dir, url = _new_run_place(target, run_dir, storage or env)
-    info_path = run_dir / "run.json"
-    if not info_path.exists():
-        _claim_run_dir(run_dir)
-    db = RunDB.join(url, name, objectives=objectives, **_heartbeat_options(cfg))
-    with db.lock():
-        run_id = db.metadata.get().get(RUN_ID_KEY)
-        if run_id is None:
-            run_id = uuid.uuid4().hex
-            db.metadata.set({RUN_ID_KEY: run_id})
-    if info_path.exists():
-        _check_identity(db, json.loads(info_path.read_text()), run_dir)
-    else:
-        _write_run_dir(run_dir, cfg, name, url, run_id)
-    return _checked_run(run_dir, cfg, space, db, name, target)
 
 
 @contextmanager
@@ -335,39 +96,6 @@ class _Signals:
             signal.signal(s, h)
 
 
-def default_values(run: Run) -> dict[str, float]:
-    """Parameter values of the method's default recipe, with the config's default_parameters."""
-    return method_defaults(run.cfg.merge_method, len(run.cfg.models.experts)) | dict(run.cfg.default_parameters)
-
-
-def reference_recipes(run: Run) -> dict:
-    """The method's default recipe, with the config's default_parameters and fixed_parameters; a
-    layer path has none (its references are the parents)."""
-    if isinstance(run.space, PathSpace):
-        return {}
-    return {"default": run.space.recipe_from(default_values(run) | dict(run.cfg.fixed_parameters))}
-
-
-def parents(run: Run) -> dict[str, str]:
-    """Reference name -> model directory of every parent."""
-    out = {}
-    if run.cfg.models.base:
-        out["base"] = run.cfg.models.base
-    for path, label in zip(run.space.experts, run.space.labels):
-        out[f"parent:{label}"] = path
-    return out
-
-
-def x0_vector(run: Run) -> list[float]:
-    if run.cfg.driver.x0 == "center":
-        return [0.5] * run.space.dimension
-    if isinstance(run.space, PathSpace):  # from the best parent so far: its reference row's fitness
-        return run.space.x0({r.name.removeprefix("parent:"): r.fitness for r in run.db.references()})
-    values = default_values(run)
-    return run.space.default_vector({c.param: values.get(c.param, 0.5 * (c.low + c.high))
-                                     for c in run.space.coordinates})
-
-
 def run_search(run: Run, *, resume: bool = False, max_candidates: Optional[int] = None,
                max_minutes: Optional[float] = None, live: Optional[bool] = None, worker: bool = False,
                threads: Optional[int] = None) -> dict:
@@ -410,15 +138,6 @@ def same_failure(errors: list[Optional[str]], n: int) -> bool:
     """Whether the first ``n`` of a session's candidates (``errors``, in order, None where one was
     scored) all failed with one error: the cause is the run's, not the candidates'."""
     return n > 0 and len(errors) == n and errors[0] is not None and len(set(errors)) == 1
-
-
-BUDGET_KEY = "budget"  # run metadata: the budget last given on a command line (resume, worker)
-
-
-def run_budget(run: Run) -> dict:
-    """The run's budget: its config's, replaced key by key by the last one given on a command line."""
-    given = run.db.metadata.get().get(BUDGET_KEY)
-    return run.cfg.budget.model_dump(exclude_none=True) | (given if isinstance(given, dict) else {})
 
 
 class _Search:
@@ -532,6 +251,26 @@ class _Search:
                 ev = self.evaluator.score_recipe(recipe)
                 add(name, ev, self._record(ev, recipe))
 
+    def run_trial(self, driver: DriverClaims, current: Proposal, heartbeat: _Heartbeat
+                  ) -> tuple[Evaluation, dict, bool]:
+        """One claimed candidate, as Optuna's ``_run_trial`` is to its ``_optimize``: decoded into
+        a recipe, scored (raced level by level with ``fitness.estimate``) while the heartbeat keeps
+        its claim, then told to the driver under the run's lock, which records it. Its evaluation,
+        its record, and False when it was reclaimed meanwhile (the result is then dropped)."""
+        heartbeat.trial_id = current.trial_id
+        self.threads.check()
+        recipe = self.run.space.decode(current.vector)
+        if self.racer is not None:
+            self.racer.refresh(self.run.db)
+            ev = self.racer.score_recipe(recipe)
+        else:
+            ev = self.evaluator.score_recipe(recipe)
+        record = self._record(ev, recipe)
+        with self.run.db.lock():
+            ok = driver.tell(current, ev.values, record)
+        heartbeat.trial_id = None
+        return ev, record, ok
+
     def loop(self) -> dict:
         run, db, cfg = self.run, self.run.db, self.run.cfg
         t_setup = time.perf_counter()
@@ -589,19 +328,8 @@ class _Search:
                         signals.wait(poll)
                         waited += time.perf_counter() - t0
                         continue
-                    heartbeat.trial_id = current.trial_id
-                    self.threads.check()
-                    recipe = run.space.decode(current.vector)
-                    if self.racer is not None:
-                        self.racer.refresh(db)
-                        ev = self.racer.score_recipe(recipe)
-                    else:
-                        ev = self.evaluator.score_recipe(recipe)
+                    ev, record, ok = self.run_trial(driver, current, heartbeat)
                     busy += ev.merge_seconds + ev.eval_seconds
-                    record = self._record(ev, recipe)
-                    with db.lock():
-                        ok = driver.tell(current, ev.values, record)
-                    heartbeat.trial_id = None
                     number, trial_id, recipe_vector, current = current.number, current.trial_id, current.vector, None
                     if not ok:
                         dropped += 1
