@@ -143,7 +143,8 @@ class FitnessSpec(_Strict):
     def _engine_needs_vllm(cls, v: Optional[VllmEngineSpec], info: ValidationInfo) -> Optional[VllmEngineSpec]:
         backend = info.data.get("backend")
         if v is not None and backend in BACKENDS and not BACKENDS[backend].needs_model_dir:
-            raise ValueError(f"engine arguments apply to the {backends_that('needs_model_dir')} backend(s), "
+            names = backends_that("needs_model_dir")
+            raise ValueError(f"engine arguments apply to the {names} backend{'s' if ' and ' in names else ''}, "
                              f"not {backend!r}")
         return v
 
