@@ -20,6 +20,7 @@ item's prompt is lm-eval's own zero-shot context of the document.
 
 from __future__ import annotations
 
+import functools
 import glob
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -31,28 +32,31 @@ if TYPE_CHECKING:
     from evomerge.fitness.suite import Item, Scoring, Suite, Task
 
 SPLIT_KEYS = {"validation": "validation_split", "train": "training_split"}
-SOURCE_SUFFIXES = (".yaml", ".yml")
 
 
 def _where(task: "Task") -> str:
     return f"suite {task.suite.name}, task {task.name}"
 
 
+@functools.cache
+def _registry() -> Any:
+    """lm-eval's task registry, indexed once per process (several seconds): the run's checks, the
+    backends and the fingerprint all read it."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 class Resolver:
     """Finds the YAML behind each lm-eval task of a suite, indexing lm-eval's registry only when a
     task is taken from it, and each include directory once."""
 
-    def __init__(self, manager: Any = None):
-        self._registry = manager
+    def __init__(self):
         self._dirs: dict[Path, Any] = {}
 
     @property
     def registry(self) -> Any:
-        if self._registry is None:
-            from lm_eval.tasks import TaskManager
-
-            self._registry = TaskManager()
-        return self._registry
+        return _registry()
 
     def _dir_index(self, root: Path) -> dict:
         if root not in self._dirs:
