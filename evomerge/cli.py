@@ -199,7 +199,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from evomerge.run.report import status_text, write_plots
     from evomerge.run.rundir import open_run
 
-    run = open_run(args.run_dir, args.storage, env=_env_storage())
+    run = open_run(args.run_dir, args.storage, env=_env_storage(), space=False)
     with closing(run.db):
         print(status_text(run, recent=args.recent))
         if not args.no_plots:

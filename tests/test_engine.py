@@ -148,30 +148,50 @@ def test_gpu_apply_equals_gpu_merge(cache, families, tmp_path):
     assert_model_equals_dir(model.cpu(), merge_to_disk(r, tmp_path / "out", device="cuda"))
 
 
+def cached_tensors(obj, name="expert"):
+    """(path, tensor, stays on the host) for every tensor an expert's state holds, at any depth;
+    an object declares its host-side lookups in its ``host`` attribute."""
+    for key, value in vars(obj).items():
+        path = f"{name}.{key}"
+        if isinstance(value, torch.Tensor):
+            yield path, value, key in getattr(obj, "host", ())
+        elif hasattr(value, "__dict__") and not isinstance(value, type):
+            yield from cached_tensors(value, path)
+
+
+TARGETS = [pytest.param("meta", False, id="meta"),  # stands in for the GPU here
+           pytest.param("cuda", False, id="cuda", marks=pytest.mark.skipif(
+               not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")),
+           pytest.param("cpu", True, id="pinned", marks=pytest.mark.skipif(
+               not torch.cuda.is_available(), reason="pinned memory needs a CUDA GPU (none on this machine)"))]
+
+
+@pytest.mark.parametrize("target,pin", TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_every_cached_tensor_moves_with_its_state(name, dtype):
+def test_every_cached_tensor_moves_with_its_state(name, dtype, target, pin):
     """An expert's cached state moved to another home (the engine's pinned host cache, or the GPU
-    per apply) takes every device-side tensor along; only the small host lookups stay on the CPU.
-    The meta device stands in for the GPU here."""
+    per apply) takes every tensor its sparsifier's state holds along, but for the small lookups the
+    state declares host-side; the original stays where it was."""
     from evomerge.merging.kernel.mix import prepare_expert
     from evomerge.merging.methods import METHODS as REGISTERED
 
+    method = REGISTERED[name]
     delta = torch.randn(64, 48, generator=torch.Generator().manual_seed(0)).to(dtype)
-    state = prepare_expert(delta, REGISTERED[name], seed=1, tensor_name="w", expert_index=0, reuse=True,
-                           cache_draws=True)
-    moved = state.to("meta")
-    device_side = {"delta": moved.delta, "rank_norm": moved.rank_norm, "draws": moved.draws, "l1": moved.l1}
-    host_side = {"kept_l1": moved.kept_l1}
-    if moved.order is not None:
-        device_side["order._sorted"] = moved.order._sorted
-        host_side |= {"order._cum": moved.order._cum, "order._sampled": moved.order._sampled,
-                      "order._first": moved.order._first}
-    assert {k: t.device.type for k, t in device_side.items() if t is not None} == \
-        {k: "meta" for k, t in device_side.items() if t is not None}
-    assert all(t.device.type == "cpu" for t in host_side.values() if t is not None)
-    if name == "ties" and dtype == torch.float32:  # the case that kept its sorted magnitudes behind
-        assert moved.order._sorted is not None and state.order._sorted.device.type == "cpu"
+    expert = prepare_expert(delta, method, seed=1, tensor_name="w", expert_index=0, reuse=True, cache_draws=True)
+    before = list(cached_tensors(expert))
+    moved = expert.to(target, pin=pin)
+    after = list(cached_tensors(moved))
+    assert [p for p, _, _ in after] == [p for p, _, _ in before]
+    where = {p: (t.device.type, t.is_pinned() if t.device.type == "cpu" and pin else False) for p, t, _ in after}
+    assert where == {p: ("cpu", False) if host else (target, pin) for p, _, host in after}
+    assert all(t.device.type == "cpu" for _, t, _ in before)
+    # what each sparsifier keeps, beyond the task vector, is there to be moved
+    kept = {p.split(".")[-1] for p, _, _ in after}
+    expected = {"ties": {"l1", "_sorted" if dtype == torch.float32 else "_sampled"}, "dare_ties": {"draws", "kept_l1"},
+                "della": {"rank_norm"}, "breadcrumbs": {"l1"}}
+    assert {"delta"} | expected.get(name, set()) <= kept
+    assert moved.nbytes == expert.nbytes
 
 
 def test_a_method_name_given_twice_is_refused():

@@ -216,7 +216,8 @@ def test_layer_paths_restack_llama_like_families(tmp_path, family, name):
     decoder layers cannot be re-stacked)."""
     from evomerge.errors import EvomergeError
     from evomerge.merging.layer_path import _UNSCALED, LayerPath, PathModel, Step, materialize, scale_filters
-    from evomerge.merging.model_io import load_causal_lm, read_config
+    from evomerge.merging.headers import read_config
+    from evomerge.merging.model_io import load_causal_lm
 
     model_type, _, dtype = FAMILIES[name]
     paths = family(name)

@@ -230,6 +230,6 @@ def test_hub_references_pin_a_revision_and_are_refused_offline_when_not_cached(t
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["hub_commits"] == dict(zip(refs, commits.values()))
     with pytest.raises(ModelError, match="evotest/m1@nosuchtag: not a local directory, and not in the local"):
-        from evomerge.merging.model_io import resolve_model_path
+        from evomerge.merging.headers import resolve_model_path
 
         resolve_model_path("evotest/m1@nosuchtag", allow_download=False)

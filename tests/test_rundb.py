@@ -44,13 +44,21 @@ def test_many_processes_create_one_run_database_at_once(tmp_path):
 
 
 def test_config_is_a_leaf():
-    """Reading a config loads no suite, model or space code (and so none of their dependencies)."""
-    code = ("import sys; import evomerge.config; "
-            "print(sorted(m for m in sys.modules if m.startswith(('evomerge.fitness.suite', 'evomerge.merging.model_io', "
-            "'evomerge.search.space', 'evomerge.rundb', 'transformers', 'optuna'))))")
+    """Reading a config, and ``evomerge --help``, load no suite, model or space code and no torch
+    (the method registry declares its methods without their tensor code)."""
+    heavy = ("'evomerge.fitness.suite', 'evomerge.merging.model_io', 'evomerge.search.space', 'evomerge.rundb', "
+             "'transformers', 'optuna', 'torch'")
+    code = ("import sys; import evomerge.config; from evomerge.config import RunConfig; "
+            "from evomerge.merging.methods import METHODS; assert len(METHODS) == 10; "
+            f"print(sorted(m for m in sys.modules if m.startswith(({heavy})) or m == 'torch'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
+    code = ("import sys; from evomerge.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "print('torch' in sys.modules, 'evomerge.merging.kernel.mix' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "usage: evomerge" in out and out.strip().endswith("False False")
 
 def _filled(url: str) -> RunDB:
     """A run database with every kind of candidate row: complete (full and estimated, one and two

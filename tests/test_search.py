@@ -241,8 +241,12 @@ def test_cli_space_status_export(tmp_path, zoo):
     search = cli("search", str(cfg), "--run-dir", str(tmp_path / "run"))
     assert search.returncode == 0, search.stderr
     assert "3/3 candidates" in search.stdout and "export the best recipe with" in search.stdout
-    status = cli("status", str(tmp_path / "run"))
-    assert status.returncode == 0 and "recent candidates" in status.stdout
+    # status reads the run database only: no torch, no model header, no search space built
+    status = subprocess.run([sys.executable, "-c", "import sys; from evomerge.cli import main; rc = main(sys.argv[1:]); "
+                             "print('torch loaded:', 'torch' in sys.modules); sys.exit(rc)", "status",
+                             str(tmp_path / "run")], env=ENV, capture_output=True, text=True)
+    assert status.returncode == 0 and "recent candidates" in status.stdout, status.stderr
+    assert "space per_layer (dimension 12)" in status.stdout and "torch loaded: False" in status.stdout
     assert (tmp_path / "run" / "fitness.png").exists()
     bad = cli("status", str(tmp_path / "nowhere"))
     assert bad.returncode == 2 and "not a run directory" in bad.stderr

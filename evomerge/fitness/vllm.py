@@ -24,7 +24,8 @@ import torch
 from evomerge.errors import ModelError
 from evomerge.fitness.lmeval import LmEvalBackend
 from evomerge.fitness.suite import SuiteError
-from evomerge.merging.model_io import ModelFiles, read_config
+from evomerge.merging.headers import read_config
+from evomerge.merging.model_io import ModelFiles
 
 
 def stored_dtype(path: str) -> Optional[str]:

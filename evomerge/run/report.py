@@ -41,8 +41,8 @@ def status_text(run: Run, recent: int = 8) -> str:
     budget = run_budget(run)
     max_candidates, max_minutes = budget.get("max_candidates"), budget.get("max_minutes")
     elapsed = run.db.metadata.elapsed()
-    lines = [f"run {run.name} ({run.run_dir}): {run.cfg.merge_method}, space {run.space.spec.name or 'inline'} "
-             f"(dimension {run.space.dimension}), driver {run.cfg.driver.name}"
+    lines = [f"run {run.name} ({run.run_dir}): {run.cfg.merge_method}, {run.space_summary()}, "
+             f"driver {run.cfg.driver.name}"
              + (f"/{run.cfg.driver.sampler}" if run.cfg.driver.sampler else "")]
     progress = f"{len(counted)}" + (f"/{max_candidates}" if max_candidates else "") + " candidates"
     progress += f" ({len(failed)} failed, {len(interrupted)} interrupted and redone)"

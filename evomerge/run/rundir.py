@@ -21,22 +21,22 @@ import logging
 import sys
 import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from evomerge.config import RunConfig, run_name_problem
 from evomerge.errors import EvomergeError
 from evomerge.fitness.base import preflight
 from evomerge.fitness.suite import Suite, SuiteError
-from evomerge.merging.model_io import hub_commits, resolve_model_path
 from evomerge.rundb.secrets import has_secret, redact
 from evomerge.rundb.store import RunDB, sqlite_path, sqlite_url
 from evomerge.rundb.trackers import check_installed
-from evomerge.search.evaluator import Evaluator
-from evomerge.search.path_space import PathSpace
-from evomerge.search.space import SearchSpace, checked_space, method_defaults, space_for
+
+if TYPE_CHECKING:
+    from evomerge.search.path_space import PathSpace
+    from evomerge.search.space import SearchSpace
 
 log = logging.getLogger("evomerge.search")
 
@@ -60,12 +60,43 @@ def versions() -> dict[str, str]:
 
 @dataclass
 class Run:
-    """An opened run: its directory, config, database and search space."""
+    """An opened run: its directory, config, database and search space. The space is built from
+    the models' headers when first used (``evomerge status`` needs none, so loads no torch) and
+    checked then against the coordinates the run database recorded."""
     run_dir: Path
     cfg: RunConfig
     db: RunDB
-    space: SearchSpace | PathSpace
     name: str
+    where: Path  # the config the run was opened from, for messages
+    _space: "Optional[SearchSpace | PathSpace]" = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self._space is not None:
+            self._check(self._space)
+
+    @property
+    def space(self) -> "SearchSpace | PathSpace":
+        if self._space is None:
+            from evomerge.search.space import space_for
+
+            self._space = self._check(space_for(self.cfg))
+        return self._space
+
+    def _check(self, space: "SearchSpace | PathSpace") -> "SearchSpace | PathSpace":
+        if self.db.metadata.get().get("coordinates") not in (None, space.names):
+            raise RunError(f"{self.where}: its search space no longer matches the run database's coordinates; "
+                           "use the config the run was started with")
+        return space
+
+    def space_summary(self) -> str:
+        """The space's name and dimension, from the recorded coordinates where the run has them."""
+        coordinates = self.db.metadata.get().get("coordinates")
+        dimension = len(coordinates) if coordinates is not None else self.space.dimension
+        if self._space is not None:
+            name = self._space.spec.name or "inline"
+        else:
+            name = Path(self.cfg.space).stem if isinstance(self.cfg.space, str) else self.cfg.space.get("name", "inline")
+        return f"space {name} (dimension {dimension})"
 
 
 def run_identity(run: Run) -> str:
@@ -92,6 +123,8 @@ def _local_database(run_dir: Path, url: str) -> Optional[str]:
 
 
 def _write_run_dir(run_dir: Path, cfg: RunConfig, name: str, url: str, run_id: str) -> None:
+    from evomerge.merging.headers import hub_commits
+
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     local = _local_database(run_dir, url)
     info = {"name": name, RUN_ID_KEY: run_id, "storage": local or redact(url), "storage_in_run_dir": local is not None,
@@ -111,6 +144,8 @@ def _preflight(cfg: RunConfig, suite: Suite) -> None:
     check_installed(cfg.report_to)
     backend = cfg.fitness.backend
     options = cfg.fitness.lm_eval
+    from evomerge.merging.headers import resolve_model_path
+
     ref = str(resolve_model_path(cfg.reference_model))
     if any(not t.local for t in suite.tasks):
         from evomerge.fitness.lmeval_tasks import check_tasks
@@ -131,6 +166,9 @@ def _dry_score(cfg: RunConfig, suite: Suite) -> None:
     """Score the reference model on the first search item of each task with the run's backend and
     options: what the backend rejects (an lm-eval option, a prompt too long for the engine) stops
     the run before it exists, not every candidate. A vLLM engine started here serves the run."""
+    from evomerge.merging.headers import resolve_model_path
+    from evomerge.search.evaluator import Evaluator
+
     ref = str(resolve_model_path(cfg.reference_model))
     ev = Evaluator(cfg, suite.subset({t.name: [0] for t in suite.tasks})).score_model_dir(ref)["search"]
     if ev.error:
@@ -141,6 +179,8 @@ def _dry_score(cfg: RunConfig, suite: Suite) -> None:
 def _new_run_place(config_path: str | Path, run_dir: Optional[str | Path], storage: Optional[str]):
     """A config checked against its models, with the run's name, directory (created; default
     runs/NAME) and storage URL (default: SQLite in that directory), and its objectives' names."""
+    from evomerge.search.space import checked_space
+
     cfg = RunConfig.load(config_path)
     space = checked_space(cfg)
     suite = Suite.resolve(cfg.fitness.suite)
@@ -185,7 +225,7 @@ def create_run(config_path: str | Path, run_dir: Optional[str | Path] = None, st
     except BaseException:
         db.delete_run()  # the run is ours: without its run directory it could never be resumed
         raise
-    return Run(run_dir, cfg, db, space, name)
+    return Run(run_dir, cfg, db, name, run_dir / "config.yaml", space)
 
 
 def _run_storage(run_dir: Path, info: dict, storage: Optional[str], env: Optional[str]) -> str:
@@ -222,9 +262,11 @@ def _check_identity(db: RunDB, info: dict, run_dir: Path) -> None:
                        f"{theirs or 'none'}, not {mine}): pass that run's own --storage")
 
 
-def open_run(run_dir: str | Path, storage: Optional[str] = None, env: Optional[str] = None) -> Run:
+def open_run(run_dir: str | Path, storage: Optional[str] = None, env: Optional[str] = None,
+             space: bool = True) -> Run:
     """An existing run directory's run. ``storage`` replaces the run's own storage (a database
-    of the same run, see :func:`_run_storage`); ``env`` is ``$EVOMERGE_STORAGE``."""
+    of the same run, see :func:`_run_storage`); ``env`` is ``$EVOMERGE_STORAGE``. ``space``:
+    build and check its search space now (False: when first used; ``status`` never does)."""
     run_dir = Path(run_dir)
     info_path = run_dir / "run.json"
     if not info_path.exists():
@@ -234,14 +276,10 @@ def open_run(run_dir: str | Path, storage: Optional[str] = None, env: Optional[s
     cfg = RunConfig.load(run_dir / "config.yaml")
     db = RunDB(url, info["name"], create=False, **_heartbeat_options(cfg))
     _check_identity(db, info, run_dir)
-    return _checked_run(run_dir, cfg, space_for(cfg), db, info["name"], run_dir / "config.yaml")
-
-
-def _checked_run(run_dir: Path, cfg: RunConfig, space: SearchSpace, db: RunDB, name: str, where: Path) -> Run:
-    if db.metadata.get().get("coordinates") not in (None, space.names):
-        raise RunError(f"{where}: its search space no longer matches the run database's coordinates; use "
-                       "the config the run was started with")
-    return Run(run_dir, cfg, db, space, name)
+    run = Run(run_dir, cfg, db, info["name"], run_dir / "config.yaml")
+    if space:
+        run.space  # noqa: B018 - built and checked now, before anything is written
+    return run
 
 
 def join_run(target: str | Path, storage: Optional[str] = None, run_dir: Optional[str | Path] = None,
@@ -266,17 +304,21 @@ def join_run(target: str | Path, storage: Optional[str] = None, run_dir: Optiona
         _check_identity(db, json.loads(info_path.read_text()), run_dir)
     else:
         _write_run_dir(run_dir, cfg, name, url, run_id)
-    return _checked_run(run_dir, cfg, space, db, name, target)
+    return Run(run_dir, cfg, db, name, target, space)
 
 
 def default_values(run: Run) -> dict[str, float]:
     """Parameter values of the method's default recipe, with the config's default_parameters."""
+    from evomerge.search.space import method_defaults
+
     return method_defaults(run.cfg.merge_method, len(run.cfg.models.experts)) | dict(run.cfg.default_parameters)
 
 
 def reference_recipes(run: Run) -> dict:
     """The method's default recipe, with the config's default_parameters and fixed_parameters; a
     layer path has none (its references are the parents)."""
+    from evomerge.search.path_space import PathSpace
+
     if isinstance(run.space, PathSpace):
         return {}
     return {"default": run.space.recipe_from(default_values(run) | dict(run.cfg.fixed_parameters))}
@@ -295,6 +337,8 @@ def parents(run: Run) -> dict[str, str]:
 def x0_vector(run: Run) -> list[float]:
     if run.cfg.driver.x0 == "center":
         return [0.5] * run.space.dimension
+    from evomerge.search.path_space import PathSpace
+
     if isinstance(run.space, PathSpace):  # from the best parent so far: its reference row's fitness
         return run.space.x0({r.name.removeprefix("parent:"): r.fitness for r in run.db.references()})
     values = default_values(run)

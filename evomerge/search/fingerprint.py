@@ -77,7 +77,7 @@ class FileHashes:
 
 
 def _model_root(ref: str) -> Path:
-    from evomerge.merging.model_io import resolve_model_path
+    from evomerge.merging.headers import resolve_model_path
 
     return resolve_model_path(ref, allow_download=False)
 
@@ -88,7 +88,7 @@ def _weight_files(root: Path) -> list[Path]:
 
 def model_files(ref: str, hashes: FileHashes) -> dict[str, str]:
     """Digest of each file of a model that changes its outputs: weights, config, tokenizer."""
-    from evomerge.merging.model_io import TOKENIZER_FILES
+    from evomerge.merging.headers import TOKENIZER_FILES
 
     root = _model_root(ref)
     files = _weight_files(root) + [root / n for n in (*MODEL_FILES, *TOKENIZER_FILES) if (root / n).is_file()]

@@ -138,7 +138,7 @@ class PathSpace(CoordinateSpace):
 
 def path_space_for(cfg: "RunConfig", spec: Any) -> PathSpace:
     """The config's layer-path space over its parents (their configs read from disk)."""
-    from evomerge.merging.model_io import ModelFiles
+    from evomerge.merging.headers import ModelHeader
 
     if not isinstance(spec, PathSpec):
         raise SpaceError("merge_method passthrough: stacks layers; give it space: layer_path (or a space of kind "
@@ -147,7 +147,7 @@ def path_space_for(cfg: "RunConfig", spec: Any) -> PathSpace:
         raise SpaceError(f"space {spec.name or 'inline'}: a layer path stacks the parents' layers and mixes none: "
                          f"set merge_method: passthrough (not {cfg.merge_method})")
     models = cfg.models.names()
-    configs = {m: ModelFiles(m, allow_pickle=cfg.allow_pickle).config for m in models}
+    configs = {m: ModelHeader(m, allow_pickle=cfg.allow_pickle).config for m in models}
     depths = {m: num_layers(c) for m, c in configs.items()}
     if len(set(depths.values())) != 1:
         raise SpaceError("space: a layer path's parents must have one depth (got "

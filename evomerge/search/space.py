@@ -388,14 +388,14 @@ def space_for(cfg: "RunConfig") -> Any:
     """The config's search space for its models' family and tensors (the reference model's header
     is read); see :func:`checked_space` for the check that every coordinate reaches a tensor."""
     from evomerge.merging.architecture import family_of, num_layers
-    from evomerge.merging.model_io import ModelFiles
+    from evomerge.merging.headers import ModelHeader
 
     spec = load_spec(cfg.space, where="space")
     if not isinstance(spec, SpaceSpec) or cfg.merge_method == PASSTHROUGH:
         from evomerge.search.path_space import path_space_for
 
         return path_space_for(cfg, spec)
-    ref = ModelFiles(cfg.reference_model, allow_pickle=cfg.allow_pickle)
+    ref = ModelHeader(cfg.reference_model, allow_pickle=cfg.allow_pickle)
     return SearchSpace(spec, method=cfg.merge_method, base=cfg.models.base,
                        experts=cfg.models.experts, num_layers=num_layers(ref.config),
                        fixed_parameters=cfg.fixed_parameters, dtype=cfg.dtype, random_seed=cfg.seed,

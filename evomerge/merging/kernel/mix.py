@@ -1,9 +1,9 @@
 """The mix of the task-arithmetic family: base + lambda * mix(trimmed, weighted task vectors).
 
-Everything that does not depend on the recipe lives in an :class:`ExpertTensor` (the task vector and
-what the method's sparsifier precomputes: magnitude order, L1 norms, draws, ranks). The merge engine
-builds those once and reuses them for every recipe; ``evomerge merge`` builds them per tensor. Both
-then run :func:`merge_task_arithmetic`, so they give the same tensors.
+Everything that does not depend on the recipe lives in an :class:`ExpertTensor`: the task vector
+and the state the method's sparsifier prepared (a class of its own: magnitude order, L1 norms,
+draws, ranks). The merge engine builds those once and reuses them for every recipe; ``evomerge
+merge`` builds them per tensor. Both then run :func:`merge_task_arithmetic`, so they give the same tensors.
 
 The per-recipe work (trim, rescale, weight, elect signs, mix, normalize) is one pointwise function,
 :func:`_mix`, compiled into a single fused loop (see :mod:`.compile`); the sparsifier's per-element
@@ -19,45 +19,35 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import torch
 
 from evomerge.merging.kernel import compile as kc
-from evomerge.merging.kernel.sparsify import MagnitudeOrder, stream_seed, to_fixed
+from evomerge.merging.kernel.sparsify import stream_seed, to_fixed
 
 if TYPE_CHECKING:
-    from evomerge.merging.methods.base import MergeMethod
+    from evomerge.merging.methods.base import CachedState, MergeMethod
+
 
 @dataclass
 class ExpertTensor:
-    """One expert's recipe-independent state for one tensor."""
+    """One expert's recipe-independent state for one tensor: its task vector (the expert tensor
+    itself for linear and slerp), its stream seed and what its method's sparsifier prepared."""
 
-    delta: torch.Tensor  # theta_expert - theta_base in the merge dtype (the expert tensor for linear/slerp)
-    order: Optional[MagnitudeOrder] = None
-    rank_norm: Optional[torch.Tensor] = None  # DELLA
-    l1: Optional[torch.Tensor] = None  # ||delta||_1 in the merge dtype (deterministic methods, like mergekit)
+    delta: torch.Tensor  # theta_expert - theta_base in the merge dtype
     seed: int = 0  # DARE/DELLA stream seed
-    shift: int = 0  # DARE/DELLA: fixed-point scale of the L1 sums
-    l1_fixed: float = 0.0  # DARE/DELLA: ||delta||_1 in fixed point (an integer)
-    kept_l1: Optional[torch.Tensor] = None  # DARE: fixed-point L1 of the elements whose draw is < level, per level
-    draws: Optional[torch.Tensor] = None  # DARE: cached draws (float16 patterns); None: hashed in the kernel
+    state: Optional["CachedState"] = None
 
     @property
     def nbytes(self) -> int:
-        n = self.delta.numel() * self.delta.element_size()
-        for t in (self.rank_norm, self.draws, self.kept_l1):
-            if t is not None:
-                n += t.numel() * t.element_size()
-        return n + (self.order.nbytes if self.order is not None else 0)
+        return self.delta.numel() * self.delta.element_size() + (self.state.nbytes if self.state else 0)
+
+    @property
+    def per_element(self) -> Optional[torch.Tensor]:
+        return self.state.per_element if self.state else None
 
     def to(self, device: torch.device | str, pin: bool = False) -> "ExpertTensor":
-        """This state on ``device`` (pinned host memory with ``pin``), all but the host-side
-        lookups (DARE's ``kept_l1``, the magnitude order's histogram)."""
-        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            if t is None:
-                return None
-            t = t.to(device)
-            return t.pin_memory() if pin else t
-
-        return replace(self, delta=move(self.delta), rank_norm=move(self.rank_norm), draws=move(self.draws),
-                       l1=self.l1.to(device) if self.l1 is not None else None,
-                       order=self.order.to(device, pin) if self.order is not None else None)
+        """This expert on ``device`` (pinned host memory with ``pin``), all but the host-side
+        lookups its state names."""
+        delta = self.delta.to(device)
+        return replace(self, delta=delta.pin_memory() if pin else delta,
+                       state=self.state.to(device, pin) if self.state else None)
 
 
 def prepare_expert(delta: torch.Tensor, method: "MergeMethod", *, seed: int, tensor_name: str,
@@ -66,11 +56,10 @@ def prepare_expert(delta: torch.Tensor, method: "MergeMethod", *, seed: int, ten
     keep a sampled magnitude order (a tie cut becomes a lookup) and DARE a table of L1 norm by
     draw level (rescaling becomes a lookup). ``cache_draws`` keeps DARE's draws, hashed once
     (2 bytes per element), with that table: faster on CPUs without fast 64-bit multiplication."""
-    state = ExpertTensor(delta=delta, seed=stream_seed(seed, tensor_name, expert_index))
-    if method.sparsifier is not None:
-        method.sparsifier.prepare(state, reuse, cache_draws)
-    return state
-
+    stream = stream_seed(seed, tensor_name, expert_index)
+    sp = method.sparsifier
+    return ExpertTensor(delta=delta, seed=stream,
+                        state=sp.prepare(delta, stream, reuse, cache_draws) if sp is not None else None)
 
 
 @dataclass
@@ -86,26 +75,27 @@ class KeepRules:
     span: Optional[torch.Tensor] = None  # DELLA: keep probability range across ranks
 
 
-def _kept_l1(d: torch.Tensor, rank_norm: Optional[torch.Tensor], r: KeepRules, factor: torch.Tensor,
-             offset: torch.Tensor, keep_fn: Callable) -> torch.Tensor:
+def kept_l1(d: torch.Tensor, per_element: Optional[torch.Tensor], r: KeepRules, factor: torch.Tensor,
+            offset: torch.Tensor, keep_fn: Callable) -> torch.Tensor:
     """Fixed-point L1 norm of one trimmed task vector (an exact integer sum, so any summation
     order gives the same value). ``r`` holds this expert's rule only."""
-    keep = keep_fn(0, d, r, offset, rank_norm, None)
+    keep = keep_fn(0, d, r, offset, per_element)
     return torch.where(keep, to_fixed(d.abs(), factor), 0).sum()
 
 
-def _one(r: KeepRules, i: int) -> KeepRules:
+def one_rule(r: KeepRules, i: int) -> KeepRules:
+    """The ``i``-th expert's rule alone."""
     return KeepRules(*(None if t is None else t[i:i + 1] for t in
                        (r.v, r.j, r.v2, r.j2, r.seed, r.lo, r.span)))
 
 
 def _mix(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor],
-         rank_norms: list[Optional[torch.Tensor]], draws: list[Optional[torch.Tensor]], w: torch.Tensor,
+         per_element: list[Optional[torch.Tensor]], w: torch.Tensor,
          scale: Optional[torch.Tensor], lam: torch.Tensor, r: KeepRules, offset: torch.Tensor,
          keep_fn: Optional[Callable], fused_scale: bool, consensus: bool, normalize: bool, use_lambda: bool) -> None:
     """out = base + lambda * mix(trim(deltas) * w), every step rounded to the merge dtype where
     mergekit materializes a tensor of that dtype. ``keep_fn``: the sparsifier's keep test (None:
-    keep all). ``fused_scale`` (DARE, DELLA): ``scale`` already includes the weight and is applied
+    keep all), which reads the expert's ``per_element`` state. ``fused_scale`` (DARE, DELLA): ``scale`` already includes the weight and is applied
     with one rounding."""
     dt = base.dtype
     acc_dt = torch.float64 if dt == torch.float64 else torch.float32
@@ -118,7 +108,7 @@ def _mix(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor],
     wa = w.to(acc_dt)
     xs = []
     for i, d in enumerate(deltas):
-        keep = None if keep_fn is None else keep_fn(i, d, r, offset, rank_norms[i], draws[i])
+        keep = None if keep_fn is None else keep_fn(i, d, r, offset, per_element[i])
         if fused_scale:
             x = rounded(d.to(acc_dt) * scale[i])
         else:
@@ -154,7 +144,7 @@ def _mix(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor],
 
 
 
-def _tie_segments(n: int, rules: KeepRules) -> list[tuple[int, int, KeepRules]]:
+def tie_segments(n: int, rules: KeepRules) -> list[tuple[int, int, KeepRules]]:
     """Cut [0, n) at every tie index so that within a segment each expert either keeps or drops
     all elements equal to its threshold; the rules' ``j``/``j2`` become those per-segment flags."""
     cuts = {0, n}
@@ -186,43 +176,27 @@ def merge_task_arithmetic(method: "MergeMethod", base: torch.Tensor, experts: Se
     normalize = bool(global_params.get("normalize", method.normalize))
     lam = float(global_params.get("lambda", 1.0))
     deltas = [s.delta.reshape(-1) for s in experts]
-    ranks = [s.rank_norm for s in experts]
-    draws = [s.draws for s in experts]
+    per_element = [s.per_element for s in experts]
     rules = sp.rules(experts, model_params) if sp is not None else KeepRules()
-    zero = torch.zeros((), dtype=torch.int64, device=dev)
     # weights round to the merge dtype, as in mergekit
     w = torch.tensor([float(p["weight"]) for p in model_params], dtype=dtype, device=dev)
     scale = None
     fused = False
     if rescale:
-        ratios = []
-        for i, (s, p) in enumerate(zip(experts, model_params)):
-            if method.is_random:
-                if s.kept_l1 is not None:
-                    after = sp.table_norm(s, p)
-                else:
-                    factor = torch.tensor(2.0 ** s.shift, dtype=torch.float64, device=dev)
-                    after = float(kc.run(_kept_l1, kc.compiled(_kept_l1), n, deltas[i], ranks[i], _one(rules, i),
-                                         factor, zero, sp.keep))
-                tiny = 1e-7 * 2.0 ** s.shift
-                ratios.append(1.0 if (s.l1_fixed < tiny or after < tiny) else s.l1_fixed / after)
-            else:  # mergekit's numerics: norms and their ratio in the merge dtype
-                mask = torch.cat([sp.keep(i, deltas[i][a:b], r, zero, None, None)
-                                  for a, b, r in _tie_segments(n, rules)])
-                after = (deltas[i] * mask).abs().sum()
-                ratios.append(1.0 if (s.l1 < 1e-7 or after < 1e-7) else float(s.l1 / after))
-        if method.is_random:  # one factor, one rounding
+        ratios = [sp.norm_ratio(s, p, deltas[i], rules, i) for i, (s, p) in enumerate(zip(experts, model_params))]
+        if sp.random:  # one factor, one rounding
             ratios = [r * float(wi) for r, wi in zip(ratios, w.tolist())]
             fused = True
         scale = torch.tensor(ratios, dtype=acc_dt, device=dev)
     lam_t = torch.tensor(lam, dtype=acc_dt, device=dev)
+    zero = torch.zeros((), dtype=torch.int64, device=dev)
     flat_out, flat_base = out.reshape(-1), base.reshape(-1)
     statics = (sp.keep if sp is not None else None, fused, method.consensus, normalize, lam != 1)
     if sp is not None and sp.tie_cut:
-        for a, b, r in _tie_segments(n, rules):
+        for a, b, r in tie_segments(n, rules):
             kc.run(_mix, kc.compiled(_mix), b - a, flat_out[a:b], flat_base[a:b], [d[a:b] for d in deltas],
-                 ranks, draws, w, scale, lam_t, r, zero, *statics, writes_first=True)
+                 per_element, w, scale, lam_t, r, zero, *statics, writes_first=True)
     else:
-        kc.run(_mix, kc.compiled(_mix), n, flat_out, flat_base, deltas, ranks, draws, w, scale, lam_t, rules,
+        kc.run(_mix, kc.compiled(_mix), n, flat_out, flat_base, deltas, per_element, w, scale, lam_t, rules,
              zero, *statics, writes_first=True)
     return out

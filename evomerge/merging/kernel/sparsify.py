@@ -43,6 +43,8 @@ class MagnitudeOrder:
     pass. For 16-bit floats the histogram is exact; for wider floats a query refines its bucket
     with one selection pass. Every answer is exact."""
 
+    host = frozenset({"_cum", "_sampled", "_first"})  # lookups read on the host; they never move
+
     def __init__(self, magnitudes: torch.Tensor, positions: bool = False):
         keys, self._shift = _sort_keys(magnitudes.reshape(-1))
         self.numel = magnitudes.numel()

@@ -1,16 +1,63 @@
-"""What a merge method is: its parameters (names, defaults, search bounds), its sparsifier (what it
-precomputes per expert for the engine's cache, the per-recipe keep rule and the per-element keep
-test that the fused kernel inlines) and the function that merges one tensor."""
+"""What a merge method is: its parameters (names, defaults, search bounds), its sparsifier (the
+state it precomputes per expert for the engine's cache, the per-recipe keep rule and the
+per-element keep test that the fused kernel inlines) and the function that merges one tensor.
+
+A method module declares its method at import without loading torch, so that the configuration,
+``--help`` and ``status`` stay light: torch and the kernel are imported inside the functions that
+compute (``torch.compile`` traces such imports like module globals)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
-
-import torch
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Optional, Sequence
 
 if TYPE_CHECKING:
+    import torch
+
     from evomerge.merging.kernel.mix import ExpertTensor, KeepRules
+
+
+@dataclass
+class CachedState:
+    """A sparsifier's recipe-independent state for one expert's tensor, kept by the engine for every
+    recipe. Each sparsifier declares its own as a subclass. Its tensor fields move with ``to()``,
+    except the small lookups named in ``host``, read on the host; a field holding an object with
+    its own ``to(device, pin)`` and ``nbytes`` (a magnitude order) moves itself."""
+
+    host: ClassVar[frozenset[str]] = frozenset()
+    keep_input: ClassVar[Optional[str]] = None  # the per-element tensor the keep test reads
+
+    def parts(self) -> Iterator[tuple[str, object]]:
+        """(field name, value) of every field that holds a tensor or a movable object."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and hasattr(value, "to"):
+                yield f.name, value
+
+    def to(self, device: "torch.device | str", pin: bool = False) -> "CachedState":
+        """This state with its device-side parts on ``device`` (pinned host memory with ``pin``)."""
+        import torch
+
+        moved = {}
+        for name, value in self.parts():
+            if not isinstance(value, torch.Tensor):
+                moved[name] = value.to(device, pin)
+            elif name not in self.host:
+                value = value.to(device)
+                moved[name] = value.pin_memory() if pin else value
+        return replace(self, **moved)
+
+    @property
+    def nbytes(self) -> int:
+        import torch
+
+        return sum(v.numel() * v.element_size() if isinstance(v, torch.Tensor) else v.nbytes
+                   for _, v in self.parts())
+
+    @property
+    def per_element(self) -> "Optional[torch.Tensor]":
+        """What the keep test reads element by element (DELLA's ranks, DARE's cached draws)."""
+        return getattr(self, self.keep_input) if self.keep_input else None
 
 
 @dataclass(frozen=True)
@@ -37,16 +84,17 @@ class Sparsifier:
     random = False  # draws from seeded streams; rescaling norms are fixed-point sums
     tie_cut = False  # thresholds with tie indices: the mix runs once per tie segment
 
-    def prepare(self, state: "ExpertTensor", reuse: bool, cache_draws: bool) -> None:
-        """Fill the expert's recipe-independent state (``state.delta`` and ``state.seed`` are set)."""
+    def prepare(self, delta: "torch.Tensor", seed: int, reuse: bool, cache_draws: bool) -> Optional[CachedState]:
+        """The expert's recipe-independent state, from its task vector and its stream seed."""
+        return None
 
     def cache_bytes(self, numel: int, element_size: int, cuda: bool) -> int:
         """Bytes ``prepare(reuse=True)`` adds per expert beyond the task vector."""
         return 0
 
-    def reseed(self, state: "ExpertTensor", stream: int, device: torch.device) -> None:
-        """Switch a prepared state to another stream seed."""
-        state.seed = stream
+    def reseed(self, expert: "ExpertTensor", stream: int, device: "torch.device") -> None:
+        """Switch a prepared expert to another stream seed."""
+        expert.seed = stream
 
     def rules(self, experts: Sequence["ExpertTensor"], params: Sequence[dict]) -> "KeepRules":
         raise NotImplementedError
@@ -56,8 +104,10 @@ class Sparsifier:
     # staticmethod of plain tensor operations
     keep: Callable
 
-    def table_norm(self, state: "ExpertTensor", p: dict) -> float:
-        """The kept L1 norm from a table built by ``prepare`` (sparsifiers that build one)."""
+    def norm_ratio(self, expert: "ExpertTensor", p: dict, delta: "torch.Tensor", rules: "KeepRules",
+                   index: int) -> float:
+        """Rescaling: the L1 norm of the expert's task vector (flat ``delta``) over that of its kept
+        part, under the ``index``-th of the stacked ``rules`` (1 where either is about 0)."""
         raise NotImplementedError
 
     def check(self, p: dict, where: str) -> Optional[str]:
@@ -108,6 +158,15 @@ class MergeMethod:
         out = {"weight": 1.0 / n_experts} if "weight" in self.params else {}
         out |= {p.name: p.reference for p in self.params.values() if p.reference is not None}
         return out
+
+
+def mix_task_vectors(method: MergeMethod, base: "torch.Tensor", experts: Sequence["ExpertTensor"],
+                     model_params: Sequence[dict], global_params: dict,
+                     out: "Optional[torch.Tensor]" = None) -> "torch.Tensor":
+    """The task-arithmetic family's merge: :func:`evomerge.merging.kernel.mix.merge_task_arithmetic`."""
+    from evomerge.merging.kernel.mix import merge_task_arithmetic
+
+    return merge_task_arithmetic(method, base, experts, model_params, global_params, out)
 
 
 # Parameters shared by the task-arithmetic family (mergekit's generalized task arithmetic)

@@ -3,20 +3,24 @@ its smallest, so that ``density`` remains; with or without TIES's sign election.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
-
-from evomerge.merging.kernel.mix import ExpertTensor, KeepRules, merge_task_arithmetic
-from evomerge.merging.kernel.sparsify import first_k_rule
-from evomerge.merging.methods.base import GTA_GLOBALS, WEIGHT, MergeMethod, Param, density
+from evomerge.merging.methods.base import GTA_GLOBALS, WEIGHT, MergeMethod, Param, density, mix_task_vectors
 from evomerge.merging.methods.ties import MagnitudeSparsifier
+
+if TYPE_CHECKING:
+    from evomerge.merging.kernel.mix import ExpertTensor, KeepRules
 
 
 class Outliers(MagnitudeSparsifier):
     name = "magnitude_outliers"
 
-    def rules(self, experts: Sequence[ExpertTensor], params: Sequence[dict]) -> KeepRules:
+    def rules(self, experts: Sequence["ExpertTensor"], params: Sequence[dict]) -> "KeepRules":
+        import torch
+
+        from evomerge.merging.kernel.mix import KeepRules
+        from evomerge.merging.kernel.sparsify import first_k_rule
+
         v_hi, j_hi, v_lo, j_lo = [], [], [], []
         for s, p in zip(experts, params):
             d, n = p["density"], s.delta.numel()
@@ -26,10 +30,10 @@ class Outliers(MagnitudeSparsifier):
                 target = int(d * n)
                 bot = max(0, n - target - int(p["gamma"] * n))
                 top = bot + target
-            v, j = first_k_rule(s.delta, s.order, top, descending=False)
+            v, j = first_k_rule(s.delta, s.state.order, top, descending=False)
             v_hi.append(v)
             j_hi.append(j)
-            v, j = first_k_rule(s.delta, s.order, bot, descending=False)
+            v, j = first_k_rule(s.delta, s.state.order, bot, descending=False)
             v_lo.append(v)
             j_lo.append(j)
         dtype, dev = experts[0].delta.dtype, experts[0].delta.device
@@ -37,7 +41,7 @@ class Outliers(MagnitudeSparsifier):
                          v2=torch.stack(v_lo).to(dtype), j2=torch.tensor(j_lo, device=dev))
 
     @staticmethod
-    def keep(i, d, r, offset, rank_norm, draws):
+    def keep(i, d, r, offset, per_element):
         """Among the first ``top`` magnitudes in ascending order but not the first ``bot``."""
         a = d.abs()
         below_hi = (a < r.v[i]) | ((a == r.v[i]) & r.j[i])
@@ -49,8 +53,8 @@ GAMMA = Param("gamma", default=0.01, bounds=(0.0, 0.1), unit=True)
 _MODEL = (WEIGHT, density(searched=True), GAMMA)
 
 METHODS = (
-    MergeMethod("breadcrumbs", merge_task_arithmetic, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Outliers(),
+    MergeMethod("breadcrumbs", mix_task_vectors, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Outliers(),
                 summary="drop the largest gamma and the smallest magnitudes"),
-    MergeMethod("breadcrumbs_ties", merge_task_arithmetic, model=_MODEL, globals_=GTA_GLOBALS,
+    MergeMethod("breadcrumbs_ties", mix_task_vectors, model=_MODEL, globals_=GTA_GLOBALS,
                 sparsifier=Outliers(), consensus=True, summary="breadcrumbs with sign election"),
 )

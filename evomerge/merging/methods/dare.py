@@ -8,16 +8,23 @@ the elements kept at that level (rescaling is a lookup) and, on the CPU, the dra
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
 
-import torch
-
-from evomerge.merging.kernel import compile as kc
-from evomerge.merging.kernel.mix import ExpertTensor, KeepRules, merge_task_arithmetic
-from evomerge.merging.kernel.sparsify import (LEVELS, draws15, draws_as_half, fixed_and_draws, fixed_l1, fixed_shift,
-                                              half_threshold)
-from evomerge.merging.methods.base import GTA_GLOBALS, WEIGHT, MergeMethod, Sparsifier, density
+from evomerge.merging.methods.base import (GTA_GLOBALS, WEIGHT, CachedState, MergeMethod, Sparsifier, density,
+                                           mix_task_vectors)
 from evomerge.merging.methods.ties import HISTOGRAM_BYTES
+
+if TYPE_CHECKING:
+    import torch
+
+    from evomerge.merging.kernel.mix import ExpertTensor, KeepRules
+
+
+@dataclass
+class SeededState(CachedState):
+    shift: int  # fixed-point scale of the L1 sums
+    l1_fixed: float  # ||delta||_1 in fixed point (an integer)
 
 
 class SeededSparsifier(Sparsifier):
@@ -25,76 +32,129 @@ class SeededSparsifier(Sparsifier):
 
     random = True
 
-    def prepare(self, state: ExpertTensor, reuse: bool, cache_draws: bool) -> None:
-        flat = state.delta.reshape(-1)
-        state.shift = fixed_shift(flat)
-        factor = torch.tensor(2.0 ** state.shift, dtype=torch.float64, device=flat.device)
-        self._prepare_norms(state, flat, factor, reuse, cache_draws)
+    @staticmethod
+    def fixed_point(delta: "torch.Tensor") -> tuple[int, float]:
+        """The fixed-point scale of the task vector's L1 sums, and its L1 norm in it."""
+        import torch
 
-    def _prepare_norms(self, state: ExpertTensor, flat: torch.Tensor, factor: torch.Tensor, reuse: bool,
-                       cache_draws: bool) -> None:
-        state.l1_fixed = float(kc.run(fixed_l1, kc.compiled(fixed_l1), flat.numel(), flat, factor))
+        from evomerge.merging.kernel import compile as kc
+        from evomerge.merging.kernel.sparsify import fixed_l1, fixed_shift
 
-    def seeds(self, experts: Sequence[ExpertTensor]) -> torch.Tensor:
+        flat = delta.reshape(-1)
+        shift = fixed_shift(flat)
+        factor = torch.tensor(2.0 ** shift, dtype=torch.float64, device=flat.device)
+        return shift, float(kc.run(fixed_l1, kc.compiled(fixed_l1), flat.numel(), flat, factor))
+
+    def seeds(self, experts: Sequence["ExpertTensor"]) -> "torch.Tensor":
+        import torch
+
         return torch.tensor([s.seed for s in experts], dtype=torch.int64, device=experts[0].delta.device)
+
+    def kept_norm(self, expert: "ExpertTensor", p: dict, delta: "torch.Tensor", rules: "KeepRules",
+                  index: int) -> float:
+        """The kept part's L1 norm in fixed point, summed by the kernel."""
+        import torch
+
+        from evomerge.merging.kernel import compile as kc
+        from evomerge.merging.kernel.mix import kept_l1, one_rule
+
+        factor = torch.tensor(2.0 ** expert.state.shift, dtype=torch.float64, device=delta.device)
+        zero = torch.zeros((), dtype=torch.int64, device=delta.device)
+        return float(kc.run(kept_l1, kc.compiled(kept_l1), delta.numel(), delta, expert.state.per_element,
+                            one_rule(rules, index), factor, zero, self.keep))
+
+    def norm_ratio(self, expert: "ExpertTensor", p: dict, delta: "torch.Tensor", rules: "KeepRules",
+                   index: int) -> float:
+        state = expert.state
+        after = self.kept_norm(expert, p, delta, rules, index)
+        tiny = 1e-7 * 2.0 ** state.shift
+        return 1.0 if (state.l1_fixed < tiny or after < tiny) else state.l1_fixed / after
 
 
 def dare_levels(params: Sequence[dict]) -> list[int]:
     """DARE keeps an element when its draw is below round(density * 31744)."""
+    from evomerge.merging.kernel.sparsify import LEVELS
+
     return [min(max(round(p["density"] * LEVELS), 0), LEVELS) for p in params]
+
+
+@dataclass
+class RandomState(SeededState):
+    kept_l1: "Optional[torch.Tensor]" = None  # fixed-point L1 of the elements whose draw is < level, per level
+    draws: "Optional[torch.Tensor]" = None  # cached draws (float16 patterns); None: hashed in the kernel
+
+    host: ClassVar[frozenset[str]] = frozenset({"kept_l1"})
+    keep_input: ClassVar[Optional[str]] = "draws"
 
 
 class Random(SeededSparsifier):
     name = "random"
 
-    def _prepare_norms(self, state: ExpertTensor, flat: torch.Tensor, factor: torch.Tensor, reuse: bool,
-                       cache_draws: bool) -> None:
+    def prepare(self, delta: "torch.Tensor", seed: int, reuse: bool, cache_draws: bool) -> RandomState:
         if not (reuse or cache_draws):  # one recipe: the draws are hashed inside the kernels
-            super()._prepare_norms(state, flat, factor, reuse, cache_draws)
-            return
+            return RandomState(*self.fixed_point(delta))
+        import torch
+
+        from evomerge.merging.kernel import compile as kc
+        from evomerge.merging.kernel.sparsify import LEVELS, draws_as_half, fixed_and_draws, fixed_shift
+
+        flat = delta.reshape(-1)
+        shift = fixed_shift(flat)
+        factor = torch.tensor(2.0 ** shift, dtype=torch.float64, device=flat.device)
         fixed, draws = kc.run(fixed_and_draws, kc.compiled(fixed_and_draws), flat.numel(), flat, factor,
-                              torch.tensor(state.seed, device=flat.device))
-        state.kept_l1 = torch.cumsum(torch.bincount(draws, weights=fixed, minlength=LEVELS), 0).cpu()
-        state.l1_fixed = float(state.kept_l1[-1])
-        if cache_draws:
-            state.draws = draws_as_half(draws)
+                              torch.tensor(seed, device=flat.device))
+        kept = torch.cumsum(torch.bincount(draws, weights=fixed, minlength=LEVELS), 0).cpu()
+        return RandomState(shift, float(kept[-1]), kept_l1=kept, draws=draws_as_half(draws) if cache_draws else None)
 
     def cache_bytes(self, numel: int, element_size: int, cuda: bool) -> int:
         # float16-coded draws on the CPU (a GPU re-hashes them in the kernel), the L1-by-level table
         return (0 if cuda else 2 * numel) + HISTOGRAM_BYTES
 
-    def reseed(self, state: ExpertTensor, stream: int, device: torch.device) -> None:
+    def reseed(self, expert: "ExpertTensor", stream: int, device: "torch.device") -> None:
         """New draws and L1-by-level table for the new stream."""
-        fresh = ExpertTensor(delta=state.delta.to(device), seed=stream)
-        self.prepare(fresh, reuse=True, cache_draws=state.draws is not None)
-        state.kept_l1 = fresh.kept_l1
+        fresh = self.prepare(expert.delta.to(device), stream, reuse=True, cache_draws=expert.state.draws is not None)
         if fresh.draws is not None:
-            state.draws = fresh.draws.to(state.delta.device)
-        state.seed = stream
+            fresh.draws = fresh.draws.to(expert.delta.device)
+        expert.state = fresh
+        expert.seed = stream
 
-    def table_norm(self, state: ExpertTensor, p: dict) -> float:
+    def kept_norm(self, expert: "ExpertTensor", p: dict, delta: "torch.Tensor", rules: "KeepRules",
+                  index: int) -> float:
+        """A lookup in the L1-by-level table where ``prepare`` built one."""
+        table = expert.state.kept_l1
+        if table is None:
+            return super().kept_norm(expert, p, delta, rules, index)
         level = dare_levels([p])[0]
-        return float(state.kept_l1[level - 1]) if level > 0 else 0.0
+        return float(table[level - 1]) if level > 0 else 0.0
 
-    def rules(self, experts: Sequence[ExpertTensor], params: Sequence[dict]) -> KeepRules:
+    def rules(self, experts: Sequence["ExpertTensor"], params: Sequence[dict]) -> "KeepRules":
+        import torch
+
+        from evomerge.merging.kernel.mix import KeepRules
+        from evomerge.merging.kernel.sparsify import half_threshold
+
         dev = experts[0].delta.device
         levels = dare_levels(params)
         return KeepRules(seed=self.seeds(experts), lo=torch.tensor(levels, dtype=torch.int64, device=dev),
                          v=torch.stack([half_threshold(x, dev) for x in levels]))
 
     @staticmethod
-    def keep(i, d, r, offset, rank_norm, draws):
+    def keep(i, d, r, offset, per_element):
         """The element's draw is below the density's level (cached draws compare as float16)."""
-        if draws is not None:
-            return draws < r.v[i]
+        if per_element is not None:
+            return per_element < r.v[i]
+        import torch
+
+        from evomerge.merging.kernel.sparsify import draws15
+
         return draws15(torch.arange(d.numel(), device=d.device) + offset, r.seed[i]) < r.lo[i]
 
 
 _MODEL = (WEIGHT, density(searched=True))
 
 METHODS = (
-    MergeMethod("dare_ties", merge_task_arithmetic, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Random(),
+    MergeMethod("dare_ties", mix_task_vectors, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Random(),
                 consensus=True, rescale=True, summary="random drop and rescale, sign election"),
-    MergeMethod("dare_linear", merge_task_arithmetic, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Random(),
+    MergeMethod("dare_linear", mix_task_vectors, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Random(),
                 rescale=True, summary="random drop and rescale, weighted sum"),
 )

@@ -4,22 +4,32 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
 
-import torch
+from evomerge.merging.methods.base import GTA_GLOBALS, WEIGHT, MergeMethod, Param, density, mix_task_vectors
+from evomerge.merging.methods.dare import SeededSparsifier, SeededState
 
-from evomerge.merging.kernel.mix import ExpertTensor, KeepRules, merge_task_arithmetic
-from evomerge.merging.kernel.sparsify import LEVELS, draws15, row_rank_norm
-from evomerge.merging.methods.base import GTA_GLOBALS, WEIGHT, MergeMethod, Param, density
-from evomerge.merging.methods.dare import SeededSparsifier
+if TYPE_CHECKING:
+    import torch
+
+    from evomerge.merging.kernel.mix import ExpertTensor, KeepRules
+
+
+@dataclass
+class DellaState(SeededState):
+    rank_norm: "Optional[torch.Tensor]" = None  # each element's magnitude rank in its row, in [0, 1]
+
+    keep_input: ClassVar[Optional[str]] = "rank_norm"
 
 
 class Della(SeededSparsifier):
     name = "della_magprune"
 
-    def prepare(self, state: ExpertTensor, reuse: bool, cache_draws: bool) -> None:
-        super().prepare(state, reuse, cache_draws)
-        state.rank_norm = row_rank_norm(state.delta)
+    def prepare(self, delta: "torch.Tensor", seed: int, reuse: bool, cache_draws: bool) -> DellaState:
+        from evomerge.merging.kernel.sparsify import row_rank_norm
+
+        return DellaState(*self.fixed_point(delta), rank_norm=row_rank_norm(delta))
 
     def cache_bytes(self, numel: int, element_size: int, cuda: bool) -> int:
         return 4 * numel  # float32 ranks
@@ -30,7 +40,11 @@ class Della(SeededSparsifier):
             return f"della: density {d} +/- epsilon {e} must lie in (0, 1) ({where})"
         return None
 
-    def rules(self, experts: Sequence[ExpertTensor], params: Sequence[dict]) -> KeepRules:
+    def rules(self, experts: Sequence["ExpertTensor"], params: Sequence[dict]) -> "KeepRules":
+        import torch
+
+        from evomerge.merging.kernel.mix import KeepRules
+
         lo, span = [], []
         for p in params:
             d, e = p["density"], p["epsilon"]
@@ -45,18 +59,23 @@ class Della(SeededSparsifier):
                          span=torch.tensor(span, dtype=torch.float32, device=dev))
 
     @staticmethod
-    def keep(i, d, r, offset, rank_norm, draws):
-        """The element's draw is below its keep probability, lo + rank * span."""
+    def keep(i, d, r, offset, per_element):
+        """The element's draw is below its keep probability, lo + rank * span (``per_element``:
+        the ranks)."""
+        import torch
+
+        from evomerge.merging.kernel.sparsify import LEVELS, draws15
+
         u = draws15(torch.arange(d.numel(), device=d.device) + offset, r.seed[i])
-        return u.float() < (r.lo[i] + rank_norm * r.span[i]) * LEVELS
+        return u.float() < (r.lo[i] + per_element * r.span[i]) * LEVELS
 
 
 EPSILON = Param("epsilon", default=0.15, bounds=(0.0, 0.2), unit=True)
 _MODEL = (WEIGHT, density(searched=True), EPSILON)
 
 METHODS = (
-    MergeMethod("della", merge_task_arithmetic, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Della(),
+    MergeMethod("della", mix_task_vectors, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Della(),
                 consensus=True, normalize=True, rescale=True, summary="rank-weighted random drop, sign election"),
-    MergeMethod("della_linear", merge_task_arithmetic, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Della(),
+    MergeMethod("della_linear", mix_task_vectors, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Della(),
                 rescale=True, summary="rank-weighted random drop, weighted sum"),
 )

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from evomerge.merging.methods.base import WEIGHT, MergeMethod, Param
+
+if TYPE_CHECKING:
+    import torch
 
 
 def merge_linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
     """Weighted average, computed in float32 (float64 for float64 inputs)."""
+    import torch
+
     first = tensors[0]
     work = torch.float64 if first.dtype == torch.float64 else torch.float32
     w = torch.tensor([float(x) for x in weights], dtype=work, device=first.device)

@@ -3,11 +3,12 @@ flattened tensor, falling back to linear interpolation for nearly parallel tenso
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from evomerge.merging.methods.base import MergeMethod, Param
+
+if TYPE_CHECKING:
+    import torch
 
 _SLERP_CHUNK = 1024 * 1024
 
@@ -16,6 +17,8 @@ def merge_slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, dot_threshold: flo
                 eps: float = 1e-8) -> torch.Tensor:
     """Spherical interpolation over the whole flattened tensor; v0 (the base) is the t = 0 end.
     Nearly parallel (or antipodal) tensors fall back to linear interpolation."""
+    import torch
+
     work = torch.float64 if v0.dtype == torch.float64 else torch.float32
     a, b = v0.reshape(1, -1), v1.reshape(1, -1)
     tt = torch.tensor([[t]], dtype=work, device=v0.device)

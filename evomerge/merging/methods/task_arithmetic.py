@@ -1,9 +1,8 @@
 """Task arithmetic: base + lambda * sum_i w_i * (theta_i - base), no trimming, no sign election."""
 
-from evomerge.merging.kernel.mix import merge_task_arithmetic
-from evomerge.merging.methods.base import GTA_GLOBALS, WEIGHT, MergeMethod, density
+from evomerge.merging.methods.base import GTA_GLOBALS, WEIGHT, MergeMethod, density, mix_task_vectors
 
 METHODS = (
-    MergeMethod("task_arithmetic", merge_task_arithmetic, model=(WEIGHT, density(searched=False)),
+    MergeMethod("task_arithmetic", mix_task_vectors, model=(WEIGHT, density(searched=False)),
                 globals_=GTA_GLOBALS, summary="weighted sum of task vectors"),
 )

@@ -7,15 +7,25 @@ magnitudes), so a density is a lookup, not a sort, and the task vector's L1 norm
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+from evomerge.merging.methods.base import (GTA_GLOBALS, WEIGHT, CachedState, MergeMethod, Sparsifier, density,
+                                           mix_task_vectors)
 
-from evomerge.merging.kernel.mix import ExpertTensor, KeepRules, merge_task_arithmetic
-from evomerge.merging.kernel.sparsify import MagnitudeOrder, first_k_rule
-from evomerge.merging.methods.base import GTA_GLOBALS, WEIGHT, MergeMethod, Sparsifier, density
+if TYPE_CHECKING:
+    import torch
+
+    from evomerge.merging.kernel.mix import ExpertTensor, KeepRules
+    from evomerge.merging.kernel.sparsify import MagnitudeOrder
 
 HISTOGRAM_BYTES = 65536 * 8  # a magnitude histogram's cumulative counts, on the host
+
+
+@dataclass
+class MagnitudeState(CachedState):
+    order: "MagnitudeOrder"
+    l1: "torch.Tensor"  # ||delta||_1 in the merge dtype, as mergekit computes it
 
 
 class MagnitudeSparsifier(Sparsifier):
@@ -23,39 +33,59 @@ class MagnitudeSparsifier(Sparsifier):
 
     tie_cut = True
 
-    def prepare(self, state: ExpertTensor, reuse: bool, cache_draws: bool) -> None:
-        magnitudes = state.delta.abs()
-        state.order = MagnitudeOrder(magnitudes, positions=reuse)
-        state.l1 = magnitudes.sum()
+    def prepare(self, delta: "torch.Tensor", seed: int, reuse: bool, cache_draws: bool) -> MagnitudeState:
+        from evomerge.merging.kernel.sparsify import MagnitudeOrder
+
+        magnitudes = delta.abs()
+        return MagnitudeState(order=MagnitudeOrder(magnitudes, positions=reuse), l1=magnitudes.sum())
 
     def cache_bytes(self, numel: int, element_size: int, cuda: bool) -> int:
         sorted_magnitudes = numel * element_size if element_size > 2 else 0  # 32/64-bit floats
         return sorted_magnitudes + HISTOGRAM_BYTES
 
+    def norm_ratio(self, expert: "ExpertTensor", p: dict, delta: "torch.Tensor", rules: "KeepRules",
+                   index: int) -> float:
+        """mergekit's numerics: both norms and their ratio in the merge dtype."""
+        import torch
+
+        from evomerge.merging.kernel.mix import tie_segments
+
+        zero = torch.zeros((), dtype=torch.int64, device=delta.device)
+        mask = torch.cat([self.keep(index, delta[a:b], r, zero, None)
+                          for a, b, r in tie_segments(delta.numel(), rules)])
+        after = (delta * mask).abs().sum()
+        before = expert.state.l1
+        return 1.0 if (before < 1e-7 or after < 1e-7) else float(before / after)
+
 
 class Magnitude(MagnitudeSparsifier):
     name = "magnitude"
 
-    def rules(self, experts: Sequence[ExpertTensor], params: Sequence[dict]) -> KeepRules:
+    def rules(self, experts: Sequence["ExpertTensor"], params: Sequence[dict]) -> "KeepRules":
+        import torch
+
+        from evomerge.merging.kernel.mix import KeepRules
+        from evomerge.merging.kernel.sparsify import first_k_rule
+
         vs, js = [], []
         for s, p in zip(experts, params):
             d, n = p["density"], s.delta.numel()
             k = n if d >= 1 else (0 if d <= 0 else max(1, int(d * n)))
-            v, j = first_k_rule(s.delta, s.order, k, descending=True)
+            v, j = first_k_rule(s.delta, s.state.order, k, descending=True)
             vs.append(v)
             js.append(j)
         return KeepRules(v=torch.stack(vs).to(experts[0].delta.dtype),
                          j=torch.tensor(js, device=experts[0].delta.device))
 
     @staticmethod
-    def keep(i, d, r, offset, rank_norm, draws):
+    def keep(i, d, r, offset, per_element):
         """Beyond the threshold, or equal to it in a segment where ties are kept."""
         a = d.abs()
         return (a > r.v[i]) | ((a == r.v[i]) & r.j[i])
 
 
 METHODS = (
-    MergeMethod("ties", merge_task_arithmetic, model=(WEIGHT, density(searched=True)), globals_=GTA_GLOBALS,
+    MergeMethod("ties", mix_task_vectors, model=(WEIGHT, density(searched=True)), globals_=GTA_GLOBALS,
                 sparsifier=Magnitude(), consensus=True, normalize=True,
                 summary="magnitude trim, sign election, normalized"),
 )
