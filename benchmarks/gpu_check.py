@@ -172,8 +172,8 @@ def stage_search(args, device: str) -> dict:
     if len(rows) != n:
         raise RuntimeError(f"{len(rows)} of {n} candidates completed ({summary['stopped_by']})")
     return {"candidates": n, "wall_s": round(wall, 1), "per_minute": round(n / wall * 60, 1),
-            "merge_ms": round(statistics.median(r.result["merge_s"] for r in steady) * 1e3, 1),
-            "fitness_ms": round(statistics.median(r.result["eval_s"] for r in steady) * 1e3, 1),
+            "merge_ms": round(statistics.median(r.record.merge_s for r in steady) * 1e3, 1),
+            "fitness_ms": round(statistics.median(r.record.eval_s for r in steady) * 1e3, 1),
             "best_fitness": round(max(r.fitness for r in rows), 4)}
 
 

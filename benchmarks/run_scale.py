@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -68,6 +69,7 @@ def make_run(work: Path, storage: str | None) -> Path:
 
 def grow(run_dir: Path, storage: str | None, target: int, rng: random.Random) -> None:
     """Add candidates through the run database's write path until it holds ``target``."""
+    from evomerge.fitness.record import TaskRecord
     from evomerge.rundb.leases import Owner
     from evomerge.run.rundir import open_run
 
@@ -75,12 +77,12 @@ def grow(run_dir: Path, storage: str | None, target: int, rng: random.Random) ->
     owner = Owner.this_process()
     template = run.db.row(run.db.scores()[0].trial_id)
     done, _ = run.db.leases.counts()
-    items = {"one": [round(rng.random(), 4) for _ in range(40)]}
     for _ in range(target - done):
         fitness = rng.random()
         lease = run.db.leases.claim(template.params, owner)
-        record = template.result | {"fitness": fitness, "items": items,
-                                    "tasks": {"one": {"value": fitness, "n": 40}}}
+        marks = "".join("1" if rng.random() < fitness else "0" for _ in range(40))
+        record = replace(template.record, fitness=fitness, items={"one": marks},
+                         tasks={"one": TaskRecord("acc", fitness, {"acc": fitness})})
         run.db.leases.finish(lease.trial_id, [fitness], record)
     run.db.close()
 
@@ -98,7 +100,7 @@ def claim_finish(run_dir: Path, storage: str | None, n: int = 50) -> float:
         with run.db.lock():
             lease = run.db.leases.claim(template.params, owner)
         with run.db.lock():
-            run.db.leases.finish(lease.trial_id, [0.0], template.result | {"fitness": 0.0})
+            run.db.leases.finish(lease.trial_id, [0.0], replace(template.record, fitness=0.0))
     seconds = (time.perf_counter() - t0) / n
     run.db.close()
     return seconds

@@ -110,7 +110,7 @@ def main() -> int:
         print(label + ", mean per candidate:")
         for name in names:
             print(f"  {name:32s} {sum(phases[name][sl]) / k * 1e3:8.1f} ms")
-        print(f"  {'merge apply (recorded)':32s} {sum(r.result['merge_s'] for r in rows[sl]) / k * 1e3:8.1f} ms")
+        print(f"  {'merge apply (recorded)':32s} {sum(r.record.merge_s for r in rows[sl]) / k * 1e3:8.1f} ms")
         share = sum(outside_c[sl]) / sum(wall_c[sl])
         print(f"  outside fitness evaluation: {sum(outside_c[sl]) / k * 1e3:.1f} ms of {sum(wall_c[sl]) / k * 1e3:.1f} ms"
               f" = {share * 100:.1f}% (goal < 10%)")

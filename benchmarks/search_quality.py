@@ -138,7 +138,6 @@ class Curve:
 def best_so_far(run, checkpoints: list[int]) -> list[tuple]:
     """(best row by recorded, possibly estimated, search fitness; item evaluations used; seconds)
     once each checkpoint's number of candidates completed."""
-    from evomerge.fitness.estimate import items_scored
 
     trials = {t.number: t for t in run.db.trials()}
     rows = sorted((r for r in run.db.rows() if r.state == "complete" and r.fitness is not None),
@@ -146,7 +145,7 @@ def best_so_far(run, checkpoints: list[int]) -> list[tuple]:
     start = min(t.datetime_start for t in trials.values())
     out, best, used = [], None, 0
     for i, row in enumerate(rows, start=1):
-        used += items_scored(row.result)
+        used += row.record.items_scored()
         if best is None or row.fitness > best.fitness:
             best = row
         if i in checkpoints:
@@ -205,7 +204,7 @@ def rank_correlation(run, scorer) -> Optional[float]:
     estimated candidates spread over the run."""
     from evomerge.merging.plan import read_recipe
 
-    est = [r for r in run.db.rows() if r.state == "complete" and r.result.get("fidelity", {}).get("estimated")]
+    est = [r for r in run.db.rows() if r.state == "complete" and r.record.estimated_from()]
     if len(est) < 3:
         return None
     picked = est[::max(1, len(est) // RANKED)][:RANKED]

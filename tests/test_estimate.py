@@ -13,7 +13,8 @@ import pytest
 
 from evomerge.config import ConfigError, RunConfig
 from evomerge.fitness.base import get_backend
-from evomerge.fitness.estimate import Target, choose_anchors, compare, is_full, item_values, make_plan
+from evomerge.fitness.estimate import Target, choose_anchors, compare, make_plan
+from evomerge.fitness.record import Fidelity
 from evomerge.fitness.suite import Suite
 from evomerge.merging.recipe import Recipe
 from evomerge.run.report import export, export_pareto, status_text
@@ -121,40 +122,40 @@ def test_racing_search_records_estimates_it_can_justify(tmp_path, zoo):
     by_name = {f"#{r.number}": r for r in rows} | refs
     plan = run.db.metadata.get()["estimate_plan"]
     assert [sum(s.values()) for s in plan["sizes"]] == [10, 30, 100]
-    stopped = [r for r in rows if not is_full(r.result)]
-    assert len(stopped) >= 10 and any(r.result["fidelity"]["level"] == 0 for r in stopped)
+    stopped = [r for r in rows if not r.record.is_full()]
+    assert len(stopped) >= 10 and any(r.record.fidelity.level == 0 for r in stopped)
     suite = Suite.load("zoo-smooth")
     scorer = Evaluator(run.cfg, suite)
     for r in stopped[:4]:
-        f = r.result["fidelity"]
-        assert f["estimated"] and f["of"] == 100 and f["items"] == sum(plan["sizes"][f["level"]].values())
-        scored = {t: [i for i, v in enumerate(item_values(r.result, t)) if v is not None] for t in plan["order"]}
-        assert sum(len(v) for v in scored.values()) == f["items"]
-        assert all("".join(r.result["items"][t]).count("-") == len(plan["order"][t]) - len(scored[t]) for t in scored)
+        f = r.record.fidelity
+        assert f.estimated and f.beaten_by and f.of == 100 and f.items == sum(plan["sizes"][f.level].values())
+        scored = {t: [i for i, v in enumerate(r.record.values_of(t)) if v is not None] for t in plan["order"]}
+        assert sum(len(v) for v in scored.values()) == f.items
+        assert all("".join(r.record.items[t]).count("-") == len(plan["order"][t]) - len(scored[t]) for t in scored)
         # the estimate: the target's value plus the mean paired difference on the items scored
-        target = by_name[f["beaten_by"]]
-        assert is_full(target.result)
+        target = by_name[f.beaten_by]
+        assert target.record.is_full()
         for t, positions in scored.items():
-            mine, theirs = item_values(r.result, t), item_values(target.result, t)
+            mine, theirs = r.record.values_of(t), target.record.values_of(t)
             expected = target.tasks[t] + sum(mine[p] - theirs[p] for p in positions) / len(positions)
             assert r.tasks[t] == pytest.approx(expected, abs=1e-5)
         # the items it was scored on hold the values a full scoring of its recipe gives them
         full = scorer.score_recipe(Recipe.from_dict(r.recipe))
         for t, positions in scored.items():
-            assert [item_values(r.result, t)[p] for p in positions] == pytest.approx(
+            assert [r.record.values_of(t)[p] for p in positions] == pytest.approx(
                 [full.result.tasks[t].items[p].value for p in positions], abs=1e-5)
         assert full.fitness < target.fitness  # it was rightly stopped
     # the best row, the references counted (a stopped candidate may lead the candidates when a
     # reference stopped it), was scored on every item
     leader = max([r for r in rows if r.fitness is not None] + list(refs.values()), key=lambda r: r.fitness)
-    assert is_full(leader.result)
+    assert leader.record.is_full()
     best = best_row(rows)  # what status and export call the best candidate
-    assert is_full(best.result)
+    assert best.record.is_full()
     # the racer looks at new rows by their summaries and values, and those it has seen never again
     tables = run.db.leases.tables
     listed = tables.complete_summaries(set())
     assert [(n, summary["full"], values) for _, n, summary, values in listed] == [
-        (r.number, is_full(r.result), [r.fitness]) for r in rows]
+        (r.number, r.record.is_full(), [r.fitness]) for r in rows]
     assert tables.complete_summaries({i for i, *_ in listed[:-1]}) == listed[-1:]
     # a resumed racer (the plan saved) reads the records of the fully scored rows that can lead,
     # not every record, and has the targets that reading every record gives
@@ -164,10 +165,10 @@ def test_racing_search_records_estimates_it_can_justify(tmp_path, zoo):
     racer = Racer(scorer, suite, run.cfg.fitness.estimate, run.cfg.seed)
     racer.refresh(run.db, force=True)
     tables.results = results
-    full = [r for r in rows if is_full(r.result)]
+    full = [r for r in rows if r.record.is_full()]
     top = max(r.fitness for r in full)
     assert reads == [[r.trial_id for r in full]]  # no plan yet in this process: calibration reads them all
-    assert [t.values for t in racer.targets] == [[max(top, *(x.fitness for x in refs.values() if is_full(x.result)))]]
+    assert [t.values for t in racer.targets] == [[max(top, *(x.fitness for x in refs.values() if x.record.is_full()))]]
     reads.clear()
     tables.results = lambda ids: reads.append(list(ids)) or results(ids)
     planned = Racer(scorer, suite, run.cfg.fitness.estimate, run.cfg.seed)
@@ -180,7 +181,8 @@ def test_racing_search_records_estimates_it_can_justify(tmp_path, zoo):
     assert "candidates stopped before all items" in status and "estimated from 10 of 100 items" in status
     assert "(estimated from 10 of 100 items)" in (tmp_path / "run" / "search.log").read_text()
     report = export(run, tmp_path / "best", heldout=False)
-    assert report["candidate"] == best.number and is_full({"fidelity": report["fidelity_recorded"]})
+    recorded = Fidelity.from_json(report["fidelity_recorded"])
+    assert report["candidate"] == best.number and (recorded is None or not recorded.estimated)
     assert report["fitness_recomputed_from_export"] == pytest.approx(best.fitness, abs=1e-6)
     est = report["estimates"]
     assert est["stopped"] == len(stopped) and est["items"] < est["full"] and len(est["checked"]) == 5
@@ -193,17 +195,17 @@ def test_anchors_are_chosen_after_calibration_and_scored_first(tmp_path, zoo):
     run = create_run(cfg, tmp_path / "run")
     run_search(run, live=False)
     rows = sorted(run.db.rows(), key=lambda r: r.number)
-    assert all(is_full(r.result) for r in rows[:6])  # the calibration candidates
+    assert all(r.record.is_full() for r in rows[:6])  # the calibration candidates
     plan = run.db.metadata.get()["estimate_plan"]
     assert plan["sizes"] == [{"rev": 3, "enc": 3, "fact": 3}, {"rev": 40, "enc": 40, "fact": 20}]
     assert plan["z"] == 0.0
     assert all(sum(w) == pytest.approx(1.0) for w in plan["anchor_weights"].values())
-    later = [r for r in rows[6:] if not is_full(r.result)]
+    later = [r for r in rows[6:] if not r.record.is_full()]
     assert later, "no candidate was stopped at the anchors"
     for r in later:
-        assert r.result["fidelity"]["items"] == 9
+        assert r.record.fidelity.items == 9
         for t, order in plan["order"].items():
-            scored = {i for i, v in enumerate(item_values(r.result, t)) if v is not None}
+            scored = {i for i, v in enumerate(r.record.values_of(t)) if v is not None}
             assert scored == set(order[:3])
 
 
@@ -222,8 +224,8 @@ def test_racing_search_resumes_after_sigkill_with_the_same_candidates(tmp_path, 
     got = candidates(tmp_path / "killed")
     assert [g[:2] for g in got] == [e[:2] for e in expected]
     assert [g[2] for g in got] == pytest.approx([e[2] for e in expected])
-    fid = [r.result.get("fidelity") for r in sorted(run.db.rows(), key=lambda r: r.number) if r.counted]
-    assert any(f and f["items"] < f["of"] for f in fid)
+    fid = [r.record.fidelity for r in sorted(run.db.rows(), key=lambda r: r.number) if r.counted]
+    assert any(f and f.estimated for f in fid)
     assert run.db.metadata.get()["estimate_plan"] == whole.db.metadata.get()["estimate_plan"]
 
 
@@ -238,8 +240,8 @@ def test_two_workers_race_on_one_plan(tmp_path, zoo):
     assert len(rows) == 24 and all(r.state == "complete" for r in rows)
     plan = run.db.metadata.get()["estimate_plan"]
     sizes = [sum(s.values()) for s in plan["sizes"]]
-    assert all(r.result.get("fidelity", {"items": 100})["items"] in sizes for r in rows)
-    assert any(not is_full(r.result) for r in rows)
+    assert all((r.record.fidelity.items if r.record.fidelity else 100) in sizes for r in rows)
+    assert any(not r.record.is_full() for r in rows)
     assert all(w["own"] > 0 for w in run.db.registry.all())
 
 
@@ -249,13 +251,13 @@ def test_pareto_racing_keeps_a_front_of_fully_scored_candidates(tmp_path, zoo):
     run = create_run(cfg, tmp_path / "run")
     run_search(run, live=False)
     rows = run.db.rows()
-    stopped = [r for r in rows if not is_full(r.result)]
+    stopped = [r for r in rows if not r.record.is_full()]
     assert stopped and all(len(r.values) == 2 and all(math.isfinite(v) for v in r.values) for r in stopped)
     for r in stopped:  # below the target that stopped it on every objective
         target = next(x for x in rows + run.db.references()
-                      if (x.name or f"#{x.number}") == r.result["fidelity"]["beaten_by"])
+                      if (x.name or f"#{x.number}") == r.record.fidelity.beaten_by)
         assert all(a < b for a, b in zip(r.values, target.values))
     report = export_pareto(run, tmp_path / "front", heldout=False)
-    assert report["front"] and all(is_full(next(r for r in rows if r.number == m["candidate"]).result)
+    assert report["front"] and all(next(r for r in rows if r.number == m["candidate"]).record.is_full()
                                    for m in report["front"])
     json.dumps(report)

@@ -82,7 +82,7 @@ def test_a_backend_and_a_driver_of_ones_own_run_a_search(registered, zoo, tmp_pa
     run_search(open_run(tmp_path / "run"), resume=True, max_candidates=6, live=False)
     rows = [r for r in open_run(tmp_path / "run").db.rows() if r.counted]
     assert len(rows) == 6 and all(r.state == "complete" and 0 <= r.fitness <= 1 for r in rows)
-    assert {r.result["tasks"]["rev"]["metric"] for r in rows} == {"first_token"}
+    assert {r.record.tasks["rev"].metric for r in rows} == {"first_token"}
     assert len({tuple(r.params.values()) for r in rows}) == 6  # the resumed driver went on from its state
     assert open_run(tmp_path / "run").db.metadata.driver_state() == {"driver": "toy-random", "asked": 6}
 

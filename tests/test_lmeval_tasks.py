@@ -349,5 +349,5 @@ def test_a_native_search_on_included_tasks_and_its_refusal(user_tasks, zoo, tmp_
     run = create_run(config([REV_TASK, FACT_TASK]), tmp_path / "run")
     assert run_search(run, live=False)["evaluated"] == 2
     rows = [r for r in run.db.rows() if r.counted]
-    assert all(set(r.result["tasks"]) == {"rev", "fact"} and r.fitness is not None for r in rows)
-    assert all(len(r.result["items"]["rev"]) == 40 for r in rows)
+    assert all(set(r.record.tasks) == {"rev", "fact"} and r.fitness is not None for r in rows)
+    assert all(len(r.record.items["rev"]) == 40 for r in rows)

@@ -60,7 +60,7 @@ def test_nsga2_keeps_and_exports_the_front(tmp_path, zoo):
     r = rows[0]
     # the values are the suite's objectives, recomputed from the per-task metrics kept in the record
     assert r.values == pytest.approx([(r.tasks["rev"] + r.tasks["enc"]) / 2, r.tasks["fact"]])
-    assert r.result["objectives"] == {"sequence": r.values[0], "facts": r.values[1]}
+    assert r.record.objectives == {"sequence": r.values[0], "facts": r.values[1]}
     front = pareto_front(rows)
     assert front and all(not (o.values[0] >= f.values[0] and o.values[1] >= f.values[1] and o.values != f.values)
                          for f in front for o in rows)

@@ -20,6 +20,7 @@ import yaml
 from conftest import load_dir, mergekit_merge
 
 from evomerge.errors import EvomergeError
+from evomerge.fitness.record import CandidateRecord
 from evomerge.run.report import export, status_text, write_plots
 from evomerge.rundb.store import RunDB, sqlite_url
 from evomerge.run.loop import run_search
@@ -43,7 +44,7 @@ def candidates(run_dir: Path) -> list[tuple]:
     out = []
     counted = [r for r in run.db.rows() if r.state in ("complete", "failed")]
     for i, r in enumerate(counted):  # optuna: the order they were asked in
-        pos = r.result.get("cma")
+        pos = r.record.extra.get("cma")
         key = (pos["restart"], pos["generation"], pos["index"]) if pos else (i,)
         out.append((key, tuple(r.params[n] for n in run.space.names), r.fitness))
     return sorted(out)
@@ -57,12 +58,12 @@ def test_search_records_everything(tmp_path, zoo, monkeypatch):
     assert len(rows) == 12 and all(r.state == "complete" for r in rows)
     r = rows[0]
     assert set(r.params) == set(run.space.names)
-    assert r.recipe["merge_method"] == "ties" and r.result["host"]
-    assert set(r.result["tasks"]) == {"rev", "enc", "fact"}
-    assert r.result["merge_s"] > 0 and r.result["eval_s"] > 0
+    assert r.recipe["merge_method"] == "ties" and r.record.host
+    assert set(r.record.tasks) == {"rev", "enc", "fact"}
+    assert r.record.merge_s > 0 and r.record.eval_s > 0
     items = run.db.metadata.get()["items"]
     assert {k: len(v) for k, v in items.items()} == {"rev": 40, "enc": 40, "fact": 20}
-    assert all(len(r.result["items"][k]) == len(items[k]) for k in items)
+    assert all(len(r.record.items[k]) == len(items[k]) for k in items)
     refs = {x.name: x for x in run.db.references()}
     assert set(refs) == {"base", "parent:expert_rev", "parent:expert_enc", "parent:expert_fact", "default"}
     # the decoded recipe is what was merged: re-decoding the vector gives it back
@@ -341,7 +342,7 @@ def test_cma_stop_restarts_or_samples_on(tmp_path, restarts):
     driver = _cma(db, restarts=restarts, opts={"maxiter": 1})  # pycma stops after one generation
     for i in range(4):
         p = driver.ask()
-        driver.tell(p, [float(i)], {})
+        driver.tell(p, [float(i)], CandidateRecord())
     st, es = driver.state()
     assert es.stop()["maxiter"] if restarts == 0 else not es.stop()
     nxt = driver.ask()
@@ -366,13 +367,13 @@ def test_cma_workers_interleave_without_a_barrier(tmp_path):
     assert [q.tag["index"] for q in p] == [0, 1, 2, 3, 4]
     assert [q.vector for q in p] == expected[:5]  # the same draws in every process
     for q, v in zip([p[4], p[0], p[1]], [4.0, 0.0, 1.0]):
-        assert a.tell(q, [v], {}) if q is not p[1] else b.tell(q, [v], {})
+        assert a.tell(q, [v], CandidateRecord()) if q is not p[1] else b.tell(q, [v], CandidateRecord())
     assert a.state()[0]["generation"] == 0  # three finished, one short of popsize
-    assert b.tell(p[2], [2.0], {})  # the fourth to finish: told by b
+    assert b.tell(p[2], [2.0], CandidateRecord())  # the fourth to finish: told by b
     assert a.state()[0]["generation"] == 1
     nxt = b.ask()
     assert nxt.tag == {"generation": 1, "index": 0, "restart": 0}
-    assert b.tell(p[3], [3.0], {})  # late: recorded, generation unchanged
+    assert b.tell(p[3], [3.0], CandidateRecord())  # late: recorded, generation unchanged
     assert b.state()[0]["generation"] == 1
     # the told distribution is exactly pycma's tell of candidates 0, 1, 2 and 4
     batches = [initial.ask(), initial.ask()]
@@ -411,8 +412,8 @@ def test_reclaim_fails_dead_and_silent_candidates(tmp_path):
     with db.lock():  # a process killed between Optuna's ask and taking ownership: reclaimed at once
         orphan = db.study().ask({"a": UNIT}).number
         assert db.leases.reclaim() == [orphan]
-    assert not db.leases.finish(t_remote, [1.0], {"merge_s": 0})  # it came back: too late, nothing recorded
-    assert db.leases.finish(t_alive, [1.0], {"merge_s": 0})
+    assert not db.leases.finish(t_remote, [1.0], CandidateRecord())  # it came back: too late, nothing recorded
+    assert db.leases.finish(t_alive, [1.0], CandidateRecord())
     states = {r.number: r.state for r in db.rows()}
     assert states == {0: "interrupted", 1: "interrupted", 2: "complete", 3: "interrupted"}
     assert db.leases.counts() == (1, 0)

@@ -95,13 +95,13 @@ def test_three_workers_one_killed(tmp_path, zoo, pg_url, driver):
     for n in killed_numbers:  # the killed worker's candidate was redone by another worker
         lost = by_number[n]
         redo = [r for r in counted if r.params == lost.params]
-        assert len(redo) == 1 and redo[0].result["host"] != "host1"
+        assert len(redo) == 1 and redo[0].record.host != "host1"
     if driver["name"] == "cma":
-        positions = Counter((r.result["cma"]["restart"], r.result["cma"]["generation"], r.result["cma"]["index"])
+        positions = Counter((r.record.extra["cma"]["restart"], r.record.extra["cma"]["generation"], r.record.extra["cma"]["index"])
                             for r in counted)
         assert max(positions.values()) == 1
-        assert {r.result["cma"]["generation"] for r in counted} >= {0, 1, 2}
-    hosts = Counter(r.result["host"] for r in counted)
+        assert {r.record.extra["cma"]["generation"] for r in counted} >= {0, 1, 2}
+    hosts = Counter(r.record.host for r in counted)
     assert hosts["host0"] > 0 and hosts["host2"] > 0
     workers = run.db.registry.all()
     assert len(workers) == 3 and sum(1 for w in workers if "ended" in w) == 2
@@ -117,7 +117,7 @@ def test_devices_share_the_sqlite_file(tmp_path, zoo):
     run = open_run(tmp_path / "run")
     assert run.db.leases.counts() == (10, 0)
     rows = [r for r in run.db.rows() if r.counted]
-    positions = Counter((r.result["cma"]["restart"], r.result["cma"]["generation"], r.result["cma"]["index"])
+    positions = Counter((r.record.extra["cma"]["restart"], r.record.extra["cma"]["generation"], r.record.extra["cma"]["index"])
                         for r in rows)
     assert len(rows) == 10 and max(positions.values()) == 1  # no CMA position evaluated by both devices
     workers = run.db.registry.all()

@@ -36,50 +36,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-Values = list[Optional[float]]  # a row's per-item values for one task, None where not scored
-
-
-def item_values(record: dict, task: str) -> Optional[Values]:
-    """A record's per-item values for ``task`` in the run's subsample order: the stored values
-    (margin tasks) or the correctness string ('1', '0', '-' not scored)."""
-    stored = record.get("item_values", {}).get(task)
-    if stored is not None:
-        return list(stored)
-    s = record.get("items", {}).get(task)
-    return None if s is None else [None if c == "-" else float(c) for c in s]
-
-
-def is_full(record: dict) -> bool:
-    """Whether a row was scored on every search item (rows without a fidelity always were)."""
-    return estimated_from(record.get("fidelity")) is None
-
-
-def estimated_from(fidelity: Optional[dict]) -> Optional[str]:
-    """'estimated from N of M items' for a row scored on part of the items, else None."""
-    if fidelity is None or fidelity["items"] == fidelity["of"]:
-        return None
-    return f"estimated from {fidelity['items']} of {fidelity['of']} items"
-
-
-def items_scored(record: dict) -> int:
-    """How many search items a row was scored on."""
-    f = record.get("fidelity")
-    return f["items"] if f else sum(len(v) for v in record.get("items", {}).values())
-
-
-def record_summary(record: dict, values: Optional[Sequence[float]]) -> dict:
-    """What a finished row's listing needs of its record, small enough to read for every row of a
-    long run: its fitness (None unless it has objective values), whether it was scored on every
-    search item, and its item counts (scored, and of all its search items; 0 and 0 without
-    per-item results)."""
-    items = record.get("items") or {}
-    fitness = record.get("fitness", values[0]) if values else None
-    return {"fitness": fitness, "full": is_full(record), "used": items_scored(record) if items else 0,
-            "of": sum(len(v) for v in items.values())}
+from evomerge.fitness.record import Values
 
 
 def usage(summaries: Sequence[dict]) -> Optional[dict]:
-    """Item evaluations of scored rows (their :func:`record_summary`) against scoring each on
+    """Item evaluations of scored rows (their records' ``summary``) against scoring each on
     every search item; None when no row was scored on part of them."""
     rows = [s for s in summaries if s["of"]]
     stopped = sum(not s["full"] for s in rows)

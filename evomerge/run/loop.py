@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Optional
 
+from evomerge.fitness.record import CandidateRecord
 from evomerge.fitness.suite import Suite
 from evomerge.machine import ThreadFit
 from evomerge.procs import MACHINE
@@ -217,7 +218,7 @@ class _Search:
             log.warning("this run is already being searched by %s: this process joins it as another worker, and "
                         "they share its budget (stop the other to run alone)", ", ".join(others))
 
-    def _record(self, ev: Evaluation, recipe=None) -> dict:
+    def _record(self, ev: Evaluation, recipe=None) -> CandidateRecord:
         return ev.record(self.items, recipe, item_values=self.racer is not None)
 
     def _references_are_mine(self) -> bool:
@@ -238,21 +239,21 @@ class _Search:
             return
         done = {r.name for r in db.references()}
 
-        def add(name: str, ev: Evaluation, record: dict) -> None:
+        def add(name: str, ev: Evaluation, record: CandidateRecord) -> None:
             db.add_reference(name, record, ev.values)
             log.info("reference %s: %s", name, f"{ev.fitness:.4f}" if ev.fitness is not None else ev.error)
 
         for name, path in parents(run).items():
             if name not in done:
                 ev = self.evaluator.score_model_dir(path)["search"]
-                add(name, ev, self._record(ev) | {"model": path})
+                add(name, ev, replace(self._record(ev), model=path))
         for name, recipe in reference_recipes(run).items():
             if name not in done:
                 ev = self.evaluator.score_recipe(recipe)
                 add(name, ev, self._record(ev, recipe))
 
     def run_trial(self, driver: DriverClaims, current: Proposal, heartbeat: _Heartbeat
-                  ) -> tuple[Evaluation, dict, bool]:
+                  ) -> tuple[Evaluation, CandidateRecord, bool]:
         """One claimed candidate, as Optuna's ``_run_trial`` is to its ``_optimize``: decoded into
         a recipe, scored (raced level by level with ``fitness.estimate``) while the heartbeat keeps
         its claim, then told to the driver under the run's lock, which records it. Its evaluation,

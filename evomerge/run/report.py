@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 from evomerge.errors import EvomergeError
-from evomerge.fitness.estimate import estimated_from, usage
+from evomerge.fitness.estimate import usage
+from evomerge.fitness.record import Fidelity
 from evomerge.fitness.suite import Suite
 from evomerge.run.card import write_model_card
 from evomerge.rundb.secrets import redact
@@ -88,11 +89,11 @@ def status_text(run: Run, recent: int = 8) -> str:
         lines += ["", f"recent candidates (of {len(rows)}):"]
         for r in (run.db.row(x.trial_id) for x in rows[-recent:] if recent > 0):
             extra = f"  {r.error}" if r.error else ""
-            estimated = estimated_from(r.result.get("fidelity"))
+            estimated = r.record.estimated_from()
             if estimated:
                 extra += f"  {estimated}"
-            lines.append(f"  #{r.number:<6d}{r.state:12s}{_fitness_cell(r):>10s}  merge {r.result.get('merge_s', 0) * 1e3:5.0f} ms"
-                         f"  eval {r.result.get('eval_s', 0) * 1e3:6.0f} ms{extra}")
+            lines.append(f"  #{r.number:<6d}{r.state:12s}{_fitness_cell(r):>10s}  merge {r.record.merge_s * 1e3:5.0f} ms"
+                         f"  eval {r.record.eval_s * 1e3:6.0f} ms{extra}")
     return "\n".join(lines)
 
 
@@ -254,7 +255,7 @@ def export(run: Run, out_dir: str | Path, trial: Optional[int] = None, overwrite
         recomputed = winner["search"]["fitness"]
         report = {
             "run": run.name, "candidate": row.number, "fitness_recorded": row.fitness,
-            "fitness_recomputed_from_export": recomputed, "fidelity_recorded": row.result.get("fidelity"),
+            "fitness_recomputed_from_export": recomputed, "fidelity_recorded": _fidelity_json(row),
             "estimates": _check_estimates(run, evaluator),
             "warnings": split_warnings(suite),
             "table": table,
@@ -294,7 +295,7 @@ def _check_estimates(run: Run, evaluator) -> Optional[dict]:
     for r in (run.db.row(x.trial_id) for x in estimated):
         ev = evaluator.score_recipe(read_recipe(r.recipe), "search")
         checked.append({"candidate": r.number, "estimate": r.fitness, "truth": ev.fitness,
-                        "items": r.result["fidelity"]["items"], "of": r.result["fidelity"]["of"]})
+                        "items": r.record.fidelity.items, "of": r.record.fidelity.of})
     return used | {"checked": checked}
 
 
@@ -371,8 +372,13 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fidelity_json(row: Row) -> Optional[dict]:
+    return row.record.fidelity.to_json() if row.record.fidelity is not None else None
+
+
 def _fidelity_text(f: Optional[dict]) -> str:
-    estimated = estimated_from(f)
+    fidelity = Fidelity.from_json(f)
+    estimated = fidelity.text() if fidelity is not None else None
     return f" (the recorded fitness was {estimated} of the search split)" if estimated else ""
 
 
@@ -416,7 +422,7 @@ def export_pareto(run: Run, out_dir: str | Path, overwrite: bool = False, heldou
             (sub / "recipe.yaml").write_text(recipe.to_yaml())
             entry = {"candidate": r.number, "recipe": f"{sub.name}/recipe.yaml",
                      "search": dict(zip(names, r.values)), "fitness_search": r.fitness,
-                     "fidelity": r.result.get("fidelity")}
+                     "fidelity": _fidelity_json(r)}
             if evaluator is not None:
                 ev = evaluator.score_recipe(recipe, "heldout")
                 entry["heldout"] = dict(zip(names, ev.values)) if ev.values else None

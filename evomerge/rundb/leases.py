@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState, create_trial
 
-from evomerge.fitness.estimate import record_summary
+from evomerge.fitness.record import CandidateRecord
 from evomerge.procs import HOST, MACHINE, ended, process_start
 from evomerge.rundb.optuna_sql import OptunaTables
 
@@ -113,18 +113,18 @@ class Leases:
     def heartbeat(self, trial_id: int) -> None:
         self.storage.record_heartbeat(trial_id)
 
-    def finish(self, trial_id: int, values: Optional[Sequence[float]], record: dict[str, Any],
+    def finish(self, trial_id: int, values: Optional[Sequence[float]], record: CandidateRecord,
                system_attrs: Optional[dict[str, Any]] = None) -> bool:
         """Finish a claimed candidate in one transaction: COMPLETE with finite ``values``, else FAIL,
         with its ``result`` record and the study ``system_attrs`` given (the driver's state after
         it, so a kill cannot land between the two). Returns False, writing nothing, when the
         candidate is no longer RUNNING: it was reclaimed and is being redone elsewhere."""
         if values is not None and not all(math.isfinite(v) for v in values):
-            record = record | {"error": record.get("error") or f"non-finite objective values {list(values)}"}
+            record = replace(record, error=record.error or f"non-finite objective values {list(values)}")
             values = None
-        record = record | {"host": HOST}
+        record = replace(record, host=HOST)
         with self.storage.engine.begin() as conn:
-            if not self.tables.finish(conn, trial_id, values, record, record_summary(record, values)):
+            if not self.tables.finish(conn, trial_id, values, record.to_json(), record.summary(values)):
                 return False  # nothing was written
             for key, value in (system_attrs or {}).items():
                 self.tables.set_system_attr(conn, key, value)

@@ -3,8 +3,9 @@
 Two studies per run, so ``optuna-dashboard`` shows both and samplers only see real candidates:
 
 - ``NAME``: every candidate, one trial each. Params are the space's coordinates (FloatDistribution
-  over [0, 1]); the user attr ``result`` holds the decoded recipe, per-task metrics, per-item
-  correctness, merge and evaluation seconds, the error if it failed, and the host.
+  over [0, 1]); the user attr ``result`` holds its :class:`~evomerge.fitness.record.CandidateRecord`
+  as JSON: the decoded recipe, per-task metrics, per-item correctness, merge and evaluation
+  seconds, the error if it failed, and the host.
 - ``NAME.references``: the reference rows (each parent alone, the method's default recipe).
 
 Many processes may share one run database (``evomerge worker``): SQLite on one host, PostgreSQL
@@ -21,7 +22,7 @@ import os
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Optional, Sequence
 
 import optuna
@@ -30,7 +31,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from evomerge.errors import EvomergeError, first_line
-from evomerge.fitness.estimate import is_full, record_summary
+from evomerge.fitness.record import CandidateRecord
 from evomerge.rundb.leases import HOST, Leases
 from evomerge.rundb.lock import RunLock
 from evomerge.rundb.meta import RunMeta
@@ -137,18 +138,21 @@ class Row:
     state: str  # complete, failed, interrupted, running, waiting
     fitness: Optional[float]  # the suite's fitness (its weighted task mean)
     params: dict[str, float]
-    recipe: Optional[dict]
-    result: dict = field(default_factory=dict)
+    record: CandidateRecord = field(default_factory=CandidateRecord)
     name: str = ""  # reference rows: parent:LABEL or default
     values: Optional[list[float]] = None  # the objectives (one: the fitness)
 
     @property
+    def recipe(self) -> Optional[dict]:
+        return self.record.recipe
+
+    @property
     def tasks(self) -> dict[str, float]:
-        return {k: v["value"] for k, v in self.result.get("tasks", {}).items()}
+        return self.record.task_values
 
     @property
     def error(self) -> Optional[str]:
-        return self.result.get("error")
+        return self.record.error
 
     trial_id: int = -1
 
@@ -159,7 +163,7 @@ class Row:
     @property
     def full(self) -> bool:
         """Whether it was scored on every search item."""
-        return is_full(self.result)
+        return self.record.is_full()
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,7 @@ class Score:
     state: str  # as Row.state
     fitness: Optional[float]
     values: Optional[list[float]]
-    summary: dict  # fitness.estimate.record_summary of its record ({} without one)
+    summary: dict  # CandidateRecord.summary of its record ({} without one)
 
     @property
     def counted(self) -> bool:
@@ -286,7 +290,7 @@ class RunDB:
         for r in listing:
             summary = r["summary"]
             if summary is None:
-                summary = record_summary(old[r["trial_id"]], r["values"]) if r["trial_id"] in old else {}
+                summary = CandidateRecord.from_json(old[r["trial_id"]]).summary(r["values"]) if r["trial_id"] in old else {}
             out.append(Score(r["trial_id"], r["number"], row_state(r["state"], r["has_result"]),
                              summary.get("fitness") if r["values"] else None, r["values"], summary))
         return out
@@ -295,10 +299,10 @@ class RunDB:
         """One candidate with its record."""
         return _row(self.storage.get_trial(trial_id))
 
-    def add_reference(self, name: str, record: dict, values: Optional[Sequence[float]]) -> None:
+    def add_reference(self, name: str, record: CandidateRecord, values: Optional[Sequence[float]]) -> None:
         state = TrialState.COMPLETE if values is not None else TrialState.FAIL
         trial = create_trial(state=state, values=None if values is None else list(values),
-                             user_attrs={"name": name, "result": record | {"host": self.host}})
+                             user_attrs={"name": name, "result": replace(record, host=self.host).to_json()})
         self.storage.create_new_trial(self._ref_id, template_trial=trial)
 
     def references(self) -> list[Row]:
@@ -306,10 +310,11 @@ class RunDB:
 
 
 def _row(t: FrozenTrial) -> Row:
-    result = t.user_attrs.get("result") or {}
+    stored = t.user_attrs.get("result")
+    record = CandidateRecord.from_json(stored)
     values = list(t.values) if t.values else None
-    fitness = result.get("fitness", values[0]) if values else None
-    return Row(t.number, row_state(t.state.name, bool(result)), fitness, dict(t.params), result.get("recipe"), result,
+    fitness = (record.fitness if record.fitness is not None else values[0]) if values else None
+    return Row(t.number, row_state(t.state.name, bool(stored)), fitness, dict(t.params), record,
                t.user_attrs.get("name", ""), values, t._trial_id)
 
 

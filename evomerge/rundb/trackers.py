@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import one_line
+from evomerge.fitness.record import CandidateRecord
 
 log = logging.getLogger("evomerge.trackers")
 
@@ -56,20 +57,20 @@ def flat(value: Any, prefix: str = "") -> dict[str, str]:
     return {prefix.rstrip("."): str(value)}
 
 
-def candidate_metrics(number: int, record: dict, coordinates: dict[str, float]) -> dict[str, float]:
+def candidate_metrics(number: int, record: CandidateRecord, coordinates: dict[str, float]) -> dict[str, float]:
     """What a candidate logs, from its run-database record and its recipe coordinates."""
-    out: dict[str, float] = {"candidate": float(number), "failed": float("error" in record)}
-    if record.get("fitness") is not None:
-        out["fitness"] = float(record["fitness"])
-    objectives = record.get("objectives") or {}
+    out: dict[str, float] = {"candidate": float(number), "failed": float(record.error is not None)}
+    if record.fitness is not None:
+        out["fitness"] = float(record.fitness)
+    objectives = record.objectives or {}
     if len(objectives) > 1:
         out |= {f"objective/{k}": float(v) for k, v in objectives.items() if v is not None}
-    for task, t in (record.get("tasks") or {}).items():
-        out |= {f"task/{task}/{m}": float(v) for m, v in t["metrics"].items() if v is not None}
-    for task, marks in (record.get("items") or {}).items():
+    for task, t in record.tasks.items():
+        out |= {f"task/{task}/{m}": float(v) for m, v in t.metrics.items() if v is not None}
+    for task, marks in record.items.items():
         out[f"items/{task}"] = float(sum(c != "-" for c in marks))
         out[f"items_of/{task}"] = float(len(marks))
-    out |= {k: float(record[k]) for k in ("merge_s", "eval_s") if k in record}
+    out |= {"merge_s": record.merge_s, "eval_s": record.eval_s}
     return out | {f"x/{k}": float(v) for k, v in coordinates.items()}
 
 
@@ -205,7 +206,7 @@ class Trackers:
                 _warn(t.name, e)
                 self.active.remove(t)
 
-    def candidate(self, number: int, record: dict, coordinates: dict[str, float]) -> None:
+    def candidate(self, number: int, record: CandidateRecord, coordinates: dict[str, float]) -> None:
         self._each("log", number, candidate_metrics(number, record, coordinates))
 
     def winner(self, report: dict, recipe_yaml: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from evomerge.config import DriverSpec
+from evomerge.fitness.record import CandidateRecord
 from evomerge.rundb.leases import Owner
 from evomerge.rundb.store import RunDB
 from evomerge.search.drivers import Driver, Proposal
@@ -66,12 +67,12 @@ class DriverClaims:
             self.db.leases.adopt(proposal.trial_id, proposal.number, self.owner)
         return proposal
 
-    def tell(self, proposal: Proposal, values: Optional[Sequence[float]], record: dict) -> bool:
+    def tell(self, proposal: Proposal, values: Optional[Sequence[float]], record: CandidateRecord) -> bool:
         if self.driver.shared:
             self._take(self.db.metadata.driver_state())
         state = self.driver.tell(proposal, values, self._rows(), self.db.leases.tables.last_trial_id())
         if self.driver.tag_key:
-            record = record | {self.driver.tag_key: proposal.tag}
+            record = record.with_extra(**{self.driver.tag_key: proposal.tag})
         extra = {} if state is None else self.db.metadata.driver_state_attrs(state)
         ok = self.db.leases.finish(proposal.trial_id, values, record, extra)
         if state is not None and not ok and not self.driver.shared:

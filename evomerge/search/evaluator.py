@@ -11,13 +11,14 @@ import gc
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from evomerge.config import RunConfig
 from evomerge.errors import EvomergeError, ModelError, first_line
 from evomerge.fitness.base import BACKENDS, get_backend
+from evomerge.fitness.record import CandidateRecord, Fidelity, TaskRecord
 from evomerge.fitness.result import FitnessResult
 from evomerge.fitness.suite import Suite
 from evomerge.merging.layer_path import LayerPath, PathModel
@@ -43,43 +44,36 @@ class Evaluation:
     # subsample and its item count, and what was scored (level, items, of, target)
     positions: Optional[dict[str, list[int]]] = None
     counts: Optional[dict[str, int]] = None
-    fidelity: Optional[dict] = None
+    fidelity: Optional[Fidelity] = None
 
     def record(self, items: Optional[dict[str, list[str]]] = None, recipe: Optional[Recipe] = None,
-               item_values: bool = False) -> dict:
-        """The JSON record kept in the run database. Per-item correctness is a string of 0/1 in the
+               item_values: bool = False) -> CandidateRecord:
+        """The record kept in the run database. Per-item correctness is a string of 0/1 in the
         order of ``items[task]`` (the run's subsample ids, stored once), '-' for an item not scored;
         with ``item_values`` (estimated fitness compares items), a margin task's item values too
         (None where not scored)."""
-        out: dict[str, Any] = {"merge_s": round(self.merge_seconds, 4), "eval_s": round(self.eval_seconds, 4)}
-        if recipe is not None:
-            out["recipe"] = recipe.to_dict()
-        if self.error:
-            out["error"] = self.error
-        if self.values is not None:
-            out["fitness"] = self.fitness
-            out["objectives"] = dict(zip(self.objective_names or [], self.values))
-        if self.fidelity is not None:
-            out["fidelity"] = self.fidelity
+        tasks, marks, values = {}, {}, {}
         r = self.result
-        if r is not None:
-            out["tasks"] = {k: {"metric": t.metric, "value": t.value, "metrics": t.metrics}
-                            for k, t in r.tasks.items()}
-            out["items"] = {}
-            for k, t in r.tasks.items():
-                ids = (items or {}).get(k)
-                slots: list = [None] * (self.counts[k] if self.positions else len(t.items))
-                for pos, it in zip(self.positions[k] if self.positions else range(len(t.items)), t.items):
-                    if ids is not None and (pos >= len(ids) or ids[pos] != it.id):
-                        raise EvomergeError(f"task {k}: the scored items differ from the run's subsample")
-                    slots[pos] = it
-                if ids is not None and len(slots) != len(ids):
+        for k, t in (r.tasks.items() if r is not None else ()):
+            tasks[k] = TaskRecord(t.metric, t.value, t.metrics)
+            ids = (items or {}).get(k)
+            slots: list = [None] * (self.counts[k] if self.positions else len(t.items))
+            for pos, it in zip(self.positions[k] if self.positions else range(len(t.items)), t.items):
+                if ids is not None and (pos >= len(ids) or ids[pos] != it.id):
                     raise EvomergeError(f"task {k}: the scored items differ from the run's subsample")
-                out["items"][k] = "".join("-" if it is None else "1" if it.correct else "0" for it in slots)
-                if item_values and t.metric == "margin":
-                    out.setdefault("item_values", {})[k] = [None if it is None else round(it.value, 6)
-                                                            for it in slots]
-        return out
+                slots[pos] = it
+            if ids is not None and len(slots) != len(ids):
+                raise EvomergeError(f"task {k}: the scored items differ from the run's subsample")
+            marks[k] = "".join("-" if it is None else "1" if it.correct else "0" for it in slots)
+            if item_values and t.metric == "margin":
+                values[k] = [None if it is None else round(it.value, 6) for it in slots]
+        scored = self.values is not None
+        return CandidateRecord(
+            merge_s=round(self.merge_seconds, 4), eval_s=round(self.eval_seconds, 4),
+            recipe=recipe.to_dict() if recipe is not None else None, error=self.error or None,
+            fitness=self.fitness if scored else None,
+            objectives=dict(zip(self.objective_names or [], self.values)) if scored else None,
+            fidelity=self.fidelity, tasks=tasks, items=marks, item_values=values)
 
 
 def _load_model(path: str, cfg: RunConfig):

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Optional
 
-from evomerge.fitness.estimate import estimated_from
+from evomerge.fitness.record import Fidelity
 
 log = logging.getLogger("evomerge.search.candidates")
 
@@ -76,10 +76,10 @@ class Progress:
         return min(options) if options else None
 
     def update(self, number: int, fitness: Optional[float], error: Optional[str], merge_s: float,
-               eval_s: float, tag: str = "", fidelity: Optional[dict] = None) -> None:
+               eval_s: float, tag: str = "", fidelity: Optional[Fidelity] = None) -> None:
         """``fidelity``: the candidate was scored on part of the items (fitness.estimate)."""
         self.done += 1
-        estimated = estimated_from(fidelity)
+        estimated = fidelity.text() if fidelity is not None else None
         if fitness is not None and estimated is None and (self.best is None or fitness > self.best):
             self.best, self.best_number = fitness, number
         last = f"{fitness:.4f}" if fitness is not None else "failed"

@@ -14,7 +14,8 @@ import time
 from typing import Optional
 
 from evomerge.config import EstimateSpec
-from evomerge.fitness.estimate import Plan, Target, compare, dominates, is_full, item_values, make_plan, pareto
+from evomerge.fitness.estimate import Plan, Target, compare, dominates, make_plan, pareto
+from evomerge.fitness.record import CandidateRecord, Fidelity
 from evomerge.fitness.result import FitnessResult, ItemResult, TaskResult, combine
 from evomerge.fitness.suite import Suite
 from evomerge.merging.recipe import Recipe
@@ -56,7 +57,7 @@ class Racer:
         for r in db.references():  # a few rows
             if r.state == "complete" and r.name not in self._refs:
                 self._refs.add(r.name)
-                new.append((r.name, r.result))
+                new.append((r.name, r.record))
         rows = db.leases.tables.complete_summaries(self._seen)
         self._seen.update(trial_id for trial_id, *_ in rows)
         full = [(i, n, values) for i, n, summary, values in rows if summary is None or summary["full"]]
@@ -64,8 +65,8 @@ class Racer:
             front = [t.values for t in self.targets] + [values for *_, values in full]
             full = [(i, n, v) for i, n, v in full if not any(dominates(o, v) for o in front)]
         records = db.leases.tables.results([i for i, _, _ in full])
-        new += [(f"#{n}", records[i]) for i, n, _ in full if i in records]
-        self._take([(name, record) for name, record in new if is_full(record)])
+        new += [(f"#{n}", CandidateRecord.from_json(records[i])) for i, n, _ in full if i in records]
+        self._take([(name, record) for name, record in new if record.is_full()])
         if self.plan is None:
             with db.lock():
                 saved = db.metadata.get().get("estimate_plan")
@@ -81,15 +82,14 @@ class Racer:
                 self.plan = Plan.from_dict(saved)
                 self._calibration = []
 
-    def _take(self, rows: list[tuple[str, dict]]) -> None:
+    def _take(self, rows: list[tuple[str, CandidateRecord]]) -> None:
         """Fully scored rows (name, record): targets, and calibration data until the plan exists."""
         fresh = []
         for name, record in rows:
-            if record.get("objectives") is None or not record.get("items"):
+            if record.objectives is None or not record.items:
                 continue
-            items = {t: item_values(record, t) for t in record["items"]}
-            fresh.append(Target(name, list(record["objectives"].values()),
-                                {k: v["value"] for k, v in record["tasks"].items()}, items))
+            items = {t: record.values_of(t) for t in record.items}
+            fresh.append(Target(name, list(record.objectives.values()), record.task_values, items))
             if self.plan is None:
                 self._calibration.append(items)
                 self._calibrated += name.startswith("#")
@@ -104,10 +104,10 @@ class Racer:
         return make_plan(counts, self.spec.anchors, racing.rungs if racing else None, racing.z if racing else None,
                          self._calibration, self.seed)
 
-    def add(self, trial_id: int, number: int, record: dict) -> None:
+    def add(self, trial_id: int, number: int, record: CandidateRecord) -> None:
         """This process's own candidate, as soon as it is recorded."""
         self._seen.add(trial_id)
-        if record.get("fitness") is not None and is_full(record):
+        if record.fitness is not None and record.is_full():
             self._take([(f"#{number}", record)])
 
     # -- scoring --------------------------------------------------------------------------------
@@ -154,10 +154,8 @@ class Racer:
             results[name] = TaskResult(name, spec.metric, value, spec.weight, measured, items)
         values = self.suite.objective_values({k: t.value for k, t in results.items()})
         fitness_all = combine(results)
-        fidelity = {"level": level, "levels": plan.n_levels, "items": sum(len(v) for v in scored.values()),
-                    "of": plan.items_at(plan.n_levels - 1)}
-        if beaten:
-            fidelity |= {"estimated": True, "beaten_by": beaten.beaten_by}
+        fidelity = Fidelity(level, plan.n_levels, sum(len(v) for v in scored.values()),
+                            plan.items_at(plan.n_levels - 1), beaten.beaten_by if beaten else None)
         return Evaluation(fitness_all if len(values) > 1 else values[0],
                           FitnessResult(fitness_all, results, split="search", backend=self.evaluator.backend.name,
                                         seconds=eval_s),
