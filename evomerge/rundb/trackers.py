@@ -91,7 +91,6 @@ class _Mlflow:
         where = (run_dir / "mlflow-artifacts").resolve().as_uri() if own else None
         exp_id = found.experiment_id if found else self.client.create_experiment(experiment, artifact_location=where)
         runs = self.client.search_runs([exp_id], filter_string=f"tags.`evomerge.run_id` = '{run_id}'", max_results=1)
-        self.new = not runs
         self.run_id = runs[0].info.run_id if runs else \
             self.client.create_run(exp_id, run_name=run_name, tags={"evomerge.run_id": run_id}).info.run_id
 
@@ -124,7 +123,6 @@ class _Tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), flush_secs=10)
-        self.new = True
 
     def config(self, cfg: dict) -> None:
         import yaml
@@ -151,7 +149,6 @@ class _Wandb:
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "evomerge", id=run_id, name=run_name,
                               dir=str(run_dir), resume="allow",
                               settings=wandb.Settings(init_timeout=30, console="off", silent=True))
-        self.new = True
 
     def config(self, cfg: dict) -> None:
         self.run.config.update(cfg, allow_val_change=True)
@@ -177,7 +174,7 @@ class Trackers:
         self.active = trackers
 
     @classmethod
-    def open(cls, cfg, run_dir: Path, run_name: str, db, run_id: str, log_config: bool = True) -> "Trackers":
+    def open(cls, cfg, run_dir: Path, run_name: str, db, run_id: str) -> "Trackers":
         """The trackers ``cfg.report_to`` names, their runs found or created under the run
         database's lock (so workers share one); the config is logged by the process that
         created each."""
@@ -189,7 +186,7 @@ class Trackers:
             for name in cfg.report_to:
                 try:
                     t = CLASSES[name](run_dir, run_id, run_name)
-                    if log_config and not started.get(name):
+                    if not started.get(name):
                         t.config(cfg.to_dict())
                         started[name] = True
                     opened.append(t)
