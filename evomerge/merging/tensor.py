@@ -90,7 +90,7 @@ def merge_one(recipe: Recipe, base: Optional[torch.Tensor], states: Sequence[Exp
               params: TensorParams, out: torch.Tensor) -> torch.Tensor:
     """Merge one tensor into ``out`` (its dtype is the output dtype)."""
     method = recipe.method
-    return method.merge(method, base, states, params.model_params, params.global_params, out)
+    return method.merge_function(method, base, states, params.model_params, params.global_params, out)
 
 
 def copied_tensor(files: dict[str, ModelFiles], layout: Layout, ts: TensorSource) -> torch.Tensor:

@@ -9,6 +9,8 @@ compute (``torch.compile`` traces such imports like module globals)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
+from importlib import import_module
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Optional, Sequence
 
 if TYPE_CHECKING:
@@ -118,10 +120,11 @@ class Sparsifier:
 @dataclass(frozen=True)
 class MergeMethod:
     """A registered merge method. ``merge(method, base, experts, model_params, global_params, out)``
-    writes one merged tensor into ``out``; ``task_vectors``: experts enter as theta - base."""
+    writes one merged tensor into ``out`` (a function, or "module:function" to import it when first
+    used: see :attr:`merge_function`); ``task_vectors``: experts enter as theta - base."""
 
     name: str
-    merge: Callable
+    merge: Callable | str
     model: tuple[Param, ...] = ()
     globals_: tuple[Param, ...] = ()
     sparsifier: Optional[Sparsifier] = None
@@ -136,6 +139,14 @@ class MergeMethod:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", {p.name: p for p in (*self.model, *self.globals_)})
+
+    @cached_property
+    def merge_function(self) -> Callable:
+        """``merge``, imported on first use where it is named as "module:function"."""
+        if callable(self.merge):
+            return self.merge
+        module, function = self.merge.split(":")
+        return getattr(import_module(module), function)
 
     @property
     def model_params(self) -> frozenset[str]:
@@ -160,13 +171,8 @@ class MergeMethod:
         return out
 
 
-def mix_task_vectors(method: MergeMethod, base: "torch.Tensor", experts: Sequence["ExpertTensor"],
-                     model_params: Sequence[dict], global_params: dict,
-                     out: "Optional[torch.Tensor]" = None) -> "torch.Tensor":
-    """The task-arithmetic family's merge: :func:`evomerge.merging.kernel.mix.merge_task_arithmetic`."""
-    from evomerge.merging.kernel.mix import merge_task_arithmetic
-
-    return merge_task_arithmetic(method, base, experts, model_params, global_params, out)
+# The task-arithmetic family's merge, imported when first used (it needs torch)
+MIX_TASK_VECTORS = "evomerge.merging.kernel.mix:merge_task_arithmetic"
 
 
 # Parameters shared by the task-arithmetic family (mergekit's generalized task arithmetic)

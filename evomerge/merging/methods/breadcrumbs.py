@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from evomerge.merging.methods.base import GTA_GLOBALS, WEIGHT, MergeMethod, Param, density, mix_task_vectors
+from evomerge.merging.methods.base import GTA_GLOBALS, WEIGHT, MergeMethod, Param, density, MIX_TASK_VECTORS
 from evomerge.merging.methods.ties import MagnitudeSparsifier
 
 if TYPE_CHECKING:
@@ -53,8 +53,8 @@ GAMMA = Param("gamma", default=0.01, bounds=(0.0, 0.1), unit=True)
 _MODEL = (WEIGHT, density(searched=True), GAMMA)
 
 METHODS = (
-    MergeMethod("breadcrumbs", mix_task_vectors, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Outliers(),
+    MergeMethod("breadcrumbs", MIX_TASK_VECTORS, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Outliers(),
                 summary="drop the largest gamma and the smallest magnitudes"),
-    MergeMethod("breadcrumbs_ties", mix_task_vectors, model=_MODEL, globals_=GTA_GLOBALS,
+    MergeMethod("breadcrumbs_ties", MIX_TASK_VECTORS, model=_MODEL, globals_=GTA_GLOBALS,
                 sparsifier=Outliers(), consensus=True, summary="breadcrumbs with sign election"),
 )

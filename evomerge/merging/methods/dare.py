@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
 
 from evomerge.merging.methods.base import (GTA_GLOBALS, WEIGHT, CachedState, MergeMethod, Sparsifier, density,
-                                           mix_task_vectors)
+                                           MIX_TASK_VECTORS)
 from evomerge.merging.methods.ties import HISTOGRAM_BYTES
 
 if TYPE_CHECKING:
@@ -153,8 +153,8 @@ class Random(SeededSparsifier):
 _MODEL = (WEIGHT, density(searched=True))
 
 METHODS = (
-    MergeMethod("dare_ties", mix_task_vectors, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Random(),
+    MergeMethod("dare_ties", MIX_TASK_VECTORS, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Random(),
                 consensus=True, rescale=True, summary="random drop and rescale, sign election"),
-    MergeMethod("dare_linear", mix_task_vectors, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Random(),
+    MergeMethod("dare_linear", MIX_TASK_VECTORS, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Random(),
                 rescale=True, summary="random drop and rescale, weighted sum"),
 )

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
 
-from evomerge.merging.methods.base import GTA_GLOBALS, WEIGHT, MergeMethod, Param, density, mix_task_vectors
+from evomerge.merging.methods.base import GTA_GLOBALS, WEIGHT, MergeMethod, Param, density, MIX_TASK_VECTORS
 from evomerge.merging.methods.dare import SeededSparsifier, SeededState
 
 if TYPE_CHECKING:
@@ -74,8 +74,8 @@ EPSILON = Param("epsilon", default=0.15, bounds=(0.0, 0.2), unit=True)
 _MODEL = (WEIGHT, density(searched=True), EPSILON)
 
 METHODS = (
-    MergeMethod("della", mix_task_vectors, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Della(),
+    MergeMethod("della", MIX_TASK_VECTORS, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Della(),
                 consensus=True, normalize=True, rescale=True, summary="rank-weighted random drop, sign election"),
-    MergeMethod("della_linear", mix_task_vectors, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Della(),
+    MergeMethod("della_linear", MIX_TASK_VECTORS, model=_MODEL, globals_=GTA_GLOBALS, sparsifier=Della(),
                 rescale=True, summary="rank-weighted random drop, weighted sum"),
 )

@@ -1,8 +1,8 @@
 """Task arithmetic: base + lambda * sum_i w_i * (theta_i - base), no trimming, no sign election."""
 
-from evomerge.merging.methods.base import GTA_GLOBALS, WEIGHT, MergeMethod, density, mix_task_vectors
+from evomerge.merging.methods.base import GTA_GLOBALS, WEIGHT, MergeMethod, density, MIX_TASK_VECTORS
 
 METHODS = (
-    MergeMethod("task_arithmetic", mix_task_vectors, model=(WEIGHT, density(searched=False)),
+    MergeMethod("task_arithmetic", MIX_TASK_VECTORS, model=(WEIGHT, density(searched=False)),
                 globals_=GTA_GLOBALS, summary="weighted sum of task vectors"),
 )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from evomerge.merging.methods.base import (GTA_GLOBALS, WEIGHT, CachedState, MergeMethod, Sparsifier, density,
-                                           mix_task_vectors)
+                                           MIX_TASK_VECTORS)
 
 if TYPE_CHECKING:
     import torch
@@ -85,7 +85,7 @@ class Magnitude(MagnitudeSparsifier):
 
 
 METHODS = (
-    MergeMethod("ties", mix_task_vectors, model=(WEIGHT, density(searched=True)), globals_=GTA_GLOBALS,
+    MergeMethod("ties", MIX_TASK_VECTORS, model=(WEIGHT, density(searched=True)), globals_=GTA_GLOBALS,
                 sparsifier=Magnitude(), consensus=True, normalize=True,
                 summary="magnitude trim, sign election, normalized"),
 )
