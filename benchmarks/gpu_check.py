@@ -4,7 +4,8 @@ Stages, each recorded as ok, failed or skipped (with the reason), its seconds an
 
 1. ``environment``: torch, the GPU, the CPU, and evomerge importing;
 2. ``cuda_tests``: the engine's CUDA tests (random methods bit-identical on the CPU and the GPU; a
-   GPU apply equal to a GPU merge to disk, for every cache placement);
+   GPU apply equal to a GPU merge to disk, for every cache placement; every cached tensor of every
+   method moved to the GPU and to pinned memory);
 3. ``engine``: the in-place engine on a random bf16 Llama of about 1B parameters with 3 experts
    (built on the device, written once to local disk): TIES and DARE-TIES apply time per candidate,
    against a plain ``copy_`` of the least bytes an apply moves;
@@ -67,7 +68,7 @@ def stage_environment(args, device: str) -> dict:
 def stage_cuda_tests(args, device: str) -> dict:
     """The engine's CUDA tests (skipped by pytest itself where there is no GPU)."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_engine.py",
-           "-k", "cpu_and_gpu or gpu_apply"]
+           "-k", "cpu_and_gpu or gpu_apply or moves_with_its_state"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                           env=os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
