@@ -435,12 +435,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.debug:
         quiet_libraries()
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that stopped shows here, not in the interpreter's final flush
+        return code
     except EvomergeError as e:
         text = str(e)
     except KeyboardInterrupt:
         print("evomerge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped (evomerge status | head): quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush too
+        return 141
     except OSError as e:
         if args.debug:
             raise

@@ -249,6 +249,12 @@ def test_cli_space_status_export(tmp_path, zoo):
     assert status.returncode == 0 and "recent candidates" in status.stdout, status.stderr
     assert "space per_layer (dimension 12)" in status.stdout and "torch loaded: False" in status.stdout
     assert (tmp_path / "run" / "fitness.png").exists()
+    read, write = os.pipe()  # a reader that stopped (evomerge status | head): no error, exit 141 as a shell's
+    os.close(read)
+    piped = subprocess.run([sys.executable, "-m", "evomerge.cli", "status", str(tmp_path / "run"), "--no-plots"],
+                           env=ENV, stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    assert piped.returncode == 141 and piped.stderr == ""
     bad = cli("status", str(tmp_path / "nowhere"))
     assert bad.returncode == 2 and "not a run directory" in bad.stderr
 
