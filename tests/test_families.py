@@ -215,7 +215,8 @@ def test_layer_paths_restack_llama_like_families(tmp_path, family, name):
     same model (scales where the family's sublayers end in one linear map; refused where the
     decoder layers cannot be re-stacked)."""
     from evomerge.errors import EvomergeError
-    from evomerge.merging.layer_path import _UNSCALED, LayerPath, PathModel, Step, materialize, scale_filters
+    from evomerge.merging.layer_path import _UNSCALED, LayerPath, Step, scale_filters
+    from evomerge.merging.layer_stack import PathModel, materialize
     from evomerge.merging.headers import read_config
     from evomerge.merging.model_io import load_causal_lm
 

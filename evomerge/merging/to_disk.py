@@ -13,7 +13,8 @@ from typing import Iterator
 import torch
 
 from evomerge.errors import ModelError
-from evomerge.merging.layer_path import LayerPath, materialize
+from evomerge.merging.layer_path import LayerPath
+from evomerge.merging.layer_stack import materialize
 from evomerge.merging.layout import build_layout
 from evomerge.merging.model_io import ShardedWriter, TensorSpec, atomic_directory, copy_generation_config, copy_tokenizer
 from evomerge.merging.plan import open_models, output_config, output_dtype, resolve_params, tensor_meta, work_dtype

@@ -21,7 +21,8 @@ from evomerge.fitness.base import BACKENDS, get_backend
 from evomerge.fitness.record import CandidateRecord, Fidelity, TaskRecord
 from evomerge.fitness.result import FitnessResult
 from evomerge.fitness.suite import Suite
-from evomerge.merging.layer_path import LayerPath, PathModel
+from evomerge.merging.layer_path import LayerPath
+from evomerge.merging.layer_stack import PathModel
 from evomerge.merging.headers import resolve_model_path
 from evomerge.merging.model_io import ModelFiles, load_causal_lm
 from evomerge.merging.recipe import Recipe
