@@ -108,13 +108,19 @@ class CandidateRecord:
     def task_values(self) -> dict[str, float]:
         return {k: t.value for k, t in self.tasks.items()}
 
+    def fitness_given(self, values: Optional[Sequence[float]]) -> Optional[float]:
+        """Its fitness where it has objective ``values`` (the first of them where it recorded none),
+        else None."""
+        if not values:
+            return None
+        return self.fitness if self.fitness is not None else values[0]
+
     def summary(self, values: Optional[Sequence[float]]) -> dict[str, Any]:
         """What a finished row's listing needs, small enough to read for every row of a long run:
         its fitness (None unless it has objective values), whether it was scored on every search
         item, and its item counts (scored, and of all its search items; 0 and 0 without per-item
         results)."""
-        fitness = (self.fitness if self.fitness is not None else values[0]) if values else None
-        return {"fitness": fitness, "full": self.is_full(), "used": self.items_scored() if self.items else 0,
+        return {"fitness": self.fitness_given(values), "full": self.is_full(), "used": self.items_scored() if self.items else 0,
                 "of": sum(len(v) for v in self.items.values())}
 
     def with_extra(self, **keys: Any) -> "CandidateRecord":

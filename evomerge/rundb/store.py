@@ -290,7 +290,8 @@ class RunDB:
         for r in listing:
             summary = r["summary"]
             if summary is None:
-                summary = CandidateRecord.from_json(old[r["trial_id"]]).summary(r["values"]) if r["trial_id"] in old else {}
+                stored = old.get(r["trial_id"])
+                summary = CandidateRecord.from_json(stored).summary(r["values"]) if stored is not None else {}
             out.append(Score(r["trial_id"], r["number"], row_state(r["state"], r["has_result"]),
                              summary.get("fitness") if r["values"] else None, r["values"], summary))
         return out
@@ -313,8 +314,7 @@ def _row(t: FrozenTrial) -> Row:
     stored = t.user_attrs.get("result")
     record = CandidateRecord.from_json(stored)
     values = list(t.values) if t.values else None
-    fitness = (record.fitness if record.fitness is not None else values[0]) if values else None
-    return Row(t.number, row_state(t.state.name, bool(stored)), fitness, dict(t.params), record,
+    return Row(t.number, row_state(t.state.name, bool(stored)), record.fitness_given(values), dict(t.params), record,
                t.user_attrs.get("name", ""), values, t._trial_id)
 
 
