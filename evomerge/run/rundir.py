@@ -92,11 +92,10 @@ class Run:
         """The space's name and dimension, from the recorded coordinates where the run has them."""
         coordinates = self.db.metadata.get().get("coordinates")
         dimension = len(coordinates) if coordinates is not None else self.space.dimension
-        if self._space is not None:
-            name = self._space.spec.name or "inline"
-        else:
-            name = Path(self.cfg.space).stem if isinstance(self.cfg.space, str) else self.cfg.space.get("name", "inline")
-        return f"space {name} (dimension {dimension})"
+        from evomerge.search.space import load_spec
+
+        spec = self._space.spec if self._space is not None else load_spec(self.cfg.space)
+        return f"space {spec.name or 'inline'} (dimension {dimension})"
 
 
 def run_identity(run: Run) -> str:
@@ -140,12 +139,12 @@ def _preflight(cfg: RunConfig, suite: Suite) -> None:
     models' compatibility): the suite's data (both splits), its lm-eval tasks (with a warning for
     each searched on its test split), that the backend can score every task, and that a chat
     template asked for exists."""
+    from evomerge.merging.headers import resolve_model_path
+
     suite.check()
     check_installed(cfg.report_to)
     backend = cfg.fitness.backend
     options = cfg.fitness.lm_eval
-    from evomerge.merging.headers import resolve_model_path
-
     ref = str(resolve_model_path(cfg.reference_model))
     if any(not t.local for t in suite.tasks):
         from evomerge.fitness.lmeval_tasks import check_tasks
@@ -159,17 +158,16 @@ def _preflight(cfg: RunConfig, suite: Suite) -> None:
 
         if not AutoTokenizer.from_pretrained(ref, trust_remote_code=cfg.trust_remote_code).chat_template:
             raise SuiteError(f"fitness.lm_eval.apply_chat_template: the tokenizer of {ref} has no chat template")
-    _dry_score(cfg, suite)
+    _dry_score(cfg, suite, ref)
 
 
-def _dry_score(cfg: RunConfig, suite: Suite) -> None:
-    """Score the reference model on the first search item of each task with the run's backend and
-    options: what the backend rejects (an lm-eval option, a prompt too long for the engine) stops
-    the run before it exists, not every candidate. A vLLM engine started here serves the run."""
-    from evomerge.merging.headers import resolve_model_path
+def _dry_score(cfg: RunConfig, suite: Suite, ref: str) -> None:
+    """Score the reference model (its directory ``ref``) on the first search item of each task with
+    the run's backend and options: what the backend rejects (an lm-eval option, a prompt too long
+    for the engine) stops the run before it exists, not every candidate. A vLLM engine started
+    here serves the run."""
     from evomerge.search.evaluator import Evaluator
 
-    ref = str(resolve_model_path(cfg.reference_model))
     ev = Evaluator(cfg, suite.subset({t.name: [0] for t in suite.tasks})).score_model_dir(ref)["search"]
     if ev.error:
         raise SuiteError(f"fitness: the {cfg.fitness.backend} backend failed to score {ref} on one item of each "
