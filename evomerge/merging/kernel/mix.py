@@ -3,7 +3,8 @@
 Everything that does not depend on the recipe lives in an :class:`ExpertTensor`: the task vector
 and the state the method's sparsifier prepared (a class of its own: magnitude order, L1 norms,
 draws, ranks). The merge engine builds those once and reuses them for every recipe; ``evomerge
-merge`` builds them per tensor. Both then run :func:`merge_task_arithmetic`, so they give the same tensors.
+merge`` builds them per tensor. Both then run :func:`merge_task_arithmetic`, so they give the same
+tensors.
 
 The per-recipe work (trim, rescale, weight, elect signs, mix, normalize) is one pointwise function,
 :func:`_mix`, compiled into a single fused loop (see :mod:`.compile`); the sparsifier's per-element
@@ -95,8 +96,8 @@ def _mix(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor],
          keep_fn: Optional[Callable], fused_scale: bool, consensus: bool, normalize: bool, use_lambda: bool) -> None:
     """out = base + lambda * mix(trim(deltas) * w), every step rounded to the merge dtype where
     mergekit materializes a tensor of that dtype. ``keep_fn``: the sparsifier's keep test (None:
-    keep all), which reads the expert's ``per_element`` state. ``fused_scale`` (DARE, DELLA): ``scale`` already includes the weight and is applied
-    with one rounding."""
+    keep all), which reads the expert's ``per_element`` state. ``fused_scale`` (DARE, DELLA):
+    ``scale`` already includes the weight and is applied with one rounding."""
     dt = base.dtype
     acc_dt = torch.float64 if dt == torch.float64 else torch.float32
 

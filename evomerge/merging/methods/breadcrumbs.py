@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from evomerge.merging.methods.base import GTA_GLOBALS, WEIGHT, MergeMethod, Param, density, MIX_TASK_VECTORS
+from evomerge.merging.methods.base import GTA_GLOBALS, MIX_TASK_VECTORS, WEIGHT, MergeMethod, Param, density
 from evomerge.merging.methods.ties import MagnitudeSparsifier
 
 if TYPE_CHECKING:

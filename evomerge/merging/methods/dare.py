@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
 
-from evomerge.merging.methods.base import (GTA_GLOBALS, WEIGHT, CachedState, MergeMethod, Sparsifier, density,
-                                           MIX_TASK_VECTORS)
+from evomerge.merging.methods.base import (GTA_GLOBALS, MIX_TASK_VECTORS, WEIGHT, CachedState, MergeMethod, Sparsifier,
+                                           density)
 from evomerge.merging.methods.ties import HISTOGRAM_BYTES
 
 if TYPE_CHECKING:
@@ -33,16 +33,22 @@ class SeededSparsifier(Sparsifier):
     random = True
 
     @staticmethod
-    def fixed_point(delta: "torch.Tensor") -> tuple[int, float]:
-        """The fixed-point scale of the task vector's L1 sums, and its L1 norm in it."""
+    def fixed_scale(flat: "torch.Tensor") -> tuple[int, "torch.Tensor"]:
+        """The fixed-point scale of a flat task vector's L1 sums: its shift, and 2**shift."""
         import torch
 
+        from evomerge.merging.kernel.sparsify import fixed_shift
+
+        shift = fixed_shift(flat)
+        return shift, torch.tensor(2.0 ** shift, dtype=torch.float64, device=flat.device)
+
+    def fixed_point(self, delta: "torch.Tensor") -> tuple[int, float]:
+        """The fixed-point scale of the task vector's L1 sums, and its L1 norm in it."""
         from evomerge.merging.kernel import compile as kc
-        from evomerge.merging.kernel.sparsify import fixed_l1, fixed_shift
+        from evomerge.merging.kernel.sparsify import fixed_l1
 
         flat = delta.reshape(-1)
-        shift = fixed_shift(flat)
-        factor = torch.tensor(2.0 ** shift, dtype=torch.float64, device=flat.device)
+        shift, factor = self.fixed_scale(flat)
         return shift, float(kc.run(fixed_l1, kc.compiled(fixed_l1), flat.numel(), flat, factor))
 
     def seeds(self, experts: Sequence["ExpertTensor"]) -> "torch.Tensor":
@@ -96,11 +102,10 @@ class Random(SeededSparsifier):
         import torch
 
         from evomerge.merging.kernel import compile as kc
-        from evomerge.merging.kernel.sparsify import LEVELS, draws_as_half, fixed_and_draws, fixed_shift
+        from evomerge.merging.kernel.sparsify import LEVELS, draws_as_half, fixed_and_draws
 
         flat = delta.reshape(-1)
-        shift = fixed_shift(flat)
-        factor = torch.tensor(2.0 ** shift, dtype=torch.float64, device=flat.device)
+        shift, factor = self.fixed_scale(flat)
         fixed, draws = kc.run(fixed_and_draws, kc.compiled(fixed_and_draws), flat.numel(), flat, factor,
                               torch.tensor(seed, device=flat.device))
         kept = torch.cumsum(torch.bincount(draws, weights=fixed, minlength=LEVELS), 0).cpu()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
 
-from evomerge.merging.methods.base import GTA_GLOBALS, WEIGHT, MergeMethod, Param, density, MIX_TASK_VECTORS
+from evomerge.merging.methods.base import GTA_GLOBALS, MIX_TASK_VECTORS, WEIGHT, MergeMethod, Param, density
 from evomerge.merging.methods.dare import SeededSparsifier, SeededState
 
 if TYPE_CHECKING:

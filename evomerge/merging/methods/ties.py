@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from evomerge.merging.methods.base import (GTA_GLOBALS, WEIGHT, CachedState, MergeMethod, Sparsifier, density,
-                                           MIX_TASK_VECTORS)
+from evomerge.merging.methods.base import (GTA_GLOBALS, MIX_TASK_VECTORS, WEIGHT, CachedState, MergeMethod, Sparsifier,
+                                           density)
 
 if TYPE_CHECKING:
     import torch
