@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -44,6 +46,14 @@ def mergekit_merge(recipe: dict, out: Path) -> dict[str, torch.Tensor]:
 
     run_merge(MergeConfiguration.model_validate(recipe), str(out), MergeOptions(quiet=True))
     return load_dir(out)
+
+
+def cli_without_torch(*args: str, env: dict) -> subprocess.CompletedProcess:
+    """``evomerge ARGS`` in a fresh interpreter; its stdout ends with whether it loaded torch
+    ("torch loaded: False")."""
+    code = ("import sys; from evomerge.cli import main; rc = main(sys.argv[1:]); "
+            "print('torch loaded:', 'torch' in sys.modules); sys.exit(rc)")
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True)
 
 
 def write_run_config(path: Path, zoo: dict, **over) -> Path:

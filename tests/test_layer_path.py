@@ -5,8 +5,6 @@ cache keeps one cache slot per step even where a layer repeats."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pytest
 import yaml
 import torch
 
-from conftest import load_dir, mergekit_merge, write_run_config
+from conftest import cli_without_torch, load_dir, mergekit_merge, write_run_config
 from evomerge.merging.layer_path import LayerPath, LayerPathError, Step, check_path, scale_filters
 from evomerge.merging.layer_stack import PathModel, materialize
 from evomerge.merging.model_io import load_causal_lm
@@ -165,9 +163,7 @@ def test_a_layer_path_search_exports_what_it_scored(tmp_path, zoo, capsys):
     assert cli.main(["search", str(_config(tmp_path, zoo)), "--run-dir", str(run_dir)]) == 0
     assert cli.main(["resume", str(run_dir), "--max-candidates", "8"]) == 0
     # status, with the plot of the best path, reads the run database and the parents' headers only
-    status = subprocess.run([sys.executable, "-c", "import sys; from evomerge.cli import main; rc = main(sys.argv[1:]); "
-                             "print('torch loaded:', 'torch' in sys.modules); sys.exit(rc)", "status", str(run_dir)],
-                            capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    status = cli_without_torch("status", str(run_dir), env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert status.returncode == 0 and (run_dir / "best_recipe.png").exists(), status.stderr
     assert "8/8 candidates" in status.stdout and "torch loaded: False" in status.stdout
     assert cli.main(["export", str(run_dir), str(out)]) == 0

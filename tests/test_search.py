@@ -17,7 +17,7 @@ from typing import Optional
 import pytest
 import torch
 import yaml
-from conftest import load_dir, mergekit_merge
+from conftest import cli_without_torch, load_dir, mergekit_merge
 
 from evomerge.errors import EvomergeError
 from evomerge.fitness.record import CandidateRecord
@@ -243,9 +243,7 @@ def test_cli_space_status_export(tmp_path, zoo):
     assert search.returncode == 0, search.stderr
     assert "3/3 candidates" in search.stdout and "export the best recipe with" in search.stdout
     # status reads the run database only: no torch, no model header, no search space built
-    status = subprocess.run([sys.executable, "-c", "import sys; from evomerge.cli import main; rc = main(sys.argv[1:]); "
-                             "print('torch loaded:', 'torch' in sys.modules); sys.exit(rc)", "status",
-                             str(tmp_path / "run")], env=ENV, capture_output=True, text=True)
+    status = cli_without_torch("status", str(tmp_path / "run"), env=ENV)
     assert status.returncode == 0 and "recent candidates" in status.stdout, status.stderr
     assert "space per_layer (dimension 12)" in status.stdout and "torch loaded: False" in status.stdout
     assert (tmp_path / "run" / "fitness.png").exists()
