@@ -188,7 +188,7 @@ def test_every_cached_tensor_moves_with_its_state(name, dtype, target, pin):
     assert all(t.device.type == "cpu" for _, t, _ in before)
     # what each sparsifier keeps, beyond the task vector, is there to be moved
     kept = {p.split(".")[-1] for p, _, _ in after}
-    expected = {"ties": {"l1", "_sorted" if dtype == torch.float32 else "_sampled"}, "dare_ties": {"draws", "kept_l1"},
+    expected = {"ties": {"l1", "_order" if dtype == torch.float32 else "_sampled"}, "dare_ties": {"draws", "kept_l1"},
                 "della": {"rank_norm"}, "breadcrumbs": {"l1"}}
     assert {"delta"} | expected.get(name, set()) <= kept
     assert moved.nbytes == expert.nbytes

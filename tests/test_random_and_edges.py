@@ -233,17 +233,25 @@ def test_a_large_call_is_checked_on_its_first_elements(monkeypatch, caplog):
     assert list(kernel._verified.values()) == [True] and torch.equal(whole, (d.float() * 2).to(d.dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_sampled_magnitude_order_finds_the_same_ties(dtype):
-    """The engine's sampled order and the scan used by evomerge merge agree on every tie cut."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("zeros", [0.0, 0.9])
+def test_the_engines_magnitude_order_finds_the_same_cuts(dtype, zeros):
+    """The engine's magnitude order (positions kept) and the scans used by evomerge merge agree
+    on every k-th magnitude and tie cut, where equal magnitudes run to tens of thousands (a
+    bucket refined in several gathers) and where most of a task vector is zero."""
     from evomerge.merging.kernel.sparsify import MagnitudeOrder, nth_equal_index
 
     g = torch.Generator().manual_seed(3)
-    d = (torch.randn(300_000, generator=g) * 0.01).round(decimals=3).to(dtype)  # many equal magnitudes
-    sampled = MagnitudeOrder(d.abs(), positions=True)
-    for k in (1, 17, 1000, 150_000, 299_999):
-        v, before, at = sampled.kth(d, k, descending=True)
-        equal = torch.nonzero(d.abs() == v).reshape(-1)  # every element of magnitude v, in index order
-        assert equal.numel() == at
-        for nth in {1, max(1, at // 2), at}:
-            assert sampled.nth_equal(d, v, nth) == nth_equal_index(d, v, nth) == int(equal[nth - 1])
+    d = (torch.randn(300_000, generator=g) * 0.01).round(decimals=3)  # many equal magnitudes
+    d = torch.where(torch.rand(d.shape, generator=g) < zeros, 0.0, d).to(dtype)
+    kept = MagnitudeOrder(d.abs(), positions=True)
+    scan = MagnitudeOrder(d.abs())
+    for k in (1, 17, 1000, 150_000, 280_000, 299_999, 300_000):
+        for descending in (True, False):
+            v, before, at = kept.kth(d, k, descending)
+            sv, sbefore, sat = scan.kth(d, k, descending)
+            assert (v.item(), before, at) == (sv.item(), sbefore, sat)
+            equal = torch.nonzero(d.abs() == v).reshape(-1)  # every element of magnitude v, in index order
+            assert equal.numel() == at and before < k <= before + at
+            for nth in {1, max(1, at // 2), at}:
+                assert kept.nth_equal(d, v, nth) == nth_equal_index(d, v, nth) == int(equal[nth - 1])

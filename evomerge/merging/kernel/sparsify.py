@@ -22,7 +22,8 @@ from evomerge.merging.kernel import compile as kc
 
 LEVELS = 31744  # draws are integers in [0, 0x7C00): as float16 bit patterns they are finite and ordered
 _BLOCK = 65536
-_SAMPLE = 64  # stride of the sampled magnitude order kept by the engine
+_SAMPLE = 64  # stride of the sampled magnitude order kept by the engine (16-bit floats)
+_GATHER = 4096  # most magnitudes a wide-float bucket refinement gathers at once
 
 # ---------------------------------------------------------------------------------------------
 # Magnitude order (TIES, breadcrumbs)
@@ -40,48 +41,75 @@ def _sort_keys(a: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 class MagnitudeOrder:
     """The k-th largest / smallest magnitude of a tensor, from a 16-bit histogram built in one
-    pass. For 16-bit floats the histogram is exact; for wider floats a query refines its bucket
-    with one selection pass. Every answer is exact."""
+    pass. For 16-bit floats the histogram is exact; for wider floats a query refines its bucket.
+    Every answer is exact.
+
+    With ``positions`` (an engine's state, serving many queries) a tie cut is a lookup, not a scan
+    of the tensor: 16-bit floats keep every ``_SAMPLE``-th flat index in (magnitude, index) order
+    and each magnitude's first; wider floats keep the whole order (4 bytes an element), in which a
+    bucket is refined by gathering at most ``_GATHER`` magnitudes at a time."""
 
     host = frozenset({"_cum", "_sampled", "_first"})  # lookups read on the host; they never move
 
     def __init__(self, magnitudes: torch.Tensor, positions: bool = False):
-        keys, self._shift = _sort_keys(magnitudes.reshape(-1))
+        flat = magnitudes.reshape(-1)
+        keys, self._shift = _sort_keys(flat)
         self.numel = magnitudes.numel()
         self.dtype = magnitudes.dtype
-        self._sampled = self._first = self._sorted = None
-        if positions and self._shift != 0:
-            # serving many queries: keep the sorted magnitudes, so a query is a lookup
-            self._sorted = torch.sort(magnitudes.reshape(-1)).values
-            self._cum = torch.zeros(0, dtype=torch.int64)
-            return
+        self._sampled = self._first = self._order = None
         counts = torch.bincount(keys, minlength=32768 if self._shift == 0 else 65536)
         self._cum = torch.cumsum(counts, 0).cpu()
-        if positions and self._shift == 0:
-            # every _SAMPLE-th flat index in (magnitude, index) order, and each magnitude's first
-            order = torch.sort(keys, stable=True).indices
-            self._sampled = order[::_SAMPLE].to(torch.int32).cpu()
-            starts = (self._cum.to(keys.device) - counts).clamp(max=self.numel - 1)
-            self._first = order[starts].to(torch.int32).cpu()
+        if not positions:
+            return
+        if self._shift != 0:  # (magnitude, index) order: equal magnitudes stay in index order
+            order = torch.sort(flat, stable=True).indices
+            self._order = order.to(torch.int32) if self.numel < 2**31 else order
+            return
+        order = torch.sort(keys, stable=True).indices
+        self._sampled = order[::_SAMPLE].to(torch.int32).cpu()
+        starts = (self._cum.to(keys.device) - counts).clamp(max=self.numel - 1)
+        self._first = order[starts].to(torch.int32).cpu()
 
     def to(self, device: torch.device | str, pin: bool = False) -> "MagnitudeOrder":
-        """This order with its sorted magnitudes (its one device-side part, kept for wide floats)
-        on ``device``, in pinned host memory with ``pin``; the histogram lookups stay on the host."""
-        if self._sorted is None:
+        """This order with its one device-side part (the full order, kept for wide floats) on
+        ``device``, in pinned host memory with ``pin``; the histogram lookups stay on the host."""
+        if self._order is None:
             return self
         moved = copy.copy(self)
-        moved._sorted = self._sorted.to(device)
+        moved._order = self._order.to(device)
         if pin:
-            moved._sorted = moved._sorted.pin_memory()
+            moved._order = moved._order.pin_memory()
         return moved
 
     @property
     def nbytes(self) -> int:
-        extra = sum(t.numel() * t.element_size() for t in (self._sampled, self._first, self._sorted) if t is not None)
+        extra = sum(t.numel() * t.element_size() for t in (self._sampled, self._first, self._order) if t is not None)
         return self._cum.numel() * 8 + extra
+
+    def _bucket(self, j: int) -> tuple[int, int]:
+        """Ascending positions [lo, hi) of histogram bucket ``j``."""
+        return (int(self._cum[j - 1]) if j > 0 else 0), int(self._cum[j])
+
+    def _search(self, flat: torch.Tensor, lo: int, hi: int, v: torch.Tensor, right: bool) -> int:
+        """``searchsorted`` over the ascending magnitudes at order positions [lo, hi), gathering
+        at most ``_GATHER`` of them at a time: the first position whose magnitude is >= v (> v
+        with ``right``)."""
+        while True:
+            step = max(1, -(-(hi - lo) // _GATHER))
+            probe = flat[self._order[lo:hi:step]].abs()
+            i = int(torch.searchsorted(probe, v.reshape(1), right=right)[0])
+            if step == 1:
+                return lo + i
+            # the answer is after the (i-1)-th probe and at or before the i-th
+            lo, hi = (lo + (i - 1) * step + 1 if i else lo), min(hi, lo + i * step)
 
     def nth_equal(self, d: torch.Tensor, v: torch.Tensor, nth: int) -> int:
         """Flat index of the ``nth`` (1-based) element of ``d`` whose magnitude is ``v``."""
+        flat = d.reshape(-1)
+        if self._order is not None:
+            key = int(_sort_keys(v.reshape(1))[0])
+            lo, hi = self._bucket(key)
+            return int(self._order[self._search(flat, lo, hi, v, right=False) + nth - 1])
         if self._sampled is None:
             return nth_equal_index(d, v, nth)
         j = int(v.view(torch.int16))
@@ -94,7 +122,6 @@ class MagnitudeOrder:
             start, rest = int(self._first[j]), pos - group
         if rest == 0:
             return start
-        flat = d.reshape(-1)
         window = 4096
         while True:  # the next `rest` elements equal to v after `start`
             hits = torch.nonzero(flat[start + 1:start + 1 + window].abs() == v).reshape(-1)
@@ -107,25 +134,23 @@ class MagnitudeOrder:
         order, how many elements come strictly before it in that order, and how many equal it."""
         n = self.numel
         pos = n - k + 1 if descending else k  # ascending position, 1-based
-        if self._sorted is not None:
-            v = self._sorted[pos - 1]
-            n_lt = int(torch.searchsorted(self._sorted, v.reshape(1))[0])
-            n_at = int(torch.searchsorted(self._sorted, v.reshape(1), right=True)[0]) - n_lt
-            n_before = n - n_lt - n_at if descending else n_lt
-            return v.to(d.device), n_before, n_at
-        cum = self._cum
-        j = int(torch.searchsorted(cum, torch.tensor([pos])).item())
-        n_lt = int(cum[j - 1]) if j > 0 else 0
+        j = int(torch.searchsorted(self._cum, torch.tensor([pos])).item())
+        lo, hi = self._bucket(j)
         if self._shift == 0:
             v = torch.tensor(j, dtype=torch.int16).view(self.dtype).to(d.device)
-            n_at = int(cum[j]) - n_lt
+            n_lt, n_at = lo, hi - lo
+        elif self._order is not None:
+            flat = d.reshape(-1)
+            v = flat[self._order[pos - 1]].abs()
+            n_lt = self._search(flat, lo, hi, v, right=False)
+            n_at = self._search(flat, lo, hi, v, right=True) - n_lt
         else:
             flat = d.reshape(-1).abs()
             keys, _ = _sort_keys(flat)
             bucket = torch.sort(flat[keys == j]).values
-            v = bucket[pos - n_lt - 1]
+            v = bucket[pos - lo - 1]
             n_at = int((bucket == v).sum())
-            n_lt += int((bucket < v).sum())
+            n_lt = lo + int((bucket < v).sum())
         n_before = n - n_lt - n_at if descending else n_lt
         return v, n_before, n_at
 

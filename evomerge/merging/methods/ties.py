@@ -1,8 +1,8 @@
 """TIES: keep each task vector's largest magnitudes (``density`` of them), elect signs, and mix the
 agreeing values (normalized by their weights).
 
-Per expert the engine keeps a magnitude histogram (16-bit floats: exact; wider floats: sorted
-magnitudes), so a density is a lookup, not a sort, and the task vector's L1 norm for rescaling.
+Per expert the engine keeps a magnitude histogram (16-bit floats: exact; wider floats: with the
+magnitude order), so a density is a lookup, not a sort, and the task vector's L1 norm for rescaling.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ class MagnitudeSparsifier(Sparsifier):
         return MagnitudeState(order=MagnitudeOrder(magnitudes, positions=reuse), l1=magnitudes.sum())
 
     def cache_bytes(self, numel: int, element_size: int, cuda: bool) -> int:
-        sorted_magnitudes = numel * element_size if element_size > 2 else 0  # 32/64-bit floats
-        return sorted_magnitudes + HISTOGRAM_BYTES
+        order = numel * (4 if numel < 2**31 else 8) if element_size > 2 else 0  # 32/64-bit floats
+        return order + HISTOGRAM_BYTES
 
     def norm_ratio(self, expert: "ExpertTensor", p: dict, delta: "torch.Tensor", rules: "KeepRules",
                    index: int) -> float:
