@@ -3,9 +3,10 @@ recipes straight into a live ``torch.nn.Module``'s parameters, with no disk I/O 
 parameter storage per recipe.
 
 What does not depend on the recipe is computed once and kept: the task vectors, the magnitude
-histograms and sampled magnitude order (16-bit floats) or the sorted magnitudes (wider floats)
-that make a TIES/breadcrumbs density a lookup instead of a sort, DELLA's per-row ranks, DARE's L1-norm-by-draw-level tables (rescaling becomes a lookup) and,
-on the CPU, DARE's hashed draws (on a GPU they are re-hashed inside the fused kernel). Where that cache lives
+histograms with a sampled magnitude order (16-bit floats) or the whole order (wider floats) that
+make a TIES/breadcrumbs density and its tie cut lookups instead of a sort and a scan, DELLA's
+per-row ranks, DARE's L1-norm-by-draw-level tables (rescaling becomes a lookup) and, on the CPU,
+DARE's hashed draws (on a GPU they are re-hashed inside the fused kernel). Where that cache lives
 is chosen from the memory available (``cache="auto"``) or forced:
 
 - ``device``: on the merge device (GPU memory on CUDA, RAM on the CPU);
