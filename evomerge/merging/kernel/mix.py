@@ -68,7 +68,7 @@ class KeepRules:
     """Per-expert parameters of the keep mask, stacked as tensors (inputs of the fused kernel)."""
 
     v: Optional[torch.Tensor] = None  # magnitude thresholds
-    j: Optional[torch.Tensor] = None  # tie index bounds
+    j: Optional[torch.Tensor] = None  # tie bounds: elements equal to v are kept up to this flat index
     v2: Optional[torch.Tensor] = None  # breadcrumbs: lower boundary
     j2: Optional[torch.Tensor] = None
     seed: Optional[torch.Tensor] = None  # DARE/DELLA stream seeds (int64 holding 32 bits)
@@ -144,22 +144,6 @@ def _mix(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor],
     out.copy_((base.to(acc_dt) + mixed).to(dt))
 
 
-
-def tie_segments(n: int, rules: KeepRules) -> list[tuple[int, int, KeepRules]]:
-    """Cut [0, n) at every tie index so that within a segment each expert either keeps or drops
-    all elements equal to its threshold; the rules' ``j``/``j2`` become those per-segment flags."""
-    cuts = {0, n}
-    lists = [rules.j.tolist()] + ([rules.j2.tolist()] if rules.j2 is not None else [])
-    for js in lists:
-        cuts.update(j + 1 for j in js if 0 < j + 1 < n)
-    bounds = sorted(cuts)
-    out = []
-    for s, e in zip(bounds, bounds[1:]):
-        flags = [torch.tensor([s <= j for j in js], device=rules.v.device) for js in lists]
-        out.append((s, e, KeepRules(v=rules.v, j=flags[0], v2=rules.v2, j2=flags[1] if len(flags) > 1 else None)))
-    return out
-
-
 def merge_task_arithmetic(method: "MergeMethod", base: torch.Tensor, experts: Sequence[ExpertTensor],
                           model_params: Sequence[dict], global_params: dict,
                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -193,11 +177,6 @@ def merge_task_arithmetic(method: "MergeMethod", base: torch.Tensor, experts: Se
     zero = torch.zeros((), dtype=torch.int64, device=dev)
     flat_out, flat_base = out.reshape(-1), base.reshape(-1)
     statics = (sp.keep if sp is not None else None, fused, method.consensus, normalize, lam != 1)
-    if sp is not None and sp.tie_cut:
-        for a, b, r in tie_segments(n, rules):
-            kc.run(_mix, kc.compiled(_mix), b - a, flat_out[a:b], flat_base[a:b], [d[a:b] for d in deltas],
-                 per_element, w, scale, lam_t, r, zero, *statics, writes_first=True)
-    else:
-        kc.run(_mix, kc.compiled(_mix), n, flat_out, flat_base, deltas, per_element, w, scale, lam_t, rules,
-             zero, *statics, writes_first=True)
+    kc.run(_mix, kc.compiled(_mix), n, flat_out, flat_base, deltas, per_element, w, scale, lam_t, rules,
+           zero, *statics, writes_first=True)
     return out

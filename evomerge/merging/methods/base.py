@@ -84,7 +84,6 @@ class Sparsifier:
 
     name = ""
     random = False  # draws from seeded streams; rescaling norms are fixed-point sums
-    tie_cut = False  # thresholds with tie indices: the mix runs once per tie segment
 
     def prepare(self, delta: "torch.Tensor", seed: int, reuse: bool, cache_draws: bool) -> Optional[CachedState]:
         """The expert's recipe-independent state, from its task vector and its stream seed."""

@@ -43,9 +43,12 @@ class Outliers(MagnitudeSparsifier):
     @staticmethod
     def keep(i, d, r, offset, per_element):
         """Among the first ``top`` magnitudes in ascending order but not the first ``bot``."""
+        import torch
+
         a = d.abs()
-        below_hi = (a < r.v[i]) | ((a == r.v[i]) & r.j[i])
-        below_lo = (a < r.v2[i]) | ((a == r.v2[i]) & r.j2[i])
+        index = torch.arange(d.numel(), device=d.device) + offset
+        below_hi = (a < r.v[i]) | ((a == r.v[i]) & (index <= r.j[i]))
+        below_lo = (a < r.v2[i]) | ((a == r.v2[i]) & (index <= r.j2[i]))
         return below_hi & ~below_lo
 
 

@@ -31,8 +31,6 @@ class MagnitudeState(CachedState):
 class MagnitudeSparsifier(Sparsifier):
     """Shared by every method that trims by magnitude rank (TIES, breadcrumbs)."""
 
-    tie_cut = True
-
     def prepare(self, delta: "torch.Tensor", seed: int, reuse: bool, cache_draws: bool) -> MagnitudeState:
         from evomerge.merging.kernel.sparsify import MagnitudeOrder
 
@@ -48,11 +46,8 @@ class MagnitudeSparsifier(Sparsifier):
         """mergekit's numerics: both norms and their ratio in the merge dtype."""
         import torch
 
-        from evomerge.merging.kernel.mix import tie_segments
-
         zero = torch.zeros((), dtype=torch.int64, device=delta.device)
-        mask = torch.cat([self.keep(index, delta[a:b], r, zero, None)
-                          for a, b, r in tie_segments(delta.numel(), rules)])
+        mask = self.keep(index, delta, rules, zero, None)
         after = (delta * mask).abs().sum()
         before = expert.state.l1
         return 1.0 if (before < 1e-7 or after < 1e-7) else float(before / after)
@@ -79,9 +74,12 @@ class Magnitude(MagnitudeSparsifier):
 
     @staticmethod
     def keep(i, d, r, offset, per_element):
-        """Beyond the threshold, or equal to it in a segment where ties are kept."""
+        """Beyond the threshold, or equal to it at a flat index up to the tie bound."""
+        import torch
+
         a = d.abs()
-        return (a > r.v[i]) | ((a == r.v[i]) & r.j[i])
+        index = torch.arange(d.numel(), device=d.device) + offset
+        return (a > r.v[i]) | ((a == r.v[i]) & (index <= r.j[i]))
 
 
 METHODS = (
