@@ -5,8 +5,8 @@ Builds (once, cached) a bf16 Llama of ~230M parameters (hidden 1024, 12 layers, 
   - mergekit's merge to disk (mergekit-yaml, its CLI) and evomerge's (evomerge merge), each in its
     own process, with the process's peak memory;
   - evomerge's in-place apply of a new recipe into a live model, after the engine is built.
-Prints the ratios. With --device cuda it also reports the in-place apply's effective memory
-bandwidth against a device-to-device copy on the same GPU.
+Prints the ratios, and the in-place apply's effective memory bandwidth against a plain copy_ on
+the same device (a device-to-device copy on a GPU).
 
     python benchmarks/merge_speed.py [--device cuda] [--skip-mergekit] [--repeats 5]
 """

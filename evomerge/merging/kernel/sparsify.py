@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+from typing import Optional
 
 import torch
 
@@ -88,7 +89,8 @@ class MagnitudeOrder:
 
     def _bucket(self, j: int) -> tuple[int, int]:
         """Ascending positions [lo, hi) of histogram bucket ``j``."""
-        return (int(self._cum[j - 1]) if j > 0 else 0), int(self._cum[j])
+        cum = self._cum.numpy()  # a view: host lookups without torch's per-call cost
+        return (int(cum[j - 1]) if j > 0 else 0), int(cum[j])
 
     def _search(self, flat: torch.Tensor, lo: int, hi: int, v: torch.Tensor, right: bool) -> int:
         """``searchsorted`` over the ascending magnitudes at order positions [lo, hi), gathering
@@ -103,13 +105,15 @@ class MagnitudeOrder:
             # the answer is after the (i-1)-th probe and at or before the i-th
             lo, hi = (lo + (i - 1) * step + 1 if i else lo), min(hi, lo + i * step)
 
-    def nth_equal(self, d: torch.Tensor, v: torch.Tensor, nth: int) -> int:
-        """Flat index of the ``nth`` (1-based) element of ``d`` whose magnitude is ``v``."""
+    def nth_equal(self, d: torch.Tensor, v: torch.Tensor, nth: int, n_lt: Optional[int] = None) -> int:
+        """Flat index of the ``nth`` (1-based) element of ``d`` whose magnitude is ``v`` (``n_lt``:
+        how many magnitudes are below v, where the caller knows)."""
         flat = d.reshape(-1)
         if self._order is not None:
-            key = int(_sort_keys(v.reshape(1))[0])
-            lo, hi = self._bucket(key)
-            return int(self._order[self._search(flat, lo, hi, v, right=False) + nth - 1])
+            if n_lt is None:
+                lo, hi = self._bucket(int(_sort_keys(v.reshape(1))[0]))
+                n_lt = self._search(flat, lo, hi, v, right=False)
+            return int(self._order[n_lt + nth - 1])
         if self._sampled is None:
             return nth_equal_index(d, v, nth)
         j = int(v.view(torch.int16))
@@ -134,11 +138,16 @@ class MagnitudeOrder:
         order, how many elements come strictly before it in that order, and how many equal it."""
         n = self.numel
         pos = n - k + 1 if descending else k  # ascending position, 1-based
-        j = int(torch.searchsorted(self._cum, torch.tensor([pos])).item())
+        j = int(self._cum.numpy().searchsorted(pos))
         lo, hi = self._bucket(j)
         if self._shift == 0:
             v = torch.tensor(j, dtype=torch.int16).view(self.dtype).to(d.device)
             n_lt, n_at = lo, hi - lo
+        elif self._order is not None and hi - lo <= _GATHER:  # the bucket in one gather
+            bucket = d.reshape(-1)[self._order[lo:hi]].abs()
+            v = bucket[pos - lo - 1]
+            n_lt = lo + int(torch.searchsorted(bucket, v.reshape(1))[0])
+            n_at = lo + int(torch.searchsorted(bucket, v.reshape(1), right=True)[0]) - n_lt
         elif self._order is not None:
             flat = d.reshape(-1)
             v = flat[self._order[pos - 1]].abs()
@@ -186,7 +195,10 @@ def first_k_rule(d: torch.Tensor, order: MagnitudeOrder, k: int, descending: boo
         return torch.tensor(-1.0 if descending else float("inf"), dtype=d.dtype, device=d.device), -1
     v, n_before, n_at = order.kth(d, k, descending)
     need = k - n_before
-    return v, (d.numel() if need >= n_at else order.nth_equal(d, v, need))
+    if need >= n_at:
+        return v, d.numel()
+    n_lt = d.numel() - n_before - n_at if descending else n_before
+    return v, order.nth_equal(d, v, need, n_lt)
 
 
 # ---------------------------------------------------------------------------------------------
