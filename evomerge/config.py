@@ -15,12 +15,12 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from evomerge.errors import EvomergeError
-from evomerge.fitness.base import BACKENDS, backends_that
+from evomerge.errors import EvomergeError, names_that
+from evomerge.fitness.base import BACKENDS
 from evomerge.inputs import load_yaml, validate
 from evomerge.merging.methods import METHODS
 from evomerge.merging.recipe import PASSTHROUGH, DtypeName, check_method
-from evomerge.search.registry import DRIVERS, drivers_that
+from evomerge.search.registry import DRIVERS
 from evomerge.search.samplers import DEFAULT_SAMPLER, SAMPLERS, SINGLE_OBJECTIVE
 
 class ConfigError(EvomergeError):
@@ -135,7 +135,7 @@ class FitnessSpec(_Strict):
     def _options_need_lm_eval(cls, v: Optional[LmEvalOptions], info: ValidationInfo) -> Optional[LmEvalOptions]:
         backend = info.data.get("backend")
         if v is not None and backend in BACKENDS and not BACKENDS[backend].lm_eval:
-            raise ValueError(f"lm-eval options apply to the {backends_that('lm_eval')} backends, not {backend!r}")
+            raise ValueError(f"lm-eval options apply to the {names_that(BACKENDS, 'lm_eval')} backends, not {backend!r}")
         return v
 
     @field_validator("engine")
@@ -143,7 +143,7 @@ class FitnessSpec(_Strict):
     def _engine_needs_vllm(cls, v: Optional[VllmEngineSpec], info: ValidationInfo) -> Optional[VllmEngineSpec]:
         backend = info.data.get("backend")
         if v is not None and backend in BACKENDS and not BACKENDS[backend].needs_model_dir:
-            names = backends_that("needs_model_dir")
+            names = names_that(BACKENDS, "needs_model_dir")
             raise ValueError(f"engine arguments apply to the {names} backend{'s' if ' and ' in names else ''}, "
                              f"not {backend!r}")
         return v
@@ -180,9 +180,9 @@ class DriverSpec(_Strict):
         if entry.samplers and self.sampler is None:
             self.sampler = DEFAULT_SAMPLER
         if not entry.samplers and self.sampler is not None:
-            raise ValueError(f"sampler applies to driver {drivers_that('samplers')} only, not {self.name}")
+            raise ValueError(f"sampler applies to driver {names_that(DRIVERS, 'samplers')} only, not {self.name}")
         if not entry.restarts and self.restarts:
-            raise ValueError(f"restarts applies to driver {drivers_that('restarts')} only, not {self.name}")
+            raise ValueError(f"restarts applies to driver {names_that(DRIVERS, 'restarts')} only, not {self.name}")
         return self
 
 

@@ -16,6 +16,12 @@ def one_line(e: BaseException, limit: int = 400) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())}"[:limit]
 
 
+def names_that(registry: dict, capability: str) -> str:
+    """For messages: the names of a registry's entries (backends, drivers) whose ``capability``
+    flag is set, joined with "and"."""
+    return " and ".join(n for n, e in registry.items() if getattr(e, capability)) or "none"
+
+
 class RecipeError(EvomergeError):
     """A recipe (YAML or API) is invalid."""
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import TYPE_CHECKING, Optional, Protocol
 
-from evomerge.errors import SuiteError
+from evomerge.errors import SuiteError, names_that
 
 if TYPE_CHECKING:
     from evomerge.fitness.result import FitnessResult
@@ -60,11 +60,6 @@ for _entry in (
     register_backend(_entry)
 
 
-def backends_that(capability: str) -> str:
-    """The names of the backends with ``capability``, for messages."""
-    return " and ".join(n for n, e in BACKENDS.items() if getattr(e, capability)) or "none"
-
-
 def preflight(name: str, model_dir: str, suite: "Suite") -> None:
     """The backend's own checks before a run: of the reference model's directory, and of the suite
     (what it cannot score), each refused in one line."""
@@ -92,5 +87,5 @@ def get_backend(name: str, *, model_dir: Optional[str] = None, batch_size: int =
     if entry.lm_eval:
         kwargs["options"] = options
     elif options:
-        raise SuiteError(f"lm-eval options apply to the {backends_that('lm_eval')} backends, not {name!r}")
+        raise SuiteError(f"lm-eval options apply to the {names_that(BACKENDS, 'lm_eval')} backends, not {name!r}")
     return cls(**kwargs)

@@ -37,11 +37,6 @@ def driver_class(name: str) -> type:
     return getattr(import_module(entry.module), entry.cls)
 
 
-def drivers_that(capability: str) -> str:
-    """The names of the drivers with ``capability``, for messages."""
-    return " and ".join(n for n, e in DRIVERS.items() if getattr(e, capability)) or "none"
-
-
 for _entry in (
     DriverEntry("cma", "evomerge.search.drivers", "CmaDriver", restarts=True, requeue=True),
     DriverEntry("optuna", "evomerge.search.drivers", "OptunaDriver", samplers=True, multi_objective=True, study=True),
