@@ -212,10 +212,12 @@ def test_overwrite_replaces_only_evomerge_outputs(tmp_path, zoo, capsys):
 # -- the property: no command changes a file it did not create ---------------------------------------
 
 
-def test_no_command_rewrites_or_deletes_a_file_it_did_not_create(tmp_path, zoo, finished_run, capsys):
+def test_no_command_rewrites_or_deletes_a_file_it_did_not_create(tmp_path, zoo, finished_run, capsys, monkeypatch):
     """Every command a user might point at a directory of their own, hostile or careless: the
     files that were there before are all there after, byte for byte."""
-    logging.getLogger().handlers.clear()  # the search log handler must not outlive a command
+    # the commands start from a bare root logger; the handlers they add (the CLI's, on this test's
+    # captured stderr) go with the test instead of echoing later tests' warnings to a closed stream
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
     home = tmp_path / "home"
     cfg = write_config(home / "config.yaml", zoo, name="prop")
     (home / "search.log").write_text("my log\n")
