@@ -180,20 +180,28 @@ def test_native_refuses_only_what_it_cannot_score_as_lm_eval_does(user_tasks, ta
         NativeBackend().items(suite.tasks[0], "search")
 
 
-def test_native_reads_an_lm_eval_tasks_items_as_lm_eval_builds_them(user_tasks):
+def test_native_reads_an_lm_eval_tasks_items_as_lm_eval_builds_them(user_tasks, monkeypatch):
     """No model needed: the prompts, choices, delimiter and answers the native scorer takes from an
-    included task's documents are the zoo's local items (the YAML mirrors the local tasks)."""
+    included task's documents are the zoo's local items (the YAML mirrors the local tasks). The
+    suite's lm-eval tasks are loaded together, once per split role."""
+    from evomerge.fitness import lmeval_tasks
     from evomerge.fitness.native import NativeBackend
 
+    loads = []
+    real_load = lmeval_tasks.load
+    monkeypatch.setattr(lmeval_tasks, "load", lambda entries, resolver: loads.append(len(entries)) or
+                        real_load(entries, resolver))
     mine, zoo = _suite(user_tasks, [REV_TASK, FACT_TASK]), Suite.load("zoo")
+    native = NativeBackend()
     for name in ("rev", "fact"):
         for split in ("search", "heldout"):
-            items, how = NativeBackend().items(mine.task(name), split)
+            items, how = native.items(mine.task(name), split)
             local = zoo.task(name).items(split)
             assert [(i.prompt, i.answer, i.choices) for i in items] == [(i.prompt, i.answer, i.choices) for i in local]
             assert how == (zoo.task(name).scoring if name == "fact" else
                            zoo.task(name).scoring.__class__("generate", "exact_match", (".",), 6,
                                                             "([a-l](?: [a-l])*)", False))
+    assert loads == [2, 2]  # both tasks in one load for the search (validation) split, one for held-out
 
 
 def test_a_custom_metric_function(user_tasks, zoo_model):

@@ -91,14 +91,28 @@ class NativeBackend:
         line where the native scorer cannot score it as lm-eval does)."""
         if task.local:
             return task.items(split), task.scoring
-        from evomerge.fitness.lmeval_tasks import Resolver, load, native_items
+        from evomerge.fitness.lmeval_tasks import native_items
 
-        search = split == "search" and task.spec.search_split is not None
-        key = (task.include, task.spec.lm_eval, task.spec.search_split, search)  # one task object per split role
+        key = _lm_eval_key(task, split)
         if key not in self._lm_eval:
-            resolver = Resolver()
-            self._lm_eval[key] = load([resolver.config(task, search=search)], resolver)[task.spec.lm_eval]
+            self._load_lm_eval(task, split)
         return native_items(task, split, self._lm_eval[key])
+
+    def _load_lm_eval(self, task: Task, split: str) -> None:
+        """Load ``task``'s lm-eval task object for ``split``, with those of the other lm-eval tasks
+        of its suite not loaded yet, in one lm-eval load (a name already in the batch waits for a
+        load of its own)."""
+        from evomerge.fitness.lmeval_tasks import Resolver, load
+
+        batch: dict[str, tuple[tuple, Task]] = {}
+        for t in [task, *task.suite.tasks]:
+            key = _lm_eval_key(t, split) if not t.local else None
+            if key is not None and key not in self._lm_eval and t.spec.lm_eval not in batch:
+                batch[t.spec.lm_eval] = (key, t)
+        resolver = Resolver()
+        loaded = load([resolver.config(t, search=key[-1]) for key, t in batch.values()], resolver)
+        for name, (key, _) in batch.items():
+            self._lm_eval[key] = loaded[name]
 
     # -- scoring --------------------------------------------------------------------------------
 
@@ -225,3 +239,10 @@ class NativeBackend:
             out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1]
         return new
+
+
+def _lm_eval_key(task: Task, split: str) -> tuple:
+    """One lm-eval task object per task and split role: a task with ``search_split`` is loaded
+    apart for the search; otherwise both splits share one."""
+    search = split == "search" and task.spec.search_split is not None
+    return (task.include, task.spec.lm_eval, task.spec.search_split, search)
