@@ -105,6 +105,16 @@ class MagnitudeOrder:
             # the answer is after the (i-1)-th probe and at or before the i-th
             lo, hi = (lo + (i - 1) * step + 1 if i else lo), min(hi, lo + i * step)
 
+    def _unique_at(self, d: torch.Tensor, pos: int) -> Optional[torch.Tensor]:
+        """The magnitude at ascending position ``pos`` (1-based) where its neighbours in the order
+        differ from it (no tie: the common case of wide floats), read in one gather of three."""
+        a, b = max(pos - 2, 0), min(pos + 1, self.numel)
+        near = d.reshape(-1)[self._order[a:b]].abs()
+        vals, i = near.tolist(), pos - 1 - a
+        if (i == 0 or vals[i - 1] < vals[i]) and (i == len(vals) - 1 or vals[i] < vals[i + 1]):
+            return near[i]
+        return None
+
     def nth_equal(self, d: torch.Tensor, v: torch.Tensor, nth: int, n_lt: Optional[int] = None) -> int:
         """Flat index of the ``nth`` (1-based) element of ``d`` whose magnitude is ``v`` (``n_lt``:
         how many magnitudes are below v, where the caller knows)."""
@@ -143,6 +153,8 @@ class MagnitudeOrder:
         if self._shift == 0:
             v = torch.tensor(j, dtype=torch.int16).view(self.dtype).to(d.device)
             n_lt, n_at = lo, hi - lo
+        elif self._order is not None and (unique := self._unique_at(d, pos)) is not None:
+            v, n_lt, n_at = unique, pos - 1, 1
         elif self._order is not None and hi - lo <= _GATHER:  # the bucket in one gather
             bucket = d.reshape(-1)[self._order[lo:hi]].abs()
             v = bucket[pos - lo - 1]
