@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from merge_speed import recipe  # noqa: E402
 
 from evomerge.tiny import TinySpec, build_family  # noqa: E402
+from evomerge.zoo import load_zoo  # noqa: E402
 
 
 def main() -> None:
@@ -48,16 +49,17 @@ def main() -> None:
 
     dtype = getattr(torch, args.dtype)
     if args.zoo:
-        zoo = json.loads((Path(args.zoo) / "zoo.json").read_text())
-        fam = {"base": str(Path(args.zoo) / zoo["base"]),
-               "experts": [str(Path(args.zoo) / e) for e in zoo["experts"].values()]}
+        zoo = load_zoo(args.zoo)
+        fam = {"base": zoo["base"], "experts": list(zoo["experts"].values())}
         what = f"zoo {args.zoo}"
     else:
         root = Path(args.cache) / args.dtype
-        spec = TinySpec(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=32,
-                        num_attention_heads=4, num_key_value_heads=4, dtype=dtype)
-        fam = build_family(root, spec) if not (root / "base").is_dir() else \
-            {"base": str(root / "base"), "experts": [str(root / f"expert_{i}") for i in range(3)]}
+        marker = root / "family.json"  # written once the whole family is
+        if not marker.exists():
+            spec = TinySpec(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=32,
+                            num_attention_heads=4, num_key_value_heads=4, dtype=dtype)
+            marker.write_text(json.dumps(build_family(root, spec)))
+        fam = json.loads(marker.read_text())
         what = "random Llama"
     model = AutoModelForCausalLM.from_pretrained(fam["base"], dtype=dtype)
     tensors = len(model.state_dict())
