@@ -260,3 +260,32 @@ def test_the_engines_magnitude_order_finds_the_same_cuts(dtype, kind):
             assert equal.numel() == at and before < k <= before + at
             for nth in {1, max(1, at // 2), at}:
                 assert kept.nth_equal(d, v, nth) == nth_equal_index(d, v, nth) == int(equal[nth - 1])
+
+
+def test_a_failed_compilation_names_its_cause_and_runs_eagerly(monkeypatch, caplog):
+    """Dynamo wraps the backend's error in one whose first line only names the backend: the
+    warning names the inner error too, and the call gives eager's result."""
+    monkeypatch.setenv("EVOMERGE_COMPILE", "1")  # compiled here even in the fast tier
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from evomerge.merging.kernel import compile as kernel
+
+    def fn(out, d, scale):
+        out.copy_((d.float() * scale).to(d.dtype))
+
+    def inductor():
+        pass
+
+    def failing(out, d, scale):
+        raise BackendCompilerFailed(inductor, OSError("cannot write the kernel's shared object"), None)
+
+    monkeypatch.setattr(kernel, "_verified", {})
+    monkeypatch.setattr(kernel, "_compile_failed", False)
+    n = 3 * kernel._COMPILE_MIN_NUMEL
+    d, out = torch.randn(n).to(torch.bfloat16), torch.empty(n, dtype=torch.bfloat16)
+    with caplog.at_level("WARNING", logger="evomerge.merging.kernel"):
+        kernel.run(fn, failing, n, out, d, torch.tensor(0.5), writes_first=True)
+    assert "BackendCompilerFailed: backend='inductor' raised: OSError: cannot write the kernel's shared object" \
+        in caplog.text
+    assert kernel._compile_failed
+    assert torch.equal(out, (d.float() * 0.5).to(torch.bfloat16))

@@ -87,9 +87,19 @@ def _try_compiled(compiled: Callable, args: tuple):
         return compiled(*args)
     except Exception as e:  # no C++ compiler, unsupported device...: same results, eagerly
         _compile_failed = True
-        log.warning("torch.compile failed (%s: %s); the merge kernel runs eagerly from now on",
-                    type(e).__name__, first_line(e))
+        log.warning("torch.compile failed (%s); the merge kernel runs eagerly from now on", _cause(e))
+        log.debug("torch.compile's error", exc_info=True)
         return _FAILED
+
+
+def _cause(e: BaseException) -> str:
+    """What made a compilation fail, in one line: dynamo wraps the backend's own error (its first
+    line only says which backend raised), so the innermost exception is named beside it."""
+    inner = e
+    while (nxt := getattr(inner, "inner_exception", None) or inner.__cause__) is not None and nxt is not inner:
+        inner = nxt
+    said = f"{type(e).__name__}: {first_line(e)}"
+    return said if inner is e else f"{said} {type(inner).__name__}: {first_line(inner)}"
 
 
 def run(fn: Callable, compiled: Callable, numel: int, *args, writes_first: bool = False):
