@@ -289,3 +289,28 @@ def test_a_failed_compilation_names_its_cause_and_runs_eagerly(monkeypatch, capl
         in caplog.text
     assert kernel._compile_failed
     assert torch.equal(out, (d.float() * 0.5).to(torch.bfloat16))
+
+
+@pytest.mark.slow  # two processes compiling: half a minute
+def test_a_pinned_process_compiles_beside_a_cache_of_native_kernels(families, tmp_path):
+    """Inductor's caches are not keyed on ATEN_CPU_CAPABILITY: a kernel one process generated with
+    the machine's vectors used to reach g++ without them in a pinned process (the zoo's builds),
+    which then merged eagerly. Each capability now compiles into a cache of its own."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    recipe = tmp_path / "ties.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_for("ties", families("fp32"), density=0.5)))
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    env |= {"EVOMERGE_COMPILE": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    runs = []
+    for name, extra in (("native", {}), ("pinned", {"ATEN_CPU_CAPABILITY": "default"})):
+        runs.append(subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(recipe), str(tmp_path / name)],
+                                   env=env | extra, capture_output=True, text=True))
+        assert runs[-1].returncode == 0, runs[-1].stderr
+        assert "torch.compile failed" not in runs[-1].stderr, runs[-1].stderr
+    assert (tmp_path / "inductor" / "aten-default").is_dir()
+    assert (tmp_path / "native" / "model.safetensors").read_bytes() == (tmp_path / "pinned" / "model.safetensors").read_bytes()

@@ -145,5 +145,22 @@ def compiled(fn: Callable) -> Callable:
     # the engine's DARE draws are float16 beside bfloat16 tensors; inductor warns of the mix but
     # still emits one vectorized loop
     warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed in the scheduler node")
+    _cache_per_capability()
     return torch.compile(fn, dynamic=True, options={"emulate_precision_casts": True})
+
+
+def _cache_per_capability() -> None:
+    """Give a process run under ``ATEN_CPU_CAPABILITY`` its own inductor cache, below the one it
+    would use. Inductor's caches are not keyed on it: a kernel generated with AVX-512 vectors by
+    one process is compiled without them by a pinned one (the zoo's builds run under
+    ``ATEN_CPU_CAPABILITY=default``), which g++ refuses, so the merge ran eagerly."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if not capability:
+        return
+    base = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+    leaf = f"aten-{capability}"
+    if os.path.basename(os.path.normpath(base)) != leaf:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, leaf)
 
