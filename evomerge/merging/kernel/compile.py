@@ -95,9 +95,10 @@ def _try_compiled(compiled: Callable, args: tuple):
 def _cause(e: BaseException) -> str:
     """What made a compilation fail, in one line: dynamo wraps the backend's own error (its first
     line only says which backend raised), so the innermost exception is named beside it."""
-    inner = e
-    while (nxt := getattr(inner, "inner_exception", None) or inner.__cause__) is not None and nxt is not inner:
+    inner, seen = e, {id(e)}
+    while (nxt := getattr(inner, "inner_exception", None) or inner.__cause__) is not None and id(nxt) not in seen:
         inner = nxt
+        seen.add(id(nxt))
     said = f"{type(e).__name__}: {first_line(e)}"
     return said if inner is e else f"{said} {type(inner).__name__}: {first_line(inner)}"
 
@@ -154,10 +155,12 @@ def _cache_per_capability() -> None:
     would use. Inductor's caches are not keyed on it: a kernel generated with AVX-512 vectors by
     one process is compiled without them by a pinned one (the zoo's builds run under
     ``ATEN_CPU_CAPABILITY=default``), which g++ refuses, so the merge ran eagerly."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
     capability = os.environ.get("ATEN_CPU_CAPABILITY")
     if not capability:
+        return
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # a torch that keeps it elsewhere: the shared cache, as before
         return
     base = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
     leaf = f"aten-{capability}"
