@@ -120,12 +120,39 @@ GOOD = '{"split": "search", "prompt": "fact e0 ->", "choices": ["v1", "v2"], "an
     ({"kind": "generate", "answer_regex": "([a-"}, [GOOD], r"tasks.0.answer_regex: .*does not compile"),
     ({"kind": "generate", "metric": "acc"}, [GOOD], r"metric 'acc' does not apply to kind 'generate'"),
     ({"kind": "multiple_choice", "bogus": 1}, [GOOD], r"tasks.0.bogus: Extra inputs"),
+    ({"kind": "generate", "metric": "greedy"}, [GOOD], r"metric greedy is read teacher-forced: set teacher_forced"),
+    ({"kind": "multiple_choice", "metric": "greedy", "teacher_forced": True}, [GOOD],
+     r"metric 'greedy' does not apply to kind 'multiple_choice'"),
+    ({"kind": "generate", "metric": "exact_match", "teacher_forced": True}, [GOOD],
+     r"teacher_forced applies to metric margin or greedy on a generate task"),
 ])
 def test_bad_suites_name_the_suite_file_and_line(tmp_path, task, lines, match):
     f = write_suite(tmp_path, task, lines)
     with pytest.raises(SuiteError, match=match):
         s = Suite.load(f)
         s.tasks[0].items("search")
+
+
+def test_teacher_forced_greedy_is_generated_exact_match_without_generating(suite, zoo_model):
+    """``metric: greedy`` scores an item right exactly where greedy generation gives its answer,
+    and the margin's side metric is the same share; lm-eval and vLLM refuse it in one line."""
+    spec = suite.tasks[0].spec.model_dump()  # rev: four letters reversed, exact match by generation
+    variants = Suite.from_dict({"name": "variants", "tasks": [
+        {**spec, "name": "generated"},
+        {**spec, "name": "margin", "metric": "margin", "teacher_forced": True},
+        {**spec, "name": "greedy", "metric": "greedy", "teacher_forced": True}]}, source=suite.source)
+    for name in ("rev", "enc"):  # the rev expert is right on most items, the enc expert on few
+        model, tok = zoo_model(name)
+        got = NativeBackend().score(model, tok, variants).tasks
+        generated = [i.correct for i in got["generated"].items]
+        assert [i.correct for i in got["greedy"].items] == generated
+        assert [i.value for i in got["greedy"].items] == [float(c) for c in generated]
+        assert got["greedy"].value == got["margin"].metrics["greedy"] == got["generated"].value
+        assert got["margin"].value < 0 and got["greedy"].value != got["margin"].value
+    assert 0.5 < NativeBackend().score(*zoo_model("rev"), variants).tasks["greedy"].value
+    with pytest.raises(SuiteError, match="task greedy: metric greedy on a generate task is computed by the native"):
+        get_backend("lm-eval").score(*zoo_model("rev"), Suite.from_dict(
+            {"name": "g", "tasks": [variants.tasks[2].spec.model_dump()]}, source=suite.source))
 
 
 def test_unknown_lm_eval_task_is_named(tmp_path):

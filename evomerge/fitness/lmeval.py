@@ -21,8 +21,8 @@ from evomerge.fitness.suite import Suite, SuiteError, Task
 def check_margin_tasks(suite: Suite) -> None:
     """Refuse a suite that needs the native scorer's margin on a generate task."""
     for t in suite.tasks:
-        if t.local and t.spec.kind == "generate" and t.spec.metric == "margin":
-            raise SuiteError(f"suite {suite.name}, task {t.name}: metric margin on a generate task is "
+        if t.local and t.spec.kind == "generate" and t.spec.metric in ("margin", "greedy"):
+            raise SuiteError(f"suite {suite.name}, task {t.name}: metric {t.spec.metric} on a generate task is "
                              "computed by the native backend only")
 
 

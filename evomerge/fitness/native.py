@@ -74,7 +74,7 @@ class NativeBackend:
                     for j, c in enumerate(it.choices):
                         reqs.append(_Request((i, j), *encode_pair(tokenizer, it.prompt, it.delimiter + c)))
                 else:
-                    if how.metric == "margin":
+                    if how.metric in ("margin", "greedy"):
                         reqs.append(_Request((i, 0), *encode_pair(tokenizer, it.prompt, it.delimiter + it.answer)))
                     if not how.teacher_forced:
                         prompts.append(tokenizer.encode(it.prompt))
@@ -146,7 +146,7 @@ class NativeBackend:
                 ll, greedy = lls[(i, 0)]
                 sums["greedy"] += greedy
                 sums["margin"] += ll / lengths[i]
-                per_item.append(ItemResult(it.id, greedy, ll / lengths[i]))
+                per_item.append(ItemResult(it.id, greedy, float(greedy) if how.metric == "greedy" else ll / lengths[i]))
         else:
             outputs = self.generate(model, tokenizer, prompts, list(how.stop), how.max_new_tokens)
             pattern = re.compile(how.answer_regex) if how.answer_regex else None

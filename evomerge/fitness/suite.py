@@ -32,6 +32,9 @@ answer (native scorer only); the item also counts as right or wrong by generatin
 its output (``exact_match``), unless ``teacher_forced: true``: then an item is right when every
 reference token is the greedy choice given the ones before (lm-eval's ``is_greedy``; the side
 metric is ``greedy``), and nothing is generated, which on a large vocabulary is most of the cost.
+``metric: greedy`` (with ``teacher_forced: true``) scores that share itself: greedy exact match
+without generating. A margin rewards keeping a little of every skill (a lost skill costs its
+whole log-probability); ``greedy`` counts a skill kept or lost, as exact match does.
 
 Without ``objectives`` the suite has one objective, its fitness: the weighted mean of the tasks'
 metric values. Each objective is the weighted mean of its tasks' values; all are maximized.
@@ -63,7 +66,7 @@ from evomerge.resources import shipped, suites_dir
 
 SUITES_DIR = suites_dir()
 SPLITS = ("search", "heldout")
-METRICS = ("acc", "acc_norm", "exact_match", "margin")
+METRICS = ("acc", "acc_norm", "exact_match", "margin", "greedy")
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ class TaskSpec(BaseModel):
     ignore_case: bool = False
     heldout_fraction: float = Field(0.5, gt=0, lt=1)
     filter: str = "none"  # which of an lm-eval task's filters the metric is read from
-    teacher_forced: bool = False  # margin on a generate task: no generation (see the module's docstring)
+    teacher_forced: bool = False  # margin or greedy on a generate task: no generation (see the module's docstring)
 
     @field_validator("answer_regex")
     @classmethod
@@ -134,12 +137,15 @@ class TaskSpec(BaseModel):
                 raise ValueError(f"task {self.name!r}: metric {self.metric!r} is not one of {', '.join(METRICS)}")
             if self.kind is None:
                 raise ValueError(f"task {self.name!r}: 'kind' (multiple_choice or generate) is required for local data")
-            allowed = ("acc", "acc_norm", "margin") if self.kind == "multiple_choice" else ("exact_match", "margin")
+            allowed = ("acc", "acc_norm", "margin") if self.kind == "multiple_choice" else \
+                ("exact_match", "margin", "greedy")
             if self.metric not in allowed:
                 raise ValueError(f"task {self.name!r}: metric {self.metric!r} does not apply to kind {self.kind!r} "
                                  f"(use one of {', '.join(allowed)})")
-        if self.teacher_forced and (self.kind != "generate" or self.metric != "margin"):
-            raise ValueError(f"task {self.name!r}: teacher_forced applies to metric margin on a generate task")
+        if self.teacher_forced and (self.kind != "generate" or self.metric not in ("margin", "greedy")):
+            raise ValueError(f"task {self.name!r}: teacher_forced applies to metric margin or greedy on a generate task")
+        if self.metric == "greedy" and not self.teacher_forced:
+            raise ValueError(f"task {self.name!r}: metric greedy is read teacher-forced: set teacher_forced: true")
         return self
 
 
