@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import os
 import random
 import sys
@@ -63,7 +62,7 @@ def probe_items(excluded: set) -> tuple[list[str], set]:
     return [f"rev {' '.join(s)} -> {' '.join(_translate(list(s))[::-1])} ." for s in sorted(seqs)], seqs
 
 
-def design_line(design: str, task: str, rng: random.Random, excluded: set) -> str:
+def design_line(task: str, rng: random.Random, excluded: set) -> str:
     """One training line of a variant design: ``revW`` is rev over words, answered in letters;
     every other task on words answers in letters too."""
     if task == "fact":
@@ -87,14 +86,13 @@ def train_design(design: str, seed: int) -> tuple[dict, object, dict[str, list[s
     torch.manual_seed(seed)
     rng = random.Random(seed)
     composed, excluded = probe_items(set())
-    line = functools.partial(design_line, design)
-    tokenizer = zoo.build_tokenizer([line(t, rng, excluded) for t in ("rev", "enc", "fact") + zoo.GENERIC
+    tokenizer = zoo.build_tokenizer([design_line(t, rng, excluded) for t in ("rev", "enc", "fact") + zoo.GENERIC
                                      for _ in range(300)] + [f"fact {e} -> v{i} ." for e in w.facts
                                                              for i in range(zoo.N_VALUES)])
 
     def stream(tasks: tuple[str, ...], data: random.Random) -> Iterator[str]:
         while True:
-            yield line(data.choice(tasks), data, excluded)
+            yield design_line(data.choice(tasks), data, excluded)
 
     def train(model, tasks, steps, lr, answers_only, data, done=None, params=None):
         batches = zoo._batches(stream(tasks, data), tokenizer, spec.batch_size, answers_only)
@@ -111,14 +109,14 @@ def train_design(design: str, seed: int) -> tuple[dict, object, dict[str, list[s
     for skill in ("rev", "enc"):
         expert = copy.deepcopy(model)
         data = random.Random(f"{skill} {seed}")
-        check = [line(skill, data, excluded) for _ in range(zoo.VALIDATION_LINES)]
+        check = [design_line(skill, data, excluded) for _ in range(zoo.VALIDATION_LINES)]
         with zoo.low_rank_adapters(expert, spec.lora_rank, spec.lora_scale, zoo.LORA_SEED + seed) as adapters:
             train(expert, (skill,), spec.expert_steps, spec.expert_lr, True, data,
                   done=lambda: zoo._accuracy(expert, tokenizer, check) >= zoo.EXPERT_TARGET, params=adapters)
         models[skill] = expert.eval()
     models["base before drift (both skills)"] = pretrained
     check_rng = random.Random(7)
-    lines = {t: [line(t, check_rng, excluded) for _ in range(N_ITEMS)] for t in ("rev", "enc")}
+    lines = {t: [design_line(t, check_rng, excluded) for _ in range(N_ITEMS)] for t in ("rev", "enc")}
     return models, tokenizer, lines | {"composed": composed}
 
 

@@ -306,11 +306,10 @@ def test_a_pinned_process_compiles_beside_a_cache_of_native_kernels(families, tm
     recipe.write_text(yaml.safe_dump(recipe_for("ties", families("fp32"), density=0.5)))
     env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
     env |= {"EVOMERGE_COMPILE": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    runs = []
     for name, extra in (("native", {}), ("pinned", {"ATEN_CPU_CAPABILITY": "default"})):
-        runs.append(subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(recipe), str(tmp_path / name)],
-                                   env=env | extra, capture_output=True, text=True))
-        assert runs[-1].returncode == 0, runs[-1].stderr
-        assert "torch.compile failed" not in runs[-1].stderr, runs[-1].stderr
+        proc = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", str(recipe), str(tmp_path / name)],
+                              env=env | extra, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert "torch.compile failed" not in proc.stderr, proc.stderr
     assert (tmp_path / "inductor" / "aten-default").is_dir()
     assert (tmp_path / "native" / "model.safetensors").read_bytes() == (tmp_path / "pinned" / "model.safetensors").read_bytes()

@@ -15,13 +15,13 @@ from typing import Optional
 
 from evomerge.fitness.lmeval_tasks import Resolver, check_tasks, load
 from evomerge.fitness.result import CandidateFailed, FitnessResult, ItemResult, TaskResult, choose, combine
-from evomerge.fitness.suite import Suite, SuiteError, Task
+from evomerge.fitness.suite import REFERENCE_METRICS, Suite, SuiteError, Task
 
 
 def check_margin_tasks(suite: Suite) -> None:
     """Refuse a suite that needs the native scorer's margin on a generate task."""
     for t in suite.tasks:
-        if t.local and t.spec.kind == "generate" and t.spec.metric in ("margin", "greedy"):
+        if t.local and t.spec.kind == "generate" and t.spec.metric in REFERENCE_METRICS:
             raise SuiteError(f"suite {suite.name}, task {t.name}: metric {t.spec.metric} on a generate task is "
                              "computed by the native backend only")
 

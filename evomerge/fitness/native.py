@@ -20,7 +20,7 @@ import torch
 
 from evomerge.fitness.result import (CandidateFailed, FitnessResult, ItemResult, TaskResult, choose, combine, exact_match,
                      regex_extract)
-from evomerge.fitness.suite import SPLITS, Item, Scoring, Suite, SuiteError, Task
+from evomerge.fitness.suite import REFERENCE_METRICS, SPLITS, Item, Scoring, Suite, SuiteError, Task
 
 
 @dataclass
@@ -74,7 +74,7 @@ class NativeBackend:
                     for j, c in enumerate(it.choices):
                         reqs.append(_Request((i, j), *encode_pair(tokenizer, it.prompt, it.delimiter + c)))
                 else:
-                    if how.metric in ("margin", "greedy"):
+                    if how.metric in REFERENCE_METRICS:
                         reqs.append(_Request((i, 0), *encode_pair(tokenizer, it.prompt, it.delimiter + it.answer)))
                     if not how.teacher_forced:
                         prompts.append(tokenizer.encode(it.prompt))

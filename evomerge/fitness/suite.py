@@ -67,6 +67,7 @@ from evomerge.resources import shipped, suites_dir
 SUITES_DIR = suites_dir()
 SPLITS = ("search", "heldout")
 METRICS = ("acc", "acc_norm", "exact_match", "margin", "greedy")
+REFERENCE_METRICS = ("margin", "greedy")  # a generate task's metrics read from the reference's log-likelihood
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ class TaskSpec(BaseModel):
             if self.metric not in allowed:
                 raise ValueError(f"task {self.name!r}: metric {self.metric!r} does not apply to kind {self.kind!r} "
                                  f"(use one of {', '.join(allowed)})")
-        if self.teacher_forced and (self.kind != "generate" or self.metric not in ("margin", "greedy")):
+        if self.teacher_forced and (self.kind != "generate" or self.metric not in REFERENCE_METRICS):
             raise ValueError(f"task {self.name!r}: teacher_forced applies to metric margin or greedy on a generate task")
         if self.metric == "greedy" and not self.teacher_forced:
             raise ValueError(f"task {self.name!r}: metric greedy is read teacher-forced: set teacher_forced: true")
