@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from merge_speed import recipe  # noqa: E402
 
 from evomerge.tiny import TinySpec, build_family  # noqa: E402
-from evomerge.zoo import load_zoo  # noqa: E402
+from evomerge.zoo import family, load_zoo  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     if args.zoo:
         zoo = load_zoo(args.zoo)
-        fam = {"base": zoo["base"], "experts": list(zoo["experts"].values())}
+        fam = family(zoo)
         what = f"zoo {args.zoo}"
     else:
         root = Path(args.cache) / args.dtype

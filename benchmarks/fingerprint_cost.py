@@ -25,7 +25,7 @@ def main() -> int:
     from evomerge.config import RunConfig
     from evomerge.fitness.suite import Suite
     from evomerge.search.fingerprint import FileHashes, fingerprint
-    from evomerge.zoo import load_zoo
+    from evomerge.zoo import family, load_zoo
 
     for root in map(Path, args.zoos):
         if not (root / "zoo.json").is_file():
@@ -33,7 +33,7 @@ def main() -> int:
             continue
         zoo = load_zoo(root)
         suite = SUITES.get(zoo["size"], "zoo-smooth")
-        cfg = RunConfig.from_dict({"models": {"base": zoo["base"], "experts": list(zoo["experts"].values())},
+        cfg = RunConfig.from_dict({"models": family(zoo),
                                    "merge_method": "ties", "fitness": {"suite": suite},
                                    "budget": {"max_candidates": 1}})
         models = [cfg.models.base, *cfg.models.experts]

@@ -155,10 +155,11 @@ def stage_search(args, device: str) -> dict:
 
     from evomerge.run.loop import run_search
     from evomerge.run.rundir import create_run
+    from evomerge.zoo import family
 
     zoo = _tiny_zoo(args)
     n = 4 if args.dry_run else args.candidates
-    cfg = {"models": {"base": zoo["base"], "experts": list(zoo["experts"].values())}, "merge_method": "ties",
+    cfg = {"models": family(zoo), "merge_method": "ties",
            "space": "per_layer", "fitness": {"suite": "zoo-smooth"}, "references": False, "device": device,
            "driver": {"name": "cma", "popsize": 8}, "budget": {"max_candidates": n}, "seed": 0}
     work = Path(tempfile.mkdtemp(prefix="search-", dir=args.work))

@@ -23,14 +23,14 @@ import yaml  # noqa: E402
 
 from evomerge.run.loop import run_search  # noqa: E402
 from evomerge.run.rundir import create_run  # noqa: E402
-from evomerge.zoo import build_zoo, load_zoo  # noqa: E402
+from evomerge.zoo import build_zoo, family, load_zoo  # noqa: E402
 
 torch.set_num_threads(1)
 root = Path(sys.argv[2] if len(sys.argv) > 2 else "runs/trajectory-zoo").resolve()
 if not (root / "zoo.json").exists():
     build_zoo(root, size="tiny", seed=0)
 zoo = load_zoo(root)
-models = {"base": zoo["base"], "experts": list(zoo["experts"].values())}
+models = family(zoo)
 SEARCHES = {
     "ties-per_layer": {"merge_method": "ties", "space": "per_layer", "budget": {"max_candidates": 10}},
     "dare-racing": {"merge_method": "dare_ties", "space": "global", "budget": {"max_candidates": 24},

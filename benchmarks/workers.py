@@ -50,9 +50,10 @@ def _database(server: str, name: str) -> str:
 
 def run_setting(n: int, zoo: dict, work: Path, candidates: int, device: str, server: str | None) -> dict:
     from evomerge.run.rundir import create_run
+    from evomerge.zoo import family
 
     name = f"w{n}"
-    cfg = {"name": name, "models": {"base": zoo["base"], "experts": list(zoo["experts"].values())},
+    cfg = {"name": name, "models": family(zoo),
            "merge_method": "ties", "space": "per_layer", "fitness": {"suite": "zoo-smooth"},
            "driver": {"name": "cma", "popsize": 6}, "budget": {"max_candidates": candidates}, "seed": 0,
            "references": False, "device": device}

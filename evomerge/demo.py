@@ -39,13 +39,13 @@ if __name__ == "__main__":  # the libraries' progress bars off: tqdm reads this 
 import yaml
 
 from evomerge.cli import positive_int, quiet_libraries
-from evomerge.zoo import COMPOSED, format_heldout, heldout_scores, skill_mean
+from evomerge.zoo import COMPOSED, family, format_heldout, heldout_scores, skill_mean
 
 
 def demo_config(zoo: dict, candidates: int) -> dict:
     return {
         "name": "demo",
-        "models": {"base": zoo["base"], "experts": list(zoo["experts"].values())},
+        "models": family(zoo),
         "merge_method": "ties",
         "space": "per_layer_per_module",
         "fitness": {"suite": "zoo-demo"},
@@ -64,7 +64,7 @@ def real_config(zoo: dict, candidates: int) -> dict:
     Optuna's TPE, which ``bench-quality-real`` ranks first on this zoo."""
     return {
         "name": "demo-smollm2",
-        "models": {"base": zoo["base"], "experts": list(zoo["experts"].values())},
+        "models": family(zoo),
         "merge_method": "ties",
         "space": {"granularity": "layer_groups", "layers_per_group": 5},
         "fitness": {"suite": "smollm2-demo", "estimate": {"racing": {}}},

@@ -481,6 +481,11 @@ def load_or_build_any(root: str | Path, size: str, seed: int = 0) -> tuple[dict,
     return load_or_build_zoo(root, size, seed=seed)
 
 
+def family(manifest: dict) -> dict:
+    """A run config's ``models`` section for a zoo: its base and its experts, in the manifest's order."""
+    return {"base": manifest["base"], "experts": list(manifest["experts"].values())}
+
+
 def default_merges(manifest: dict) -> dict[str, dict]:
     """The merges a user would try first: task arithmetic with weight 1/n, TIES with density 0.5."""
     n = len(manifest["experts"])

@@ -61,7 +61,9 @@ def write_run_config(path: Path, zoo: dict, **over) -> Path:
     replacing top-level keys, written to ``path``."""
     import yaml
 
-    cfg = {"models": {"base": zoo["base"], "experts": list(zoo["experts"].values())}, "merge_method": "ties",
+    from evomerge.zoo import family
+
+    cfg = {"models": family(zoo), "merge_method": "ties",
            "space": "global", "fitness": {"suite": "zoo-smooth"}, "references": False,
            "driver": {"name": "cma", "popsize": 4}, "budget": {"max_candidates": 2}, "seed": 1} | over
     path.write_text(yaml.safe_dump(cfg))

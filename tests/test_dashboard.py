@@ -18,6 +18,7 @@ import yaml
 
 from evomerge.run.loop import run_search
 from evomerge.run.rundir import create_run
+from evomerge.zoo import family
 
 
 def _chromium() -> str:
@@ -48,7 +49,7 @@ def page_text(browser: str, url: str, profile: Path) -> str:
 @pytest.fixture
 def dashboard(tmp_path, zoo):
     """A finished 6-candidate run, and optuna-dashboard serving its database on a free local port."""
-    cfg = {"models": {"base": zoo["base"], "experts": list(zoo["experts"].values())}, "merge_method": "ties",
+    cfg = {"models": family(zoo), "merge_method": "ties",
            "space": "global", "fitness": {"suite": "zoo"}, "driver": {"name": "cma", "popsize": 3},
            "budget": {"max_candidates": 6}, "seed": 2}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))

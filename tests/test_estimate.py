@@ -23,6 +23,7 @@ from evomerge.search.evaluator import Evaluator
 from evomerge.run.loop import run_search
 from evomerge.run.rundir import create_run, open_run
 from evomerge.search.racing import Racer
+from evomerge.zoo import family
 from test_search import ENV, config
 
 RACING = {"racing": {"rungs": [0.1, 0.3], "z": 1.0}}
@@ -42,7 +43,7 @@ def _fitness(estimate: dict, suite: str = "zoo-smooth") -> dict:
     ({"anchor": 3}, "fitness.estimate.anchor: unknown key"),
 ])
 def test_estimate_config_errors_name_the_key(tmp_path, zoo, estimate, message):
-    raw = {"models": {"base": zoo["base"], "experts": list(zoo["experts"].values())}, "merge_method": "ties",
+    raw = {"models": family(zoo), "merge_method": "ties",
            "fitness": _fitness(estimate), "budget": {"max_candidates": 2}}
     with pytest.raises(ConfigError, match="fitness.estimate") as e:
         RunConfig.from_dict(raw, source=tmp_path / "c.yaml")

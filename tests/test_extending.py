@@ -15,6 +15,7 @@ from evomerge.search.drivers import Driver, Proposal
 from evomerge.run.loop import run_search
 from evomerge.run.rundir import create_run, open_run
 from evomerge.search.registry import DRIVERS, DriverEntry, register_driver
+from evomerge.zoo import family
 
 
 class FirstTokenBackend:
@@ -73,7 +74,7 @@ def registered():
 
 
 def test_a_backend_and_a_driver_of_ones_own_run_a_search(registered, zoo, tmp_path):
-    cfg = {"models": {"base": zoo["base"], "experts": list(zoo["experts"].values())}, "merge_method": "ties",
+    cfg = {"models": family(zoo), "merge_method": "ties",
            "space": "global", "fitness": {"suite": "zoo", "backend": "first-token"},
            "driver": {"name": "toy-random"}, "budget": {"max_candidates": 4}, "seed": 5}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
@@ -96,7 +97,7 @@ def test_a_backend_and_a_driver_of_ones_own_run_a_search(registered, zoo, tmp_pa
      "engine arguments apply to the vllm backend"),
 ])
 def test_the_config_asks_capabilities(registered, zoo, tmp_path, over, match):
-    cfg = {"models": {"base": zoo["base"], "experts": list(zoo["experts"].values())}, "merge_method": "ties",
+    cfg = {"models": family(zoo), "merge_method": "ties",
            "fitness": {"suite": "zoo", "backend": "first-token"}, "budget": {"max_candidates": 4}} | over
     with pytest.raises(ConfigError, match=match):
         RunConfig.from_dict(cfg, source=None)

@@ -15,6 +15,7 @@ from evomerge.fitness.base import get_backend
 from evomerge.fitness.lmeval_tasks import Resolver, check_tasks
 from evomerge.fitness.suite import Suite
 from evomerge.search.fingerprint import FileHashes, changes, fingerprint
+from evomerge.zoo import family
 
 TEMPLATE = """\
 output_type: generate_until
@@ -345,7 +346,7 @@ def test_a_native_search_on_included_tasks_and_its_refusal(user_tasks, zoo, tmp_
     def config(tasks: list[dict]) -> Path:
         suite = _suite(user_tasks, tasks)
         cfg = tmp_path / "native.yaml"
-        cfg.write_text(yaml.safe_dump({"models": {"base": zoo["base"], "experts": list(zoo["experts"].values())},
+        cfg.write_text(yaml.safe_dump({"models": family(zoo),
                                        "fitness": {"suite": str(suite.source), "backend": "native"},
                                        "merge_method": "ties", "budget": {"max_candidates": 2}, "seed": 0}))
         return cfg

@@ -20,6 +20,7 @@ import yaml
 from evomerge import cli
 from evomerge.merging.model_io import OUTPUT_MARKER
 from evomerge.run.rundir import open_run
+from evomerge.zoo import family
 
 
 def run_cli(capsys, *args) -> tuple[int, str]:
@@ -35,7 +36,7 @@ def error_line(code: int, err: str) -> str:
 
 
 def write_config(path: Path, zoo: dict, **over) -> Path:
-    cfg = {"models": {"base": zoo["base"], "experts": list(zoo["experts"].values())}, "merge_method": "ties",
+    cfg = {"models": family(zoo), "merge_method": "ties",
            "space": "global", "fitness": {"suite": "zoo-smooth"}, "references": False,
            "driver": {"name": "cma", "popsize": 4}, "budget": {"max_candidates": 2}, "seed": 1} | over
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from evomerge import realzoo, smollm2
 from evomerge.fitness.base import get_backend
 from evomerge.fitness.suite import Suite
 from evomerge.machine import vector_isa
+from evomerge.zoo import family
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,7 @@ def test_search_and_export_on_the_real_model_and_mergekit_agrees(real_zoo, tmp_p
     from evomerge.run.loop import run_search
     from evomerge.run.rundir import create_run
 
-    cfg = {"models": {"base": real_zoo["base"], "experts": list(real_zoo["experts"].values())},
+    cfg = {"models": family(real_zoo),
            "merge_method": "task_arithmetic", "space": {"granularity": "layer_groups", "layers_per_group": 10},
            "fitness": {"suite": SMALL_SUITE}, "driver": {"name": "cma", "popsize": 4},
            "budget": {"max_candidates": 4}, "seed": 0, "references": False}

@@ -25,12 +25,13 @@ from evomerge.run.report import export, status_text, write_plots
 from evomerge.rundb.store import RunDB, sqlite_url
 from evomerge.run.loop import run_search
 from evomerge.run.rundir import RunError, create_run, open_run
+from evomerge.zoo import family
 
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def config(tmp_path: Path, zoo: dict, name: str = "cfg", **over) -> Path:
-    cfg = {"models": {"base": zoo["base"], "experts": list(zoo["experts"].values())}, "merge_method": "ties",
+    cfg = {"models": family(zoo), "merge_method": "ties",
            "space": "per_layer", "fitness": {"suite": "zoo-smooth"},
            "driver": {"name": "cma", "popsize": 6}, "budget": {"max_candidates": 12}, "seed": 3} | over
     path = tmp_path / f"{name}.yaml"

@@ -11,6 +11,7 @@ from evomerge.config import ConfigError, RunConfig
 from evomerge.fitness.suite import Suite
 from evomerge.merging.recipe import Recipe
 from evomerge.search.space import SearchSpace, SpaceError, load_spec, preset_names, space_for
+from evomerge.zoo import family
 
 EXPERTS = ["/m/rev", "/m/enc"]
 
@@ -119,7 +120,7 @@ def test_vector_errors():
 
 
 def write_config(tmp_path, zoo, **over) -> Path:
-    cfg = {"models": {"base": zoo["base"], "experts": list(zoo["experts"].values())}, "merge_method": "ties",
+    cfg = {"models": family(zoo), "merge_method": "ties",
            "space": "global", "fitness": {"suite": "zoo-smooth"}, "budget": {"max_candidates": 4}} | over
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))

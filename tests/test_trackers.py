@@ -16,13 +16,14 @@ import yaml
 
 from evomerge.run.loop import run_search
 from evomerge.run.rundir import create_run, open_run, run_identity
+from evomerge.zoo import family
 
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
                     "WANDB_SILENT": "true"}
 
 
 def _config(tmp_path: Path, zoo: dict, **over) -> Path:
-    cfg = {"models": {"base": zoo["base"], "experts": list(zoo["experts"].values())}, "merge_method": "ties",
+    cfg = {"models": family(zoo), "merge_method": "ties",
            "space": "global", "fitness": {"suite": "zoo"}, "driver": {"name": "cma", "popsize": 4},
            "budget": {"max_candidates": 6}, "seed": 1, "report_to": ["mlflow", "tensorboard", "wandb"]} | over
     path = tmp_path / "run.yaml"

@@ -17,13 +17,14 @@ import pytest
 import yaml
 
 from evomerge.run.rundir import open_run
+from evomerge.zoo import family
 
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                     "OMP_NUM_THREADS": "1"}
 
 
 def _config(tmp_path: Path, zoo: dict, name: str, **over) -> Path:
-    cfg = {"name": name, "models": {"base": zoo["base"], "experts": list(zoo["experts"].values())},
+    cfg = {"name": name, "models": family(zoo),
            "merge_method": "ties", "space": "per_layer", "fitness": {"suite": "zoo-smooth"},
            "driver": {"name": "cma", "popsize": 6}, "budget": {"max_candidates": 36}, "seed": 3,
            "references": False, "heartbeat": {"interval_s": 1, "grace_s": 3}} | over
