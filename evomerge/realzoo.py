@@ -29,6 +29,7 @@ are trained again from the next derived seed, up to ``MAX_ATTEMPTS``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -181,21 +182,29 @@ def exact_share(model, tokenizer, pairs: list[tuple[str, str]]) -> float:
     return float(right.all(-1).float().mean())
 
 
-def training_pairs(skill: str, rng: random.Random, n: int, excluded: set[str]) -> list[tuple[str, str]]:
-    """``n`` (prompt, answer) pairs of ``skill`` drawn with ``rng``, none of whose prompts is in ``excluded``."""
+Draw = Callable[[random.Random], tuple[str, str]]  # one (prompt, answer) of a skill
+
+
+def training_pairs(skill: str, rng: random.Random, n: int, excluded: set[str],
+                   draw: Optional[Draw] = None) -> list[tuple[str, str]]:
+    """``n`` (prompt, answer) pairs of ``skill`` (or of ``draw``) drawn with ``rng``, none of
+    whose prompts is in ``excluded``."""
+    draw = draw or functools.partial(item, skill)
     out = []
     while len(out) < n:
-        p, a = item(skill, rng)
+        p, a = draw(rng)
         if p not in excluded:
             out.append((p, a))
     return out
 
 
-def train_expert(model, tokenizer, skill: str, eseed: int, excluded: set[str], max_steps: int) -> int:
+def train_expert(model, tokenizer, skill: str, eseed: int, excluded: set[str], max_steps: int,
+                 draw: Optional[Draw] = None) -> int:
     """Fine-tune a low-rank update of ``model`` (merged into its weights afterwards) on ``skill``
-    until it answers ``EXPERT_TARGET`` of fresh validation items, or ``max_steps``; returns the steps."""
+    (whose items ``draw`` makes, if given) until it answers ``EXPERT_TARGET`` of fresh validation
+    items, or ``max_steps``; returns the steps."""
     data = random.Random(f"{skill} data {eseed}")
-    validation = training_pairs(skill, random.Random(f"{skill} checks {eseed}"), VALIDATION_ITEMS, excluded)
+    validation = training_pairs(skill, random.Random(f"{skill} checks {eseed}"), VALIDATION_ITEMS, excluded, draw)
     with low_rank_adapters(model, LORA_RANK, LORA_SCALE, LORA_SEED + eseed) as params:
         opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 10))
@@ -206,7 +215,8 @@ def train_expert(model, tokenizer, skill: str, eseed: int, excluded: set[str], m
                 if exact_share(model, tokenizer, validation) >= EXPERT_TARGET:
                     break
             model.train()
-            logits, target = answer_logits(model, *answer_batch(tokenizer, training_pairs(skill, data, BATCH, excluded)))
+            batch = answer_batch(tokenizer, training_pairs(skill, data, BATCH, excluded, draw))
+            logits, target = answer_logits(model, *batch)
             loss = torch.nn.functional.cross_entropy(logits, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -100,6 +100,13 @@ def test_eval_items_are_fixed_disjoint_and_never_trained_on():
     for skill in realzoo.SKILLS:
         drawn = realzoo.training_pairs(skill, random.Random(0), 2000, excluded)
         assert not {p for p, _ in drawn} & excluded
+    # another skill's draw (the probes of benchmarks/realzoo_probes.py) is skipped by the same rule
+    def square(rng: random.Random) -> tuple[str, str]:
+        n = rng.randrange(1, 4)
+        return f"Square {n}:", str(n * n)
+
+    drawn = realzoo.training_pairs("sq", random.Random(0), 50, {"Square 1:"}, square)
+    assert {p for p, _ in drawn} == {"Square 2:", "Square 3:"} and all(int(a) == int(p[7]) ** 2 for p, a in drawn)
     # the shipped data is what the code writes
     for task, rows in items.items():
         shipped = (realzoo.DATA_DIR / f"{task}.jsonl").read_text().splitlines()
