@@ -138,7 +138,8 @@ def measure_trio(zoo: dict, skills: list[str], paths: list[str], candidates: int
         study.enqueue_trial({n: v for n, v in zip(space.names, space.default_vector(method_defaults("ties", 3)))})
         study.optimize(lambda t: exact(merged(space.decode([t.suggest_float(n, 0.0, 1.0) for n in space.names]), True),
                                        "search")["mean"], n_trials=candidates)
-        top = max(study.trials, key=lambda t: (t.value, -t.number))  # ties: the earliest (the default merge first)
+        # ties (equal item counts, whose float means may differ in the last bit): the earliest, the default merge first
+        top = max(study.trials, key=lambda t: (round(t.value, 9), -t.number))
         best = merged(space.decode([top.params[n] for n in space.names]), True)
         rows.append((f"best of {candidates}: #{top.number} (search {top.value:.3f}, default {study.trials[0].value:.3f})",
                      heldout(best)))
