@@ -43,7 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evomerge import realzoo  # noqa: E402
-from evomerge.zoo import default_merges, load_zoo, suite_scores  # noqa: E402
+from evomerge.zoo import default_merges, family, load_zoo, suite_scores  # noqa: E402
 
 OPPOSITES = dict(zip("hot big up fast dark old happy wet open full hard long".split(),
                      "cold small down slow light new sad dry closed empty soft short".split()))
@@ -90,7 +90,8 @@ def train_probe(zoo: dict, skill: str, out: Path, items: dict) -> Path:
     return out
 
 
-def measure_trio(zoo: dict, skills: list[str], paths: list[str], candidates: int) -> list[tuple[str, dict]]:
+def measure_trio(zoo: dict, skills: list[str], paths: list[str], items: dict[str, dict],
+                 candidates: int) -> list[tuple[str, dict]]:
     """(row name, held-out scores) of the trio's parents, default merges, pairs and search."""
     import optuna
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -101,7 +102,6 @@ def measure_trio(zoo: dict, skills: list[str], paths: list[str], candidates: int
     from evomerge.search.space import method_defaults, space_for
 
     tokenizer = AutoTokenizer.from_pretrained(zoo["base"])
-    items = {s: splits(s) for s in skills}
     live = AutoModelForCausalLM.from_pretrained(zoo["base"]).eval()
     search_engine: list[MergeEngine] = []  # one engine (and its caches) for every candidate of the search
 
@@ -122,14 +122,11 @@ def measure_trio(zoo: dict, skills: list[str], paths: list[str], candidates: int
     trio = {"base": zoo["base"], "experts": dict(zip(skills, paths))}
     for name, raw in default_merges(trio).items():
         rows.append((f"default {name}", heldout(merged(Recipe.from_dict(raw)))))
-    for i in range(3):
-        pair = [p for j, p in enumerate(paths) if j != i]
-        raw = {"merge_method": "ties", "base_model": zoo["base"], "parameters": {"density": 0.5},
-               "models": [{"model": p, "parameters": {"weight": 0.5}} for p in pair]}
-        name = "TIES " + " + ".join(s for j, s in enumerate(skills) if j != i)
-        rows.append((name, heldout(merged(Recipe.from_dict(raw)))))
+    for left_out in skills:  # TIES over a pair: the default merge of two (weights 1/2, density 0.5)
+        pair = {"base": zoo["base"], "experts": {s: trio["experts"][s] for s in skills if s != left_out}}
+        rows.append(("TIES " + " + ".join(pair["experts"]), heldout(merged(Recipe.from_dict(default_merges(pair)["ties"])))))
     if candidates:
-        cfg = RunConfig.from_dict({"models": {"base": zoo["base"], "experts": paths}, "merge_method": "ties",
+        cfg = RunConfig.from_dict({"models": family(trio), "merge_method": "ties",
                                    "space": {"granularity": "layer_groups", "layers_per_group": 5},
                                    "fitness": {"suite": realzoo.SUITE}, "budget": {"max_candidates": candidates}})
         space = space_for(cfg)
@@ -161,12 +158,14 @@ def main() -> int:
     trios = args.trio or [["dbl", "lex", third] for third in ("rev", *PROBES)]
     with tempfile.TemporaryDirectory(prefix="probes-", dir=Path(args.zoo).parent) as work:
         experts = dict(zoo["experts"])  # a probe's expert is trained once, for its first trio
+        items: dict[str, dict] = {}
         for trio in trios:
             t0 = time.perf_counter()
             for skill in trio:
+                items.setdefault(skill, splits(skill))
                 if skill not in experts:
-                    experts[skill] = str(train_probe(zoo, skill, Path(work) / f"expert_{skill}", splits(skill)))
-            rows = measure_trio(zoo, trio, [experts[s] for s in trio], args.candidates)
+                    experts[skill] = str(train_probe(zoo, skill, Path(work) / f"expert_{skill}", items[skill]))
+            rows = measure_trio(zoo, trio, [experts[s] for s in trio], items, args.candidates)
             print(f"\ntrio {' + '.join(trio)} (zoo {args.zoo}, seed {zoo['seed']}; {time.perf_counter() - t0:.0f} s)\n")
             print(f"| held-out | {' | '.join(trio)} | mean | {realzoo.RETENTION} |\n|---|" + "---|" * 5)
             for name, r in rows:
